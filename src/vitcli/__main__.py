@@ -1,0 +1,5 @@
+"""`python -m vitcli` is the `vit` command (torchrun -m vitcli ... uses this)."""
+
+from vitcli.cli import main
+
+main()

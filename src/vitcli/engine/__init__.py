@@ -1,0 +1,1 @@
+"""Training engine: trainer loop, optimizer and schedule, checkpoints, evaluation."""

@@ -1,0 +1,184 @@
+"""Checkpoints that survive a kill at any instant.
+
+Layout of a run's `checkpoints/` folder:
+
+    step-00000450/model.safetensors   weights used for evaluation (EMA weights when EMA is on),
+                                      with the model config, class names and normalisation as metadata
+    step-00000450/state.pt            training state (optimizer, step, epoch, RNG, raw weights under
+                                      EMA), read back with torch.load(weights_only=True)
+    last -> step-00000450             symlinks, swapped atomically
+    best -> step-00000400
+
+A checkpoint directory is written under a temporary name, every file fsynced, then renamed into
+place, so a reader never sees half of one. Resuming scans the step directories newest first and
+takes the first that loads, so a corrupted newest one costs only the steps since the one before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from vitcli.errors import VitError
+
+WEIGHTS = "model.safetensors"
+STATE = "state.pt"
+META_KEY = "vitcli"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class Checkpoint:
+    path: Path  # the step directory
+    step: int
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _disk_full_hint(err: OSError, where: Path) -> VitError:
+    return VitError(
+        f"Could not write a checkpoint to {where}: {err.strerror or err}. Free disk space (or pass "
+        f"--out on a larger disk) and resume with --resume; the previous checkpoint is intact."
+    )
+
+
+def save_weights(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write a .safetensors file atomically, with `meta` as JSON in its header."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    try:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _disk_full_hint(e, path) from e
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    state: dict[str, Any],
+    *,
+    is_best: bool,
+    keep: int,
+) -> Checkpoint:
+    """Write step-N/ (weights + state) atomically, point `last` (and `best`) at it, prune old ones."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS), metadata={META_KEY: json.dumps(meta)})
+        torch.save(state, tmp / STATE)
+        for name in (WEIGHTS, STATE):
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. a final save right after an eval)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _point(root, "last", final)
+        if is_best:
+            _point(root, "best", final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _disk_full_hint(e, root) from e
+    _prune(root, keep)
+    return Checkpoint(final, step)
+
+
+def _point(root: Path, name: str, target: Path) -> None:
+    link = root / name
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(target.name, tmp)
+    os.replace(tmp, link)
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Keep the newest `keep` step directories besides whatever last/best point at."""
+    pinned = {(root / n).resolve() for n in ("last", "best") if (root / n).exists()}
+    steps = sorted(step_dirs(root), key=lambda c: c.step, reverse=True)
+    extra = [c for c in steps if c.path.resolve() not in pinned]
+    for c in extra[keep:]:
+        shutil.rmtree(c.path, ignore_errors=True)
+
+
+def step_dirs(root: Path) -> list[Checkpoint]:
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and not p.is_symlink():
+            found.append(Checkpoint(p, int(m.group(1))))
+    return found
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a .safetensors file and its vitcli metadata ({} for foreign files)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise VitError(f"Checkpoint {path} cannot be read ({e}). It may be truncated or not a .safetensors file.") from e
+    try:
+        meta = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as e:
+        raise VitError(f"Checkpoint {path} has corrupt metadata ({e}).") from e
+    return tensors, meta
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """Training state, loaded without running any code from the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a foreign pickle that weights_only refuses, ...
+        raise VitError(f"Training state {path} cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from e
+
+
+def newest_loadable(root: Path, warn=print) -> tuple[Checkpoint, dict[str, torch.Tensor], dict[str, Any], dict[str, Any]] | None:
+    """The newest step directory whose weights and state both load; broken ones are reported."""
+    for ckpt in sorted(step_dirs(root), key=lambda c: c.step, reverse=True):
+        try:
+            weights, meta = read_weights(ckpt.path / WEIGHTS)
+            state = read_state(ckpt.path / STATE)
+        except VitError as e:
+            warn(f"Skipping checkpoint {ckpt.path.name}: {e}")
+            continue
+        if state.get("step") != ckpt.step:
+            warn(f"Skipping checkpoint {ckpt.path.name}: its state says step {state.get('step')}.")
+            continue
+        return ckpt, weights, meta, state
+    return None

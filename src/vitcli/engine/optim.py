@@ -1,0 +1,63 @@
+"""Optimizer (through timm.optim) and the per-step learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.optim import create_optimizer_v2
+
+from vitcli.recipe import OptimCfg, ScheduleCfg
+
+# Our names -> timm's. "sgd" is classical momentum SGD as in the paper (timm's "sgd" is Nesterov).
+# "adam" with weight decay means decoupled decay, as the paper's (flax) Adam applied it.
+_TIMM_NAMES = {"adam": "adamw", "adamw": "adamw", "sgd": "momentum"}
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimCfg, device: torch.device) -> torch.optim.Optimizer:
+    """Adam/AdamW/SGD with no weight decay on norms, biases, pos-embed and tokens.
+
+    timm puts every 1-D parameter and `model.no_weight_decay()` into a decay-free group, and with
+    `layer_decay` scales each block's lr by decay^(depth - i) through the model's `group_matcher`.
+    """
+    kwargs: dict = {}
+    opt = _TIMM_NAMES[cfg.name]
+    if opt == "adamw":
+        kwargs.update(betas=tuple(cfg.betas), eps=cfg.eps)
+        if device.type == "cuda":
+            kwargs["fused"] = True
+    optimizer = create_optimizer_v2(
+        model,
+        opt=opt,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        layer_decay=cfg.layer_decay,
+        **kwargs,
+    )
+    for group in optimizer.param_groups:
+        group.setdefault("lr_scale", 1.0)
+    return optimizer
+
+
+def lr_at(step: int, total_steps: int, peak_lr: float, cfg: ScheduleCfg) -> float:
+    """Linear warmup from 0 to peak_lr over warmup_steps, then cosine/linear decay to min_lr.
+
+    `step` counts optimizer updates already taken, so step 0 is the first update.
+    """
+    warmup = min(cfg.warmup_steps, total_steps)
+    if step < warmup:
+        return peak_lr * (step + 1) / warmup
+    if cfg.decay == "constant" or total_steps <= warmup:
+        return peak_lr
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    if cfg.decay == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        shape = 1.0 - progress
+    return cfg.min_lr + (peak_lr - cfg.min_lr) * shape
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]

@@ -1,0 +1,123 @@
+"""Turn a recipe into the things the loop uses: data sets, loaders, loss and the model."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vitcli import data as vdata
+from vitcli.models import create_model, model_info
+from vitcli.recipe import ModelCfg, Recipe
+
+
+@dataclass
+class RunData:
+    name: str
+    train: Any  # vitcli.data.ImageSet
+    eval: Any
+    num_classes: int
+    class_names: list[str]
+    img_size: tuple[int, int]
+    train_transform: Any
+    eval_transform: Any
+    mixup: Any  # timm.data.Mixup or None
+    criterion: torch.nn.Module
+
+
+def model_img_size(cfg: ModelCfg) -> tuple[int, int]:
+    size = cfg.img_size if cfg.img_size is not None else model_info(cfg.name)["img_size"]
+    if isinstance(size, int):
+        return (size, size)
+    return (int(size[0]), int(size[1]))
+
+
+def build_data(recipe: Recipe) -> RunData:
+    d, seed = recipe.data, recipe.train.seed
+    img_size = model_img_size(recipe.model)
+    train = vdata.load_split(d.dataset, d.train_split, role="train", data_dir=d.data_dir, img_size=img_size, seed=seed, subset=d.train_subset)
+    evals = vdata.load_split(d.dataset, d.eval_split, role="eval", data_dir=d.data_dir, img_size=img_size, seed=seed, subset=d.eval_subset)
+    num_classes = recipe.model.num_classes or train.num_classes
+    mixup = vdata.build_mixup(d, num_classes)
+    return RunData(
+        name=train.name,
+        train=train,
+        eval=evals,
+        num_classes=num_classes,
+        class_names=list(train.class_names),
+        img_size=img_size,
+        train_transform=vdata.build_transform(d, img_size, train=True),
+        eval_transform=vdata.build_transform(d, img_size, train=False),
+        mixup=mixup,
+        criterion=vdata.build_criterion(d, mixup),
+    )
+
+
+def model_overrides(cfg: ModelCfg, num_classes: int) -> dict[str, Any]:
+    """The recipe's model fields as create_model overrides; unset (None) fields keep the model's own."""
+    fields = dataclasses.asdict(cfg)
+    fields.pop("name")
+    fields["num_classes"] = num_classes
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in fields.items() if v is not None}
+
+
+def build_model(cfg: ModelCfg, num_classes: int) -> torch.nn.Module:
+    return create_model(cfg.name, **model_overrides(cfg, num_classes))
+
+
+def checkpoint_meta(recipe: Recipe, data: RunData, step: int, top1: float | None) -> dict[str, Any]:
+    """What a checkpoint needs to rebuild and feed its model without the run directory."""
+    return {
+        "format": "vitcli",
+        "model": recipe.model.name,
+        "model_args": model_overrides(recipe.model, data.num_classes),
+        "num_classes": data.num_classes,
+        "img_size": list(data.img_size),
+        "mean": recipe.data.mean,
+        "std": recipe.data.std,
+        "interpolation": recipe.data.interpolation,
+        "crop_pct": recipe.data.crop_pct,
+        "dataset": recipe.data.dataset,
+        "class_names": data.class_names,
+        "step": step,
+        "top1": top1,
+    }
+
+
+def train_batches(data: RunData, recipe: Recipe, plan, *, epoch: int, start_batch: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Micro-batches of one epoch on the device, Mixup/CutMix applied, from start_batch on."""
+    loader = vdata.make_loader(
+        data.train,
+        data.train_transform,
+        plan.micro_batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=recipe.data.num_workers,
+        seed=recipe.train.seed,
+        epoch=epoch,
+        start_batch=start_batch,
+        pin_memory=device.type == "cuda",
+    )
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if data.mixup is not None:
+            images, labels = data.mixup(images, labels)
+        yield images, labels
+
+
+def eval_batches(data: RunData, recipe: Recipe, device: torch.device, batch_size: int | None = None):
+    micro = recipe.train.micro_batch_size or recipe.train.batch_size
+    return vdata.make_loader(
+        data.eval,
+        data.eval_transform,
+        batch_size or min(micro * 2, 1024),
+        shuffle=False,
+        drop_last=False,
+        num_workers=recipe.data.num_workers,
+        seed=recipe.train.seed,
+        pin_memory=device.type == "cuda",
+    )

@@ -1,0 +1,235 @@
+"""The training loop, top to bottom: data, model, optimizer, then steps with periodic evaluation.
+
+One optimizer step: autocast forward -> loss -> backward (accumulated over micro-batches) ->
+global-norm clip -> optimizer -> EMA. Every `eval_every` steps: evaluate, log, checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from vitcli.engine import checkpoint as ckpt
+from vitcli.engine.evaluate import evaluate
+from vitcli.engine.logger import ProgressDisplay, RunLogger
+from vitcli.engine.optim import build_optimizer, lr_at, set_lr
+from vitcli.engine.rundir import CHECKPOINTS, open_run_dir
+from vitcli.engine.runtime import autocast_dtype, pick_device, rng_state, seed_everything, set_rng_state
+from vitcli.engine.setup import RunData, build_data, build_model, checkpoint_meta, eval_batches, train_batches
+from vitcli.engine.signals import StopRequested, graceful_stop
+from vitcli.errors import VitError
+from vitcli.recipe import Recipe
+
+
+@dataclass
+class StepPlan:
+    """How the recipe's global batch maps onto micro-batches, steps and epochs."""
+
+    micro_batch: int
+    accum: int
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+
+    @classmethod
+    def make(cls, recipe: Recipe, num_train: int, world_size: int = 1) -> StepPlan:
+        t = recipe.train
+        micro = t.micro_batch_size or t.batch_size // world_size
+        if t.batch_size % (micro * world_size):
+            raise VitError(f"train.batch_size ({t.batch_size}) must be a multiple of micro_batch_size x processes ({micro} x {world_size}).")
+        accum = t.batch_size // (micro * world_size)
+        steps_per_epoch = num_train // t.batch_size
+        if steps_per_epoch == 0:
+            raise VitError(f"train.batch_size ({t.batch_size}) is larger than the training set ({num_train} images). Lower it with --set train.batch_size=N.")
+        total = t.steps if t.steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
+        return cls(micro, accum, steps_per_epoch, total, t.eval_every or steps_per_epoch)
+
+
+def train(
+    recipe: Recipe,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    prepare_model: Callable[[torch.nn.Module], None] | None = None,
+    console: Console | None = None,
+) -> dict:
+    """Run (or continue) one training run in run_dir and return its summary."""
+    console = console or Console()
+    started = time.perf_counter()
+    recipe, resuming = open_run_dir(run_dir, recipe, resume=resume, force=force, say=console.print)
+    t = recipe.train
+    device = pick_device(t.device)
+    amp_dtype = autocast_dtype(t.precision, device)
+    seed_everything(t.seed)
+
+    # ---- data and model ------------------------------------------------------------------------
+    data: RunData = build_data(recipe)
+    model = build_model(recipe.model, data.num_classes)
+    if prepare_model is not None:
+        prepare_model(model)
+    model.to(device)
+    plan = StepPlan.make(recipe, len(data.train))
+    optimizer = build_optimizer(model, recipe.optim, device)
+    ema = _make_ema(model, t.ema_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    step, best_top1, bad_in_a_row, wall_before = 0, -1.0, 0, 0.0
+
+    # ---- resume -------------------------------------------------------------------------------
+    root = run_dir / CHECKPOINTS
+    if resuming:
+        found = ckpt.newest_loadable(root, warn=console.print)
+        if found is None:
+            console.print(f"No loadable checkpoint in {root}; starting {run_dir} from step 0.")
+            resuming = False
+        else:
+            found_ckpt, weights, _, state = found
+            model.load_state_dict(state["model"] if state.get("model") is not None else weights)
+            optimizer.load_state_dict(state["optimizer"])
+            if ema is not None:
+                ema.module.load_state_dict(weights)
+            scaler.load_state_dict(state.get("scaler", {})) if state.get("scaler") else None
+            step, best_top1 = state["step"], state["best_top1"]
+            bad_in_a_row, wall_before = state.get("bad_in_a_row", 0), state.get("wall_seconds", 0.0)
+            set_rng_state(state["rng"])
+            console.print(f"Resuming {run_dir} from {found_ckpt.path.name} (step {step}/{plan.total_steps}).")
+    logger = RunLogger(run_dir, resume_step=step if resuming else 0, tensorboard=t.tensorboard, wandb_project=t.wandb, config=recipe.to_dict())
+
+    train_model = torch.compile(model) if t.compile else model
+    criterion = data.criterion.to(device)
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    console.print(
+        f"Training {recipe.model.name} on {data.name} ({len(data.train)} train / {len(data.eval)} eval images, "
+        f"{data.num_classes} classes) on {device} {'fp32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.')}: "
+        f"{plan.total_steps} steps of {t.batch_size} images ({plan.accum} x {plan.micro_batch}), {plan.steps_per_epoch} steps/epoch."
+    )
+    progress = ProgressDisplay(plan.total_steps, step, console)
+
+    def save(step_done: int, eval_top1: float | None) -> None:
+        nonlocal best_top1
+        is_best = eval_top1 is not None and eval_top1 > best_top1
+        if is_best:
+            best_top1 = eval_top1
+        eval_model = ema.module if ema is not None else model
+        state = {
+            "step": step_done,
+            "epoch": step_done / plan.steps_per_epoch,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "model": model.state_dict() if ema is not None else None,
+            "rng": rng_state(),
+            "best_top1": best_top1,
+            "bad_in_a_row": bad_in_a_row,
+            "wall_seconds": wall_before + time.perf_counter() - started,
+        }
+        meta = checkpoint_meta(recipe, data, step_done, eval_top1)
+        saved = ckpt.save_checkpoint(root, step_done, eval_model.state_dict(), meta, state, is_best=is_best, keep=t.keep)
+        logger.log({"kind": "checkpoint", "step": step_done, "path": str(saved.path)})
+
+    def run_eval(step_done: int) -> dict:
+        eval_model = ema.module if ema is not None else model
+        metrics = evaluate(eval_model, eval_batches(data, recipe, device), data.num_classes, device, amp_dtype)
+        wall = wall_before + time.perf_counter() - started
+        logger.log({"kind": "eval", "step": step_done, "epoch": round(step_done / plan.steps_per_epoch, 4), "wall_seconds": round(wall, 2),
+                    **{k: metrics[k] for k in ("top1", "top5", "loss", "ece", "num_images", "images_per_second")}})
+        progress.line(f"eval  step {step_done:>6}  top1 {metrics['top1']:.4f}  top5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}  ({wall:.1f}s)")
+        return metrics
+
+    # ---- the loop -----------------------------------------------------------------------------
+    last_eval: dict | None = None
+    batches = None
+    tick, images_since = time.perf_counter(), 0
+    try:
+        with graceful_stop() as stop:
+            while step < plan.total_steps:
+                epoch, pos = divmod(step, plan.steps_per_epoch)
+                if pos == 0 or batches is None:
+                    batches = train_batches(data, recipe, plan, epoch=epoch, start_batch=pos * plan.accum, device=device)
+                lr = lr_at(step, plan.total_steps, recipe.optim.lr, recipe.schedule)
+                set_lr(optimizer, lr)
+
+                loss_sum = torch.zeros((), device=device)
+                for _ in range(plan.accum):
+                    images, targets = next(batches)
+                    with amp:
+                        loss = criterion(train_model(images), targets) / plan.accum
+                    scaler.scale(loss).backward()
+                    loss_sum += loss.detach()
+                scaler.unscale_(optimizer)
+                clip = recipe.optim.clip_grad_norm or float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                step += 1
+                images_since += t.batch_size
+
+                if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.update()
+                    bad_in_a_row += 1
+                    logger.log({"kind": "skipped", "step": step, "loss": float(loss_sum), "grad_norm": float(grad_norm)})
+                    progress.line(f"step {step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
+                    if bad_in_a_row >= t.max_bad_steps:
+                        raise VitError(
+                            f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (train.max_bad_steps). "
+                            f"Lower optim.lr, raise schedule.warmup_steps or use precision fp32; the last good checkpoint is kept in {root}."
+                        )
+                else:
+                    bad_in_a_row = 0
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    if ema is not None:
+                        ema.update(model, step=step)
+
+                if step % t.log_every == 0 or step == plan.total_steps:
+                    now = time.perf_counter()
+                    ips = images_since / max(now - tick, 1e-9)
+                    tick, images_since = now, 0
+                    stats = {"loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm), "images_per_second": round(ips, 1)}
+                    logger.log({"kind": "train", "step": step, "epoch": round(step / plan.steps_per_epoch, 4), **stats})
+                    progress.update(step, f"loss {stats['loss']:.4f}  lr {lr:.2e}  {ips:,.0f} img/s")
+                    if not progress.live:
+                        progress.line(f"step {step:>6}/{plan.total_steps}  loss {stats['loss']:.4f}  lr {lr:.2e}  {ips:,.0f} img/s")
+                else:
+                    progress.update(step, "")
+
+                at_eval = step % plan.eval_every == 0 or step == plan.total_steps
+                at_ckpt = t.checkpoint_every is not None and step % t.checkpoint_every == 0
+                if at_eval:
+                    last_eval = run_eval(step)
+                if at_eval or at_ckpt or stop.requested:
+                    save(step, last_eval["top1"] if at_eval else None)
+                if stop.requested:
+                    raise StopRequested(step, str(run_dir))
+    finally:
+        progress.stop()
+        logger.close()
+
+    wall = wall_before + time.perf_counter() - started
+    summary = {
+        "best_top1": best_top1,
+        "final_top1": last_eval["top1"] if last_eval else None,
+        "final_top5": last_eval["top5"] if last_eval else None,
+        "steps": step,
+        "epochs": step / plan.steps_per_epoch,
+        "wall_seconds": round(wall, 2),
+        "checkpoint": str((root / "best" / ckpt.WEIGHTS).resolve()),
+        "run_dir": str(run_dir),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _make_ema(model: torch.nn.Module, decay: float | None):
+    if decay is None:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay)

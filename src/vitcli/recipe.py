@@ -1,0 +1,338 @@
+"""Recipes: YAML files loaded once into typed, validated dataclasses.
+
+A recipe has five sections (model, data, optim, schedule, train) plus a name. Every field has a
+default, so a recipe only states what differs. `--set section.key=value` overrides any field; the
+value is read as YAML (`--set optim.lr=3e-4`, `--set data.crop_scale=[0.5,1]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from vitcli.errors import VitError, did_you_mean
+
+
+@dataclass
+class ModelCfg:
+    name: str = "vit_b16"
+    num_classes: Optional[int] = None  # None: taken from the data set
+    img_size: Optional[Union[int, list[int]]] = None  # None: the model's own
+    patch_size: Optional[int] = None
+    global_pool: Literal["token", "avg"] = "token"
+    class_token: bool = True
+    in_chans: int = 3
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class DataCfg:
+    dataset: str = "digits"  # registry name, image folder, or save_to_disk directory
+    data_dir: Optional[str] = None  # local copy of a named set (folder or save_to_disk)
+    train_split: Optional[str] = None  # None: the data set's own train split
+    eval_split: Optional[str] = None  # None: the data set's own test/validation split
+    num_workers: int = 2
+    train_subset: Optional[int] = None  # use only the first N (shuffled, seeded) training images
+    eval_subset: Optional[int] = None
+    # augmentation (timm.data)
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])
+    hflip: float = 0.5
+    randaugment: Optional[str] = None  # timm RandAugment spec, e.g. "rand-m9-mstd0.5"
+    random_erasing: float = 0.0
+    mixup: float = 0.0  # Mixup alpha (0: off)
+    cutmix: float = 0.0  # CutMix alpha (0: off)
+    label_smoothing: float = 0.0
+    # evaluation transform and normalisation
+    crop_pct: float = 0.875
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    bad_images: Literal["error", "skip"] = "error"
+
+
+@dataclass
+class OptimCfg:
+    name: Literal["adamw", "adam", "sgd"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9  # sgd only
+    eps: float = 1e-8
+    clip_grad_norm: Optional[float] = 1.0  # global-norm clipping; None: off
+    layer_decay: Optional[float] = None  # layer-wise lr decay (fine-tuning); None: off
+
+
+@dataclass
+class ScheduleCfg:
+    warmup_steps: int = 10_000
+    decay: Literal["cosine", "linear", "constant"] = "linear"
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainCfg:
+    epochs: Optional[float] = None  # exactly one of epochs / steps
+    steps: Optional[int] = None
+    batch_size: int = 4096  # global batch: micro_batch_size x accumulation x world size
+    micro_batch_size: Optional[int] = None  # per device and step; None: the whole batch at once
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False
+    ema_decay: Optional[float] = None  # Polyak averaging of weights; None: off
+    eval_every: Optional[int] = None  # steps between evaluations; None: once per epoch
+    log_every: int = 50
+    checkpoint_every: Optional[int] = None  # steps; None: at every evaluation
+    keep: int = 1  # step checkpoints kept besides last and best
+    max_bad_steps: int = 10  # non-finite losses in a row before the run stops
+    tensorboard: bool = False
+    wandb: Optional[str] = None  # a W&B project name turns W&B logging on
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        Path(path).write_text(f"# fully resolved recipe written by vitcli\n{text}")
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(Recipe)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe (or only defaults when path is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    name = "recipe"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise VitError(f"Recipe file '{path}' does not exist. Pass the path of a YAML recipe, e.g. recipes/quickstart.yaml.")
+        raw = parse_yaml(path.read_text(), str(path))
+        name = path.stem
+    return recipe_from_dict(raw, overrides, default_name=name)
+
+
+def parse_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise VitError(f"{where} is not valid YAML{at}: {problem}. Fix the file's syntax.") from e
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise VitError(f"{where} must be a YAML mapping with sections {', '.join(SECTIONS)}; got {type(raw).__name__}.")
+    return raw
+
+
+def recipe_from_dict(raw: dict[str, Any], overrides=(), default_name: str = "recipe") -> Recipe:
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        key, value = parse_override(item)
+        section, _, leaf = key.partition(".")
+        if not leaf:
+            if section != "name":
+                raise VitError(f"--set {item}: the key must be section.field (e.g. optim.lr=3e-4); sections: {', '.join(SECTIONS)}.")
+            raw["name"] = value
+            continue
+        if section not in SECTIONS or section == "name":
+            raise VitError(f"--set {item}: unknown section '{section}'.{did_you_mean(section, SECTIONS)} Sections: {', '.join(s for s in SECTIONS if s != 'name')}.")
+        sub = raw.setdefault(section, {})
+        if not isinstance(sub, dict):
+            sub = raw[section] = {}
+        sub[leaf] = value
+    raw.setdefault("name", default_name)
+    recipe = build_dataclass(Recipe, raw, "recipe")
+    validate(recipe)
+    return recipe
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    key, eq, text = item.partition("=")
+    if not eq or not key.strip():
+        raise VitError(f"--set '{item}' must look like section.key=value, e.g. --set optim.lr=3e-4.")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def build_dataclass(cls, raw: Any, where: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise VitError(f"'{where}' must be a mapping of keys to values; got {raw!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise VitError(
+                f"Unknown recipe key '{where}.{key}'.{did_you_mean(str(key), fields)} "
+                f"Valid keys in '{where}': {', '.join(fields)}."
+            )
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = build_dataclass(hint, value, key)
+        else:
+            kwargs[key] = coerce(value, hint, f"{where}.{key}" if where != "recipe" else key)
+    return cls(**kwargs)
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check value against a type hint; convert the safe cases (int -> float, list -> tuple)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, where)
+            except VitError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else VitError(f"'{where}' has the wrong type: {value!r} ({_type_name(value)}); expected {_hint_name(hint)}.")
+    if origin is Literal:
+        if value not in args:
+            raise VitError(f"'{where}' must be one of {', '.join(map(str, args))}; got {value!r}.{did_you_mean(str(value), map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise VitError(f"'{where}' must be a list of {_hint_name(args[0])}; got {value!r}.")
+        return [coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif hint is Any:
+        return value
+    raise VitError(f"'{where}' has the wrong type: {value!r} ({_type_name(value)}); expected {_hint_name(hint)}.")
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _hint_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_hint_name(a) for a in args if a is not type(None)) + (" or null" if type(None) in args else "")
+    if origin is list:
+        return f"a list of {_hint_name(args[0])}"
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
+# ---------------------------------------------------------------------------------------------
+# Range checks: everything that typing alone cannot say
+
+
+def _check(ok: bool, where: str, message: str) -> None:
+    if not ok:
+        raise VitError(f"'{where}' {message}")
+
+
+def validate(r: Recipe) -> None:
+    m, d, o, s, t = r.model, r.data, r.optim, r.schedule, r.train
+    _check(m.num_classes is None or m.num_classes >= 0, "model.num_classes", f"must be >= 0; got {m.num_classes}.")
+    if isinstance(m.img_size, list):
+        _check(len(m.img_size) == 2 and all(v > 0 for v in m.img_size), "model.img_size", f"must be one size or [height, width] > 0; got {m.img_size}.")
+    else:
+        _check(m.img_size is None or m.img_size > 0, "model.img_size", f"must be > 0; got {m.img_size}.")
+    for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+        v = getattr(m, key)
+        _check(v is None or v > 0, f"model.{key}", f"must be > 0; got {v}.")
+    for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+        v = getattr(m, key)
+        _check(0.0 <= v < 1.0, f"model.{key}", f"must be in [0, 1); got {v}.")
+    _check(m.class_token or m.global_pool == "avg", "model.class_token", "false needs model.global_pool: avg (there is no class token to pool).")
+
+    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0; got {d.num_workers}.")
+    for key in ("train_subset", "eval_subset"):
+        v = getattr(d, key)
+        _check(v is None or v > 0, f"data.{key}", f"must be > 0; got {v}.")
+    _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", f"must be [min, max] with 0 < min <= max <= 1; got {d.crop_scale}.")
+    _check(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio", f"must be [min, max] with 0 < min <= max; got {d.crop_ratio}.")
+    for key in ("hflip", "random_erasing"):
+        v = getattr(d, key)
+        _check(0.0 <= v <= 1.0, f"data.{key}", f"is a probability in [0, 1]; got {v}.")
+    _check(0.0 <= d.label_smoothing < 1.0, "data.label_smoothing", f"must be in [0, 1); got {d.label_smoothing}.")
+    _check(d.mixup >= 0 and d.cutmix >= 0, "data.mixup", "and data.cutmix are Beta alphas and must be >= 0.")
+    _check(0.0 < d.crop_pct <= 1.0, "data.crop_pct", f"must be in (0, 1]; got {d.crop_pct}.")
+    _check(len(d.mean) == len(d.std) == m.in_chans, "data.mean", f"and data.std need one value per input channel ({m.in_chans}).")
+    _check(all(v > 0 for v in d.std), "data.std", f"values must be > 0; got {d.std}.")
+
+    _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive number; got {o.lr}.")
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0; got {o.weight_decay}.")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be two numbers in [0, 1); got {o.betas}.")
+    _check(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1); got {o.momentum}.")
+    _check(o.eps > 0, "optim.eps", f"must be > 0; got {o.eps}.")
+    _check(o.clip_grad_norm is None or o.clip_grad_norm > 0, "optim.clip_grad_norm", f"must be > 0 (or null to turn clipping off); got {o.clip_grad_norm}.")
+    _check(o.layer_decay is None or 0 < o.layer_decay <= 1, "optim.layer_decay", f"must be in (0, 1]; got {o.layer_decay}.")
+
+    _check(s.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0; got {s.warmup_steps}.")
+    _check(0 <= s.min_lr <= o.lr, "schedule.min_lr", f"must be in [0, optim.lr]; got {s.min_lr}.")
+
+    _check((t.epochs is None) != (t.steps is None), "train.epochs", "and train.steps: set exactly one of them.")
+    _check(t.epochs is None or t.epochs > 0, "train.epochs", f"must be > 0; got {t.epochs}.")
+    _check(t.steps is None or t.steps > 0, "train.steps", f"must be > 0; got {t.steps}.")
+    _check(t.batch_size > 0, "train.batch_size", f"must be > 0; got {t.batch_size}.")
+    if t.micro_batch_size is not None:
+        _check(t.micro_batch_size > 0, "train.micro_batch_size", f"must be > 0; got {t.micro_batch_size}.")
+        _check(t.batch_size % t.micro_batch_size == 0, "train.micro_batch_size", f"({t.micro_batch_size}) must divide train.batch_size ({t.batch_size}).")
+    _check(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay", f"must be in (0, 1); got {t.ema_decay}.")
+    _check(t.eval_every is None or t.eval_every > 0, "train.eval_every", f"must be > 0; got {t.eval_every}.")
+    _check(t.log_every > 0, "train.log_every", f"must be > 0; got {t.log_every}.")
+    _check(t.checkpoint_every is None or t.checkpoint_every > 0, "train.checkpoint_every", f"must be > 0; got {t.checkpoint_every}.")
+    _check(t.keep >= 0, "train.keep", f"must be >= 0; got {t.keep}.")
+    _check(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1; got {t.max_bad_steps}.")
