@@ -198,10 +198,8 @@ def build_dataclass(cls, raw: Any, where: str):
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
-            raise VitError(
-                f"Unknown recipe key '{where}.{key}'.{did_you_mean(str(key), fields)} "
-                f"Valid keys in '{where}': {', '.join(fields)}."
-            )
+            full, scope = (key, "the recipe's top level") if where == "recipe" else (f"{where}.{key}", f"'{where}'")
+            raise VitError(f"Unknown recipe key '{full}'.{did_you_mean(str(key), fields)} Valid keys in {scope}: {', '.join(fields)}.")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = build_dataclass(hint, value, key)

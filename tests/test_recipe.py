@@ -1,0 +1,117 @@
+"""Recipe loading: defaults, overrides, and one clear error for each kind of mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vitcli.errors import VitError
+from vitcli.recipe import Recipe, load_recipe, recipe_from_dict
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_sections(tmp_path):
+    r = load_recipe(write(tmp_path, "train: {epochs: 2}\n"))
+    assert isinstance(r, Recipe)
+    assert r.name == "r"  # the file's stem
+    assert r.train.epochs == 2.0 and r.train.steps is None
+    assert r.optim.betas == [0.9, 0.999] and r.train.batch_size == 4096
+
+
+def test_overrides_are_read_as_yaml(tmp_path):
+    r = load_recipe(
+        write(tmp_path, "train: {epochs: 2}\noptim: {lr: 0.1}\n"),
+        ["optim.lr=3e-4", "data.crop_scale=[0.5, 1]", "model.img_size=[32, 48]", "train.ema_decay=0.99", "name=mine"],
+    )
+    assert r.optim.lr == pytest.approx(3e-4)
+    assert r.data.crop_scale == [0.5, 1.0]
+    assert r.model.img_size == [32, 48]
+    assert r.train.ema_decay == 0.99
+    assert r.name == "mine"
+
+
+def test_int_promoted_to_float_but_not_the_reverse():
+    assert recipe_from_dict({"train": {"epochs": 1}, "optim": {"lr": 1}}).optim.lr == 1.0
+    with pytest.raises(VitError, match=r"'train.batch_size' has the wrong type: 2.5"):
+        recipe_from_dict({"train": {"epochs": 1, "batch_size": 2.5}})
+
+
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ("train: {epochs: 1}\noptim: {lrr: 0.1}\n", r"Unknown recipe key 'optim.lrr'. Did you mean: lr\?"),
+        ("trian: {epochs: 1}\n", r"Unknown recipe key 'trian'. Did you mean: train\?"),
+        ("train: {epochs: 1}\noptim: {lr: fast}\n", r"'optim.lr' has the wrong type: 'fast' \(str\); expected a number"),
+        ("train: {epochs: 1}\noptim: {lr: -0.1}\n", r"'optim.lr' must be a positive number; got -0.1"),
+        ("train: {epochs: 1, batch_size: 0}\n", r"'train.batch_size' must be > 0; got 0"),
+        ("train: {epochs: 1}\noptim: {name: lamb}\n", r"'optim.name' must be one of adamw, adam, sgd; got 'lamb'"),
+        ("train: {epochs: 1}\nmodel: {global_pool: mean}\n", r"'model.global_pool' must be one of token, avg"),
+        ("train: {epochs: 1}\ndata: {hflip: 1.5}\n", r"'data.hflip' is a probability in \[0, 1\]; got 1.5"),
+        ("train: {epochs: 1, steps: 10}\n", r"set exactly one of them"),
+        ("train: {}\n", r"set exactly one of them"),
+        ("train: {epochs: 1, batch_size: 64, micro_batch_size: 48}\n", r"must divide train.batch_size"),
+        ("train: {epochs: 1}\nmodel: {class_token: false}\n", r"needs model.global_pool: avg"),
+        ("train: {epochs: 1}\noptim: [1, 2]\n", r"'optim' must be a mapping"),
+        ("- just\n- a list\n", r"must be a YAML mapping"),
+        ("train: {epochs: 1\n", r"is not valid YAML at line \d+, column \d+"),
+        ("train: {epochs: 1}\noptim: {betas: [0.9]}\n", r"'optim.betas' must be two numbers"),
+    ],
+)
+def test_each_mistake_is_one_clear_error(tmp_path, text, pattern):
+    with pytest.raises(VitError, match=pattern):
+        load_recipe(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("optim.lr", r"must look like section.key=value"),
+        ("optimizer.lr=1", r"unknown section 'optimizer'. Did you mean: optim\?"),
+        ("lr=1", r"must be section.field"),
+        ("optim.lrate=1", r"Unknown recipe key 'optim.lrate'"),
+        ("train.batch_size=-4", r"'train.batch_size' must be > 0; got -4"),
+    ],
+)
+def test_bad_overrides(tmp_path, override, pattern):
+    with pytest.raises(VitError, match=pattern):
+        load_recipe(write(tmp_path, "train: {epochs: 1}\n"), [override])
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(VitError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_save_round_trip(tmp_path):
+    r = load_recipe(write(tmp_path, "train: {epochs: 3}\n"), ["optim.lr=0.25", "data.mean=[0.1,0.2,0.3]"])
+    r.save(tmp_path / "saved.yaml")
+    again = load_recipe(tmp_path / "saved.yaml")
+    assert again == r
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_load_and_say_how_to_run(path):
+    text = path.read_text()
+    assert text.startswith("#"), "every recipe opens with a comment saying what it trains and how to run it"
+    assert "vit " in text.split("\n\n")[0] or "vit " in text[:1500]
+    r = load_recipe(path)
+    assert r.name == path.stem
+
+
+def test_paper_recipes_use_the_papers_hyperparameters():
+    for name in ("vit_ti16", "vit_s16", "vit_b16", "vit_l16", "vit_h14", "r50_vit_b16"):
+        r = load_recipe(RECIPES / f"{name}.yaml")
+        assert r.train.batch_size == 4096
+        assert r.optim.betas == [0.9, 0.999] and r.optim.clip_grad_norm == 1.0
+        assert r.schedule.warmup_steps == 10_000 and r.schedule.decay in ("linear", "cosine")
+        assert r.train.batch_size % r.train.micro_batch_size == 0
+        expected_wd = {"imagenet-1k": 0.3, "imagenet-21k": 0.03}[r.data.dataset]
+        assert r.optim.weight_decay == expected_wd
