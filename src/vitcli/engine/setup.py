@@ -52,7 +52,7 @@ def build_data(recipe: Recipe) -> RunData:
         train_transform=vdata.build_transform(d, img_size, train=True),
         eval_transform=vdata.build_transform(d, img_size, train=False),
         mixup=mixup,
-        criterion=vdata.build_criterion(d, mixup),
+        criterion=vdata.build_train_loss(d),
     )
 
 
@@ -87,8 +87,13 @@ def checkpoint_meta(recipe: Recipe, data: RunData, step: int, top1: float | None
     }
 
 
-def train_batches(data: RunData, recipe: Recipe, plan, *, epoch: int, start_batch: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Micro-batches of one epoch on the device, Mixup/CutMix applied, from start_batch on."""
+def train_batches(data: RunData, recipe: Recipe, plan, *, start_step: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless micro-batches on the device, epoch after epoch, from `start_step` on; Mixup/CutMix applied.
+
+    Each epoch yields exactly steps_per_epoch x accum micro-batches, so steps never straddle epochs.
+    """
+    epoch, pos = divmod(start_step, plan.steps_per_epoch)
+    per_epoch = plan.steps_per_epoch * plan.accum
     loader = vdata.make_loader(
         data.train,
         data.train_transform,
@@ -98,15 +103,23 @@ def train_batches(data: RunData, recipe: Recipe, plan, *, epoch: int, start_batc
         num_workers=recipe.data.num_workers,
         seed=recipe.train.seed,
         epoch=epoch,
-        start_batch=start_batch,
+        start_batch=pos * plan.accum,
+        bad_images=recipe.data.bad_images,
         pin_memory=device.type == "cuda",
     )
-    for images, labels in loader:
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        if data.mixup is not None:
-            images, labels = data.mixup(images, labels)
-        yield images, labels
+    taken = pos * plan.accum
+    while True:
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if data.mixup is not None:
+                images, labels = data.mixup(images, labels)
+            yield images, labels
+            taken += 1
+            if taken == per_epoch:
+                break
+        epoch, taken = epoch + 1, 0
+        loader.set_epoch(epoch)
 
 
 def eval_batches(data: RunData, recipe: Recipe, device: torch.device, batch_size: int | None = None):
@@ -119,5 +132,6 @@ def eval_batches(data: RunData, recipe: Recipe, device: torch.device, batch_size
         drop_last=False,
         num_workers=recipe.data.num_workers,
         seed=recipe.train.seed,
+        bad_images=recipe.data.bad_images,
         pin_memory=device.type == "cuda",
     )

@@ -145,14 +145,11 @@ def train(
 
     # ---- the loop -----------------------------------------------------------------------------
     last_eval: dict | None = None
-    batches = None
+    batches = train_batches(data, recipe, plan, start_step=step, device=device)
     tick, images_since = time.perf_counter(), 0
     try:
         with graceful_stop() as stop:
             while step < plan.total_steps:
-                epoch, pos = divmod(step, plan.steps_per_epoch)
-                if pos == 0 or batches is None:
-                    batches = train_batches(data, recipe, plan, epoch=epoch, start_batch=pos * plan.accum, device=device)
                 lr = lr_at(step, plan.total_steps, recipe.optim.lr, recipe.schedule)
                 set_lr(optimizer, lr)
 
