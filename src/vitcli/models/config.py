@@ -1,0 +1,154 @@
+"""ModelConfig: everything needed to rebuild a model, validated once with user-facing errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+from vitcli.errors import VitError, did_you_mean
+from vitcli.models.vit import GLOBAL_POOLS
+
+HYBRID_STRIDE = 16  # the R50 stem + stages (3, 4, 9) downsample by 16: the hybrid's effective patch size
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A model's resolved configuration; saved with checkpoints so `create_model(config)` rebuilds it.
+
+    For the hybrid, `patch_size` is the effective patch on the image (16); the transformer itself sees
+    1x1 patches of the ResNet feature map.
+    """
+
+    name: str
+    img_size: tuple[int, int] = (224, 224)
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    global_pool: str = "token"
+    class_token: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    hybrid: bool = False  # fixed by the registered name, never overridden
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        # The hybrid's 'SAME'-padded strides round up; plain patches must divide the image exactly.
+        if self.hybrid:
+            return tuple(math.ceil(s / HYBRID_STRIDE) for s in self.img_size)  # type: ignore[return-value]
+        return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid_size[0] * self.grid_size[1] + int(self.class_token)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (img_size as a list), ready for JSON / YAML / safetensors metadata."""
+        d = dataclasses.asdict(self)
+        d["img_size"] = list(self.img_size)
+        return d
+
+    def vit_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for VisionTransformer (everything except name and hybrid)."""
+        d = dataclasses.asdict(self)
+        del d["name"], d["hybrid"]
+        return d
+
+
+def _int(key: str, v: Any, minimum: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
+        raise VitError(f"model.{key} must be an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def _rate(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v < 1.0:
+        raise VitError(f"model.{key} must be a number in [0, 1), got {v!r}")
+    return float(v)
+
+
+def _bool(key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise VitError(f"model.{key} must be true or false, got {v!r}")
+    return v
+
+
+def _img_size(v: Any) -> tuple[int, int]:
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        return _int("img_size", v[0], 1), _int("img_size", v[1], 1)
+    if isinstance(v, (list, tuple)):
+        raise VitError(f"model.img_size must be an integer or [height, width], got {v!r}")
+    side = _int("img_size", v, 1)
+    return side, side
+
+
+def _global_pool(v: Any) -> str:
+    if v not in GLOBAL_POOLS:
+        raise VitError(f"model.global_pool must be one of {', '.join(GLOBAL_POOLS)}, got {v!r}")
+    return v
+
+
+def _mlp_ratio(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or v <= 0:
+        raise VitError(f"model.mlp_ratio must be a positive number, got {v!r}")
+    return float(v)
+
+
+# Override key -> normaliser raising VitError on a bad value.
+OVERRIDES = {
+    "num_classes": lambda v: _int("num_classes", v, 0),
+    "img_size": _img_size,
+    "patch_size": lambda v: _int("patch_size", v, 1),
+    "in_chans": lambda v: _int("in_chans", v, 1),
+    "embed_dim": lambda v: _int("embed_dim", v, 1),
+    "depth": lambda v: _int("depth", v, 1),
+    "num_heads": lambda v: _int("num_heads", v, 1),
+    "mlp_ratio": _mlp_ratio,
+    "qkv_bias": lambda v: _bool("qkv_bias", v),
+    "global_pool": _global_pool,
+    "class_token": lambda v: _bool("class_token", v),
+    "drop_rate": lambda v: _rate("drop_rate", v),
+    "attn_drop_rate": lambda v: _rate("attn_drop_rate", v),
+    "drop_path_rate": lambda v: _rate("drop_path_rate", v),
+}
+
+
+def apply_overrides(base: ModelConfig, overrides: Mapping[str, Any]) -> ModelConfig:
+    """base with overrides applied; every key and value checked, then the combination."""
+    clean = {}
+    for key, value in overrides.items():
+        if key not in OVERRIDES:
+            raise VitError(f"unknown model setting {key!r}.{did_you_mean(key, OVERRIDES)} "
+                           f"Valid settings: {', '.join(sorted(OVERRIDES))}.")
+        clean[key] = OVERRIDES[key](value)
+    cfg = dataclasses.replace(base, **clean)
+    check(cfg)
+    return cfg
+
+
+def check(cfg: ModelConfig) -> None:
+    """Cross-field rules; raises VitError saying what to change."""
+    if cfg.embed_dim % cfg.num_heads:
+        raise VitError(f"model.embed_dim {cfg.embed_dim} must be divisible by model.num_heads {cfg.num_heads}")
+    if cfg.global_pool == "token" and not cfg.class_token:
+        raise VitError("model.class_token=false needs model.global_pool='avg' (there is no token to pool)")
+    if cfg.hybrid:
+        if cfg.patch_size != HYBRID_STRIDE:
+            raise VitError(f"{cfg.name} is a hybrid: its patch size is fixed at {HYBRID_STRIDE} by the ResNet "
+                           "stride; remove the patch_size setting")
+    elif any(s % cfg.patch_size for s in cfg.img_size):
+        h, w = cfg.img_size
+        raise VitError(f"model.img_size {h}x{w} is not a multiple of the patch size {cfg.patch_size}; "
+                       f"choose sides divisible by {cfg.patch_size}")
