@@ -1,0 +1,287 @@
+"""Batches of (images, labels) from an ImageSet, reproducible across resume, workers and ranks.
+
+- Order: the batch sampler's permutation is a pure function of (seed, epoch); each rank takes a
+  contiguous slice of every global batch; the first `start_batch` batches of an epoch can be skipped
+  without being loaded (exact mid-epoch resume).
+- Augmentation: each image seeds python `random`, numpy and torch (CPU) from (seed, epoch, index)
+  inside a saved-and-restored RNG context, so an image is augmented the same way whichever worker,
+  rank or batch loads it, after a resume too, and loading in the main process (num_workers=0) leaves
+  the training RNG untouched.
+- Whole batches are read at once (`__getitems__` -> one Arrow read); images are decoded in the worker.
+- Unreadable images: data.bad_images "error" stops with a message naming the image; "skip" drops it
+  from its batch and counts it in `Loader.skipped`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+from typing import Callable, Literal, NamedTuple, Optional
+
+import datasets
+import numpy as np
+import torch
+
+from vitcli.data.sources import ImageSet
+from vitcli.errors import VitError
+
+BadImages = Literal["error", "skip"]
+
+
+def _seed_words(*key: int, n: int = 4) -> np.ndarray:
+    """n well-mixed 32-bit words from integer key parts (SeedSequence avoids seed+epoch collisions)."""
+    return np.random.SeedSequence([k % 2**63 for k in key]).generate_state(n, dtype=np.uint32)
+
+
+def _seed64(*key: int) -> int:
+    hi, lo = (int(w) for w in _seed_words(*key, n=2))
+    return (hi << 32 | lo) & (2**63 - 1)
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run the block, then put the random / numpy / torch CPU generator states back as they were."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def seed_all(*key: int) -> None:
+    """Seed random, numpy and the torch CPU generator from key (not CUDA: the trainer's GPU RNG stays put)."""
+    words = [int(w) for w in _seed_words(*key)]
+    random.seed(words[0] << 32 | words[1])
+    np.random.seed(words[2])
+    torch.default_generator.manual_seed(words[3] << 32 | words[0])
+
+
+class EpochBatch(NamedTuple):
+    """What the batch sampler yields: the epoch travels with the indices, so workers need no state."""
+
+    epoch: int
+    indices: list[int]
+
+
+class Batch(NamedTuple):
+    images: Optional[torch.Tensor]  # (N, C, H, W) float; None when no image of the batch could be read
+    labels: Optional[torch.Tensor]  # (N,) int64
+    skipped: list[str]  # one line per dropped image (bad_images="skip")
+    error: Optional[str]  # the message to raise in the main process (bad_images="error")
+
+
+class BatchDataset(torch.utils.data.Dataset):
+    """A torch Dataset over an ImageSet that reads, decodes and augments whole batches."""
+
+    def __init__(self, image_set: ImageSet, transform: Callable, *, seed: int = 0, bad_images: BadImages = "error"):
+        # decode=False: we decode ourselves, one image at a time, to catch and name unreadable ones.
+        self.hf = image_set.dataset.cast_column("image", datasets.Image(decode=False))
+        self.decoder = datasets.Image()
+        self.name, self.split = image_set.name, image_set.split
+        self.transform = transform
+        self.seed = seed
+        self.bad_images = bad_images
+        self.epoch = 0  # used only when indexed directly; the loader sends the epoch with each batch
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        batch = self.load([index], self.epoch)
+        if batch.error:
+            raise VitError(batch.error)
+        if batch.images is None:
+            raise VitError(batch.skipped[0])
+        return batch.images[0], int(batch.labels[0])
+
+    def __getitems__(self, request: EpochBatch | list[int]) -> Batch:
+        """DataLoader's batched fetch: one call per batch; returns the collated Batch."""
+        if isinstance(request, EpochBatch):
+            return self.load(request.indices, request.epoch)
+        return self.load(list(request), self.epoch)
+
+    def load(self, indices: list[int], epoch: int) -> Batch:
+        """Read, decode and transform the images at indices (each augmented from (seed, epoch, index))."""
+        rows = self.hf[indices]  # one Arrow read for the whole batch
+        images, labels, skipped = [], [], []
+        with preserved_rng():
+            for index, cell, label in zip(indices, rows["image"], rows["label"]):
+                seed_all(self.seed, epoch, index)  # per image: independent of batching, workers and ranks
+                try:
+                    img = self.decoder.decode_example(cell)  # bytes or path; calls img.load()
+                except Exception as e:  # noqa: BLE001 -- any decoder failure means an unreadable image
+                    problem = self._describe(index, cell, e)
+                    if self.bad_images == "error":
+                        return Batch(None, None, skipped, problem + self._fix())
+                    skipped.append(problem)
+                    continue
+                images.append(self.transform(img))
+                labels.append(label)
+        if not images:
+            return Batch(None, None, skipped, None)
+        return Batch(torch.stack(images), torch.tensor(labels, dtype=torch.int64), skipped, None)
+
+    def _describe(self, index: int, cell: dict, e: Exception) -> str:
+        where = f" ({cell['path']})" if cell.get("path") else ""
+        return (
+            f"Image {index} of data set '{self.name}' split '{self.split}'{where} cannot be read: "
+            f"{type(e).__name__}: {e}."
+        )
+
+    @staticmethod
+    def _fix() -> str:
+        return (
+            " Replace or delete that file, or set data.bad_images: skip (--set data.bad_images=skip) to drop "
+            "unreadable images; the trainer then logs how many it dropped."
+        )
+
+
+class EpochBatchSampler:
+    """Global batches in a (seed, epoch)-determined order; yields this rank's slice of each.
+
+    `batch_size` is the global batch: each of `world_size` ranks gets a contiguous slice of it (sizes
+    differ by at most one in a short last batch). `start_batch` skips that many batches of the next
+    iteration only, without loading them.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int = 0, epoch: int = 0,
+                 start_batch: int = 0, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
+        self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
+        self.rank, self.world_size = rank, world_size
+
+    @property
+    def num_batches(self) -> int:
+        """Global batches in one full epoch."""
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(_seed64(self.seed, self.epoch)))
+
+    def __len__(self) -> int:
+        return max(0, self.num_batches - self.start_batch)
+
+    def __iter__(self) -> Iterator[EpochBatch]:
+        start, self.start_batch = self.start_batch, 0  # a resume offset applies to one iteration only
+        order = self.order()
+        for b in range(start, self.num_batches):
+            mine = torch.tensor_split(order[b * self.batch_size:(b + 1) * self.batch_size], self.world_size)[self.rank]
+            if len(mine):
+                yield EpochBatch(self.epoch, mine.tolist())
+
+
+def _keep_batch(batch: Batch) -> Batch:
+    return batch  # __getitems__ already collated; module-level so worker processes can pickle it
+
+
+class Loader:
+    """Iterate to get (images, labels); `skipped` counts images dropped as unreadable (bad_images=skip).
+
+    `len(loader)` is the number of batches the next iteration yields (after a `start_batch` skip);
+    `batches_per_epoch` is the full count. Call `set_epoch(e)` before each epoch.
+    """
+
+    def __init__(self, dataloader: torch.utils.data.DataLoader, sampler: EpochBatchSampler, dataset: BatchDataset):
+        self.dataloader, self.sampler, self.dataset = dataloader, sampler, dataset
+        self.skipped = 0
+        self.skipped_examples: list[str] = []  # the first few, for the log
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def close(self) -> None:
+        """Stop the worker processes now; the next iteration starts new ones.
+
+        Without this, persistent workers live until the loader is garbage-collected, and when that
+        happens inside a reference cycle (e.g. via a stored traceback) their queues may be finalised
+        first, so shutdown waits ~5 s per worker. We call it before raising a bad-image error.
+        """
+        iterator = getattr(self.dataloader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.dataloader._iterator = None
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.dataloader:
+            if batch.skipped:
+                self.skipped += len(batch.skipped)
+                self.skipped_examples.extend(batch.skipped[: max(0, 10 - len(self.skipped_examples))])
+            if batch.error:
+                self.close()
+                raise VitError(batch.error)
+            if batch.images is not None:  # a batch with no readable image at all is dropped (and counted)
+                yield batch.images, batch.labels
+
+
+def make_loader(
+    image_set: ImageSet,
+    transform: Callable,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    drop_last: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    epoch: int = 0,
+    start_batch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    bad_images: BadImages = "error",
+    pin_memory: Optional[bool] = None,
+) -> Loader:
+    """A Loader over image_set (see the module docstring for the guarantees).
+
+    Args:
+        batch_size: the global batch per step, split across `world_size` ranks (must divide evenly).
+        shuffle / drop_last: True / True for training, False / False for evaluation.
+        num_workers: loader processes (0: load in this process); kept alive across epochs.
+        seed, epoch: fix the order and the augmentation; change epoch with `loader.set_epoch`.
+        start_batch: skip this many batches of the first iteration (resume mid-epoch).
+        rank, world_size: this process's shard.
+        bad_images: "error" or "skip" (data.bad_images).
+        pin_memory: None: when CUDA is available.
+    """
+    if batch_size < 1 or batch_size % world_size:
+        raise VitError(
+            f"The global batch size ({batch_size}) must be a positive multiple of the number of processes "
+            f"({world_size})."
+        )
+    dataset = BatchDataset(image_set, transform, seed=seed, bad_images=bad_images)
+    dataset.set_epoch(epoch)
+    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed,
+                                epoch=epoch, start_batch=start_batch, rank=rank, world_size=world_size)
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=_keep_batch,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=num_workers > 0,  # safe: workers hold no epoch state, it comes with each batch
+        # A private generator: DataLoader draws worker base seeds from it instead of the global torch RNG,
+        # which would otherwise shift the training RNG at every epoch start (and break exact resume).
+        generator=torch.Generator().manual_seed(_seed64(seed, rank)),
+    )
+    return Loader(dataloader, sampler, dataset)
