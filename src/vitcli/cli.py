@@ -67,6 +67,132 @@ def _print_summary(summary: dict) -> None:
     )
 
 
+def _parse_res(text: str | None, flag: str = "--res") -> tuple[int, int] | None:
+    """'384' -> (384, 384); '384x512' -> (384, 512) (height x width)."""
+    if text is None:
+        return None
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = (size[0], size[0])
+    if len(size) != 2 or min(size) <= 0:
+        raise VitError(f"{flag} {text!r} is not a resolution: pass one number (384) or HEIGHTxWIDTH (384x512).")
+    return size  # type: ignore[return-value]
+
+
+def _parse_floats(text: str | None, flag: str) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise VitError(f"{flag} {text!r} must be comma-separated numbers, e.g. 0.001,0.003,0.01,0.03.") from None
+
+
+@app.command()
+def finetune(
+    ckpt: str = typer.Option(..., "--ckpt", help="Pretrained weights: a vitcli run or checkpoint, a timm/HF .safetensors/.pth/.bin, a Google .npz, or timm:<name>."),
+    res: Optional[str] = typer.Option(None, "--res", help="Fine-tuning resolution, 384 or 384x512; position embeddings are 2D-interpolated."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set name or path (default: the one the checkpoint was trained on)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="A fine-tuning recipe (default: the paper's settings for the data set)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/finetune_<dataset>-<time>)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    lr_sweep: Optional[str] = typer.Option(None, "--lr-sweep", help="Try these rates on a held-out 10% first, e.g. 0.001,0.003,0.01,0.03."),
+    layer_decay: Optional[float] = typer.Option(None, "--layer-decay", help="Layer-wise lr decay, e.g. 0.75."),
+    linear_probe: bool = typer.Option(False, "--linear-probe", help="Train only the new head on a frozen backbone."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Delete the run already in --out and start again."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda."),
+) -> None:
+    """Fine-tune a pretrained model on a (smaller) data set, at a higher resolution (paper §3.2)."""
+    from vitcli.engine.finetune import build_finetune_recipe, finetune as run_finetune
+    from vitcli.engine.rundir import default_run_dir
+
+    overrides = list(set_ or [])
+    if device is not None:
+        overrides.append(f"train.device={device}")
+    if layer_decay is not None:
+        overrides.append(f"optim.layer_decay={layer_decay}")
+    if linear_probe:
+        overrides.append("train.linear_probe=true")
+    r, init = build_finetune_recipe(ckpt, res=_parse_res(res), dataset=dataset, recipe_path=recipe, overrides=overrides)
+    for note in init.notes:
+        console.print(f"[dim]{note}[/]")
+    summary = run_finetune(r, out or default_run_dir(r), lr_sweep=_parse_floats(lr_sweep, "--lr-sweep"), resume=resume, force=force, console=console)
+    _print_summary(summary)
+
+
+@app.command("interpolate-pos")
+def interpolate_pos(
+    ckpt: str = typer.Option(..., "--ckpt", help="Input checkpoint (any format --ckpt accepts)."),
+    res: str = typer.Option(..., "--res", help="New resolution: 384 or 384x512."),
+    out: Path = typer.Option(..., "--out", help="Output file: .safetensors (recommended) or .pth."),
+    patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Also resize the patch embedding to this patch size (FlexiViT)."),
+    mode: str = typer.Option("bicubic", "--mode", help="bicubic | bilinear."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+) -> None:
+    """Resample a checkpoint's position embeddings to a new resolution (and patch size); keys unchanged."""
+    from vitcli.models.load import adapt_checkpoint, load_checkpoint, save_state_dict
+
+    if mode not in ("bicubic", "bilinear"):
+        raise VitError(f"--mode must be bicubic or bilinear; got {mode!r}.")
+    if out.exists() and not force:
+        raise VitError(f"--out {out} exists. Choose another path or pass --force to overwrite it.")
+    if out.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
+        raise VitError(f"--out {out} must end in .safetensors (recommended) or .pth.")
+    size = _parse_res(res)
+    src = load_checkpoint(ckpt)
+    old_args = src.meta["model_args"]
+    new = adapt_checkpoint(src, img_size=size, patch_size=patch_size, interpolation=mode)
+    new_args = new.meta["model_args"]
+
+    def grid(args):
+        h, w = args["img_size"] if isinstance(args["img_size"], (list, tuple)) else (args["img_size"],) * 2
+        p = args["patch_size"]
+        return f"{h // p}x{w // p} (image {h}x{w}, patch {p})"
+
+    save_state_dict(out, new.state_dict, new.meta)
+    console.print(f"position grid {grid(old_args)} -> {grid(new_args)}, {mode}; wrote {out}")
+
+
+@app.command("eval")
+def eval_cmd(
+    ckpt: Optional[str] = typer.Option(None, "--ckpt", help="Checkpoint (any format finetune accepts); default: the best of the newest run under runs/."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set name or path (default: the checkpoint's)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to evaluate (default: the set's test/validation split)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local copy of a named set (image folder or save_to_disk)."),
+    res: Optional[int] = typer.Option(None, "--res", help="Evaluate at this resolution (position embeddings interpolated)."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per batch."),
+    fewshot: Optional[str] = typer.Option(None, "--fewshot", help="Few-shot linear evaluation with K images per class, e.g. 1,5,10,25."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Write one CSV row per image."),
+    confusion: Optional[Path] = typer.Option(None, "--confusion", help="Draw the confusion matrix to this PNG."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    num_workers: int = typer.Option(2, "--num-workers", min=0, help="Loader processes."),
+) -> None:
+    """Evaluate a checkpoint: top-1/top-5, loss, calibration, per-class accuracy, few-shot."""
+    from vitcli.engine.evalrun import print_eval, run_eval
+
+    shots = None
+    if fewshot:
+        try:
+            shots = [int(k) for k in fewshot.split(",") if k.strip()]
+        except ValueError:
+            raise VitError(f"--fewshot {fewshot!r} must be comma-separated whole numbers, e.g. 1,5,10,25.") from None
+        if not shots or min(shots) < 1:
+            raise VitError(f"--fewshot {fewshot!r}: each K must be >= 1.")
+    say = err_console.print if as_json else console.print
+    result = run_eval(ckpt, dataset, split=split, res=res, batch_size=batch_size, data_dir=data_dir, device=device,
+                      fewshot=shots, predictions=predictions, confusion=confusion, num_workers=num_workers, say=say)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print_eval(result, console)
+
+
 @app.command("models")
 def models_cmd(
     pattern: str = typer.Argument("*", help="Shell-style pattern, e.g. 'vit_b*'."),

@@ -23,6 +23,9 @@ from vitcli.errors import VitError, did_you_mean
 @dataclass
 class ModelCfg:
     name: str = "vit_b16"
+    # Weights to start from (fine-tuning): anything `vit finetune --ckpt` accepts. The architecture
+    # then comes from the checkpoint; img_size / patch_size resample it, the head is replaced.
+    init_ckpt: Optional[str] = None
     num_classes: Optional[int] = None  # None: taken from the data set
     img_size: Optional[Union[int, list[int]]] = None  # None: the model's own
     patch_size: Optional[int] = None
@@ -33,6 +36,7 @@ class ModelCfg:
     depth: Optional[int] = None
     num_heads: Optional[int] = None
     mlp_ratio: Optional[float] = None
+    qkv_bias: bool = True
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -47,6 +51,9 @@ class DataCfg:
     num_workers: int = 2
     train_subset: Optional[int] = None  # use only the first N (shuffled, seeded) training images
     eval_subset: Optional[int] = None
+    # Hold out this fraction of the training split (seeded, stratified) and evaluate on it instead
+    # of the eval split: for choosing hyper-parameters without touching the test set.
+    holdout: Optional[float] = None
     # augmentation (timm.data)
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])
@@ -99,6 +106,7 @@ class TrainCfg:
     checkpoint_every: Optional[int] = None  # steps; None: at every evaluation
     keep: int = 1  # step checkpoints kept besides last and best
     max_bad_steps: int = 10  # non-finite losses in a row before the run stops
+    linear_probe: bool = False  # train only the head; the backbone stays frozen
     tensorboard: bool = False
     wandb: Optional[str] = None  # a W&B project name turns W&B logging on
 
@@ -299,6 +307,7 @@ def validate(r: Recipe) -> None:
     for key in ("train_subset", "eval_subset"):
         v = getattr(d, key)
         _check(v is None or v > 0, f"data.{key}", f"must be > 0; got {v}.")
+    _check(d.holdout is None or 0 < d.holdout < 1, "data.holdout", f"is a fraction in (0, 1); got {d.holdout}.")
     _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", f"must be [min, max] with 0 < min <= max <= 1; got {d.crop_scale}.")
     _check(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio", f"must be [min, max] with 0 < min <= max; got {d.crop_ratio}.")
     for key in ("hflip", "random_erasing"):

@@ -7,10 +7,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from sklearn.model_selection import train_test_split as sklearn_split
 
 from vitcli import data as vdata
 from vitcli.models import create_model, model_info
+from vitcli.models.load import LoadedCheckpoint, meta_for_model, model_from_checkpoint
 from vitcli.recipe import ModelCfg, Recipe
 
 
@@ -28,18 +31,27 @@ class RunData:
     criterion: torch.nn.Module
 
 
-def model_img_size(cfg: ModelCfg) -> tuple[int, int]:
-    size = cfg.img_size if cfg.img_size is not None else model_info(cfg.name)["img_size"]
+def model_img_size(cfg: ModelCfg, init: LoadedCheckpoint | None = None) -> tuple[int, int]:
+    """The training resolution: the recipe's, else the init checkpoint's, else the model's own."""
+    if cfg.img_size is not None:
+        size = cfg.img_size
+    elif init is not None:
+        size = init.meta["model_args"].get("img_size") or init.meta["img_size"]
+    else:
+        size = model_info(cfg.name)["img_size"]
     if isinstance(size, int):
         return (size, size)
     return (int(size[0]), int(size[1]))
 
 
-def build_data(recipe: Recipe) -> RunData:
+def build_data(recipe: Recipe, init: LoadedCheckpoint | None = None) -> RunData:
     d, seed = recipe.data, recipe.train.seed
-    img_size = model_img_size(recipe.model)
-    train = vdata.load_split(d.dataset, d.train_split, role="train", data_dir=d.data_dir, img_size=img_size, seed=seed, subset=d.train_subset)
-    evals = vdata.load_split(d.dataset, d.eval_split, role="eval", data_dir=d.data_dir, img_size=img_size, seed=seed, subset=d.eval_subset)
+    img_size = model_img_size(recipe.model, init)
+    train = vdata.build(d, "train", img_size=img_size, seed=seed)
+    if d.holdout is not None:
+        train, evals = split_holdout(train, d.holdout)
+    else:
+        evals = vdata.build(d, "eval", img_size=img_size, seed=seed)
     num_classes = recipe.model.num_classes or train.num_classes
     mixup = vdata.build_mixup(d, num_classes)
     return RunData(
@@ -56,35 +68,54 @@ def build_data(recipe: Recipe) -> RunData:
     )
 
 
+def split_holdout(train: vdata.ImageSet, fraction: float) -> tuple[vdata.ImageSet, vdata.ImageSet]:
+    """(rest, held-out) parts of a training split; seed 0 and stratified, so every run holds out the same images."""
+    labels = np.asarray(train.dataset["label"])
+    rest, held = sklearn_split(np.arange(len(labels)), test_size=fraction, random_state=0, stratify=_stratify(labels, fraction))
+    def part(idx, tag):
+        return dataclasses.replace(train, dataset=train.dataset.select(np.sort(idx), keep_in_memory=True), split=f"{train.split}[{tag}]")
+    return part(rest, "rest"), part(held, f"holdout {fraction:g}")
+
+
+def _stratify(labels: np.ndarray, fraction: float) -> np.ndarray | None:
+    counts = np.bincount(labels)
+    counts = counts[counts > 0]
+    return labels if counts.min() >= 2 and fraction * len(labels) >= len(counts) else None
+
+
 def model_overrides(cfg: ModelCfg, num_classes: int) -> dict[str, Any]:
     """The recipe's model fields as create_model overrides; unset (None) fields keep the model's own."""
     fields = dataclasses.asdict(cfg)
-    fields.pop("name")
+    for key in ("name", "init_ckpt"):
+        fields.pop(key)
     fields["num_classes"] = num_classes
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in fields.items() if v is not None}
 
 
-def build_model(cfg: ModelCfg, num_classes: int) -> torch.nn.Module:
-    return create_model(cfg.name, **model_overrides(cfg, num_classes))
+def build_model(cfg: ModelCfg, num_classes: int, init: LoadedCheckpoint | None = None) -> torch.nn.Module:
+    """A fresh model, or (fine-tuning) the init checkpoint's model resampled to the recipe's
+    resolution/patch size with its head replaced by a zero-initialised one (paper §3.2)."""
+    if init is None:
+        return create_model(cfg.name, **model_overrides(cfg, num_classes))
+    regularisers = {k: getattr(cfg, k) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")}
+    model, _ = model_from_checkpoint(init, img_size=cfg.img_size and tuple(model_img_size(cfg)), patch_size=cfg.patch_size, model_args=regularisers)
+    model.reset_classifier(num_classes)
+    return model
 
 
-def checkpoint_meta(recipe: Recipe, data: RunData, step: int, top1: float | None) -> dict[str, Any]:
+def checkpoint_meta(model: torch.nn.Module, recipe: Recipe, data: RunData, step: int, top1: float | None) -> dict[str, Any]:
     """What a checkpoint needs to rebuild and feed its model without the run directory."""
-    return {
-        "format": "vitcli",
-        "model": recipe.model.name,
-        "model_args": model_overrides(recipe.model, data.num_classes),
-        "num_classes": data.num_classes,
-        "img_size": list(data.img_size),
+    return meta_for_model(model, {
         "mean": recipe.data.mean,
         "std": recipe.data.std,
         "interpolation": recipe.data.interpolation,
         "crop_pct": recipe.data.crop_pct,
         "dataset": recipe.data.dataset,
+        "data_dir": recipe.data.data_dir,
         "class_names": data.class_names,
         "step": step,
         "top1": top1,
-    }
+    })
 
 
 def train_batches(data: RunData, recipe: Recipe, plan, *, start_step: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from vitcli.engine.runtime import autocast_dtype, pick_device, rng_state, seed_e
 from vitcli.engine.setup import RunData, build_data, build_model, checkpoint_meta, eval_batches, train_batches
 from vitcli.engine.signals import StopRequested, graceful_stop
 from vitcli.errors import VitError
+from vitcli.models.load import load_checkpoint
 from vitcli.recipe import Recipe
 
 
@@ -59,7 +59,6 @@ def train(
     *,
     resume: bool = False,
     force: bool = False,
-    prepare_model: Callable[[torch.nn.Module], None] | None = None,
     console: Console | None = None,
 ) -> dict:
     """Run (or continue) one training run in run_dir and return its summary."""
@@ -72,10 +71,12 @@ def train(
     seed_everything(t.seed)
 
     # ---- data and model ------------------------------------------------------------------------
-    data: RunData = build_data(recipe)
-    model = build_model(recipe.model, data.num_classes)
-    if prepare_model is not None:
-        prepare_model(model)
+    init = load_checkpoint(recipe.model.init_ckpt) if recipe.model.init_ckpt else None
+    data: RunData = build_data(recipe, init)
+    model = build_model(recipe.model, data.num_classes, init)
+    if t.linear_probe:  # the paper's linear evaluation: a frozen backbone under a trained head
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("head."))
     model.to(device)
     plan = StepPlan.make(recipe, len(data.train))
     optimizer = build_optimizer(model, recipe.optim, device)
@@ -103,7 +104,9 @@ def train(
             console.print(f"Resuming {run_dir} from {found_ckpt.path.name} (step {step}/{plan.total_steps}).")
     logger = RunLogger(run_dir, resume_step=step if resuming else 0, tensorboard=t.tensorboard, wandb_project=t.wandb, config=recipe.to_dict())
 
+    model.train()
     train_model = torch.compile(model) if t.compile else model
+    trainable = [p for p in model.parameters() if p.requires_grad]
     criterion = data.criterion.to(device)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     console.print(
@@ -130,7 +133,7 @@ def train(
             "bad_in_a_row": bad_in_a_row,
             "wall_seconds": wall_before + time.perf_counter() - started,
         }
-        meta = checkpoint_meta(recipe, data, step_done, eval_top1)
+        meta = checkpoint_meta(eval_model, recipe, data, step_done, eval_top1)
         saved = ckpt.save_checkpoint(root, step_done, eval_model.state_dict(), meta, state, is_best=is_best, keep=t.keep)
         logger.log({"kind": "checkpoint", "step": step_done, "path": str(saved.path)})
 
@@ -162,7 +165,7 @@ def train(
                     loss_sum += loss.detach()
                 scaler.unscale_(optimizer)
                 clip = recipe.optim.clip_grad_norm or float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
                 step += 1
                 images_since += t.batch_size
 
