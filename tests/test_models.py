@@ -251,3 +251,22 @@ def test_timm_aliases_build_timm_shapes(alias):
         ours = create_model(alias)
         theirs = timm.create_model(alias, pretrained=False, num_classes=1000)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_dropout_is_the_papers_and_matches_timm_in_training():
+    """drop_rate is the paper's dropout: after every dense layer but qkv, after the position
+    embedding and before the head; timm spells it proj_drop_rate + pos_drop_rate + drop_rate."""
+    kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5)
+    theirs = TimmViT(**kw, drop_rate=0.3, proj_drop_rate=0.3, pos_drop_rate=0.3)
+    ours = create_model("vit_pico", **kw, drop_rate=0.3)
+    ours.load_state_dict(theirs.state_dict())
+    ours.train(), theirs.train()
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(7)
+    a = theirs(x)
+    torch.manual_seed(7)
+    b = ours(x)
+    torch.manual_seed(8)
+    c = ours(x)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(b, c, atol=1e-3)  # dropout is really active in training

@@ -79,21 +79,24 @@ class Attention(nn.Module):
         num_heads: heads; dim must be divisible by it.
         qkv_bias: bias on the qkv projection.
         attn_drop: dropout on attention weights (training only).
+        proj_drop: dropout after the output projection (the paper's dropout).
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0) -> None:
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
 
 
 class Mlp(nn.Module):
@@ -102,16 +105,18 @@ class Mlp(nn.Module):
     Args:
         dim: input and output width.
         hidden_dim: inner width (4 x dim in the paper).
+        drop: dropout after each dense layer (the paper's dropout).
     """
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
+        self.drop = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class DropPath(nn.Module):
@@ -143,16 +148,17 @@ class Block(nn.Module):
         qkv_bias: bias on the qkv projection.
         attn_drop: attention-weight dropout.
         drop_path: stochastic depth rate of this block.
+        drop: dropout after every dense layer but qkv (the paper's dropout).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, drop_path: float = 0.0) -> None:
+                 attn_drop: float = 0.0, drop_path: float = 0.0, drop: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +181,9 @@ class VisionTransformer(nn.Module):
         mlp_ratio: MLP width / D.
         qkv_bias: bias on the qkv projection.
         class_token: prepend a learned [class] token (required by global_pool='token').
-        drop_rate: dropout before the head.
+        drop_rate: the paper's dropout: after every dense layer except the qkv projection, directly
+            after adding the position embeddings, and before the head (timm splits this into
+            proj_drop_rate, pos_drop_rate and drop_rate).
         attn_drop_rate: attention-weight dropout.
         drop_path_rate: stochastic depth of the last block; rises linearly from 0 over the blocks.
         embed_layer: factory called as embed_layer(img_size=, patch_size=, in_chans=, embed_dim=) that
@@ -210,7 +218,8 @@ class VisionTransformer(nn.Module):
         # Stochastic depth rises linearly over the blocks; on cpu so it also works under a meta device.
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, attn_drop_rate, rates[i]) for i in range(depth)])
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, attn_drop_rate, rates[i], drop_rate) for i in range(depth)])
+        self.pos_drop = nn.Dropout(drop_rate)
         # With mean pooling the final LayerNorm moves after the pool (timm's fc_norm).
         use_fc_norm = global_pool == "avg"
         self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=1e-6)
@@ -264,7 +273,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = x + self.pos_embed
+        x = self.pos_drop(x + self.pos_embed)
         return self.norm(self.blocks(x))
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
