@@ -184,7 +184,8 @@ def eval_cmd(
             raise VitError(f"--fewshot {fewshot!r} must be comma-separated whole numbers, e.g. 1,5,10,25.") from None
         if not shots or min(shots) < 1:
             raise VitError(f"--fewshot {fewshot!r}: each K must be >= 1.")
-    say = err_console.print if as_json else console.print
+    shown = err_console if as_json else console
+    say = lambda message: shown.print(message, markup=False, highlight=False)  # noqa: E731
     result = run_eval(ckpt, dataset, split=split, res=res, batch_size=batch_size, data_dir=data_dir, device=device,
                       fewshot=shots, predictions=predictions, confusion=confusion, num_workers=num_workers, say=say)
     if as_json:

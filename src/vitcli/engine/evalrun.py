@@ -23,7 +23,7 @@ import yaml
 from vitcli import data as vdata
 from vitcli.engine import fewshot as fs
 from vitcli.engine.evaluate import evaluate
-from vitcli.engine.report import PredictionLog, draw_confusion, write_predictions
+from vitcli.engine.report import PredictionLog, draw_confusion, print_eval, write_predictions
 from vitcli.engine.rundir import RECIPE_FILE, is_run, newest_run
 from vitcli.engine.runtime import autocast_dtype, pick_device
 from vitcli.errors import VitError
@@ -31,6 +31,8 @@ from vitcli.models.load import LoadedCheckpoint, load_checkpoint, model_from_che
 from vitcli.recipe import DataCfg
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+
+__all__ = ["eval_cfg", "print_eval", "run_eval"]  # print_eval lives in engine.report
 
 
 def run_eval(
