@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from vitcli.engine.signals import STOPPED_EXIT_CODE, StopRequested
 from vitcli.errors import VitError
 
 app = typer.Typer(
@@ -209,13 +209,15 @@ def models_cmd(
         print(json.dumps(infos, indent=2))
         return
     table = Table(title=f"vitcli models ({len(infos)})")
-    for col in ("name", "params", "resolution", "patch", "width", "depth", "heads", "MLP", "aliases"):
-        table.add_column(col, justify="right" if col not in ("name", "aliases") else "left")
+    for col in ("name", "paper name", "params", "resolution", "patch", "width", "depth", "heads", "MLP"):
+        table.add_column(col, justify="left" if "name" in col else "right", no_wrap=True)
     for i in infos:
         size = i["img_size"]
         res = f"{size}" if isinstance(size, int) else f"{size[0]}x{size[1]}"
-        table.add_row(i["name"], f"{i['params'] / 1e6:,.1f}M", res, str(i["patch_size"]), str(i["embed_dim"]), str(i["depth"]), str(i["num_heads"]), str(i["mlp_dim"]), ", ".join(i.get("aliases", [])[:3]))
-    console.print(table)
+        paper = next((a for a in i.get("aliases", []) if "/" in a), "")
+        table.add_row(i["name"], paper, f"{i['params'] / 1e6:,.1f}M", res, str(i["patch_size"]), str(i["embed_dim"]), str(i["depth"]), str(i["num_heads"]), str(i["mlp_dim"]))
+    # Off a terminal (a pipe, a log) the table keeps its full width instead of squeezing to 80 columns.
+    (console if console.is_terminal else Console(width=160)).print(table)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,27 +225,16 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     try:
-        app(args=args, prog_name="vit", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        err_console.print("aborted")
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        # standalone mode: usage errors print with exit code 2, --help exits 0, as click does.
+        app(args=args, prog_name="vit")
     except VitError as e:
         if debug:
             raise
         err_console.print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(e.exit_code)
-    except Exception as e:
-        from vitcli.engine.signals import STOPPED_EXIT_CODE, StopRequested
-
-        if isinstance(e, StopRequested):
-            err_console.print(f"Stopped at step {e.step}; checkpoint saved in {e.run_dir}. Resume with the same command plus --out {e.run_dir} --resume.")
-            sys.exit(STOPPED_EXIT_CODE)
-        raise
+    except StopRequested as e:
+        err_console.print(f"Stopped at step {e.step}; checkpoint saved in {e.run_dir}. Resume with the same command plus --out {e.run_dir} --resume.")
+        sys.exit(STOPPED_EXIT_CODE)
 
 
 if __name__ == "__main__":
