@@ -39,6 +39,7 @@ def pretrain(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (or the newest run of this recipe) from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Delete the run already in --out and start again."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (default: the recipe's train.device)."),
+    keep: Optional[int] = typer.Option(None, "--keep", min=0, help="Step checkpoints kept besides last and best (recipe: train.keep)."),
 ) -> None:
     """Train a model from scratch as the recipe says; writes a run directory."""
     from vitcli.engine.rundir import default_run_dir, newest_run
@@ -48,6 +49,8 @@ def pretrain(
     overrides = list(set_ or [])
     if device is not None:
         overrides.append(f"train.device={device}")
+    if keep is not None:
+        overrides.append(f"train.keep={keep}")
     r = load_recipe(recipe, overrides)
     if out is None:
         out = newest_run(prefix=f"{r.name}-") if resume else None
@@ -106,6 +109,7 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Delete the run already in --out and start again."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda."),
+    keep: Optional[int] = typer.Option(None, "--keep", min=0, help="Step checkpoints kept besides last and best."),
 ) -> None:
     """Fine-tune a pretrained model on a (smaller) data set, at a higher resolution (paper §3.2)."""
     from vitcli.engine.finetune import build_finetune_recipe, finetune as run_finetune
@@ -118,6 +122,8 @@ def finetune(
         overrides.append(f"optim.layer_decay={layer_decay}")
     if linear_probe:
         overrides.append("train.linear_probe=true")
+    if keep is not None:
+        overrides.append(f"train.keep={keep}")
     r, init = build_finetune_recipe(ckpt, res=_parse_res(res), dataset=dataset, recipe_path=recipe, overrides=overrides)
     for note in init.notes:
         console.print(f"[dim]{note}[/]")
@@ -192,6 +198,45 @@ def eval_cmd(
         print(json.dumps(result))
     else:
         print_eval(result, console)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    ckpt: Optional[str] = typer.Option(None, "--ckpt", help="Checkpoint (any format eval accepts); default: the best of the newest run under runs/."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Images for the attention figures (default: the checkpoint's data set)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to take the images from (default: the evaluation split)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local copy of a named set (image folder or save_to_disk)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNGs (default RUN_DIR/inspect, else ./inspect-<name>)."),
+    images: int = typer.Option(128, "--images", help="Images averaged over for the mean attention distance."),
+    show: int = typer.Option(8, "--show", help="Images drawn with their attention rollout."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per batch."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+) -> None:
+    """Draw the paper's inspection figures: filter PCA, position similarity, attention distance (Fig. 7), rollout (Fig. 6)."""
+    from vitcli.inspect.run import print_inspect, run_inspect
+
+    say = lambda message: console.print(message, markup=False, highlight=False)  # noqa: E731
+    result = run_inspect(ckpt, dataset, split=split, data_dir=data_dir, out=out, num_images=images, show=show,
+                         batch_size=batch_size, device=device, say=say)
+    print_inspect(result, console)
+
+
+@app.command("plot")
+def plot_cmd(
+    run_dirs: list[Path] = typer.Argument(..., help="One or more run directories (each with a metrics.jsonl)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Image to write (default RUN_DIR/curves.png for one run, ./curves.png for several)."),
+    title: str = typer.Option("", "--title", help="A title above the three panels."),
+) -> None:
+    """Plot training loss, learning rate and eval top-1 against steps; several runs are overlaid."""
+    from vitcli.inspect.plots import plot_command
+
+    path, curves = plot_command(run_dirs, out, title)
+    for c in curves:
+        best = f", best top-1 {100 * c.top1.max():.2f}%" if len(c.top1) else ""
+        console.print(f"{c.name}: {len(c.train_step)} train and {len(c.eval_step)} eval records{best}", markup=False, highlight=False)
+        for note in c.notes:
+            console.print(note, style="dim", markup=False, highlight=False)
+    console.print(f"wrote {path}", markup=False, highlight=False)
 
 
 @app.command("models")

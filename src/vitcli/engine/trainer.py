@@ -201,7 +201,8 @@ def train(
                     progress.update(step, "")
 
                 at_eval = step % plan.eval_every == 0 or step == plan.total_steps
-                at_ckpt = t.checkpoint_every is not None and step % t.checkpoint_every == 0
+                # No periodic checkpoint inside a run of non-finite steps: the last good one stays newest.
+                at_ckpt = t.checkpoint_every is not None and step % t.checkpoint_every == 0 and bad_in_a_row == 0
                 if at_eval:
                     last_eval = run_eval(step)
                 if at_eval or at_ckpt or stop.requested:
