@@ -202,3 +202,22 @@ def test_console_script_reports_a_bad_recipe_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert "'optim.lr' must be a positive number" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.name=vit_b61", "Did you mean: vit_b16"),
+        ("model.img_size=9", "not a multiple of the patch size"),
+        ("data.dataset=cifra100", "Did you mean: cifar100"),
+        ("data.dataset=/no/such/folder", "no such file or folder"),
+        ("model.init_ckpt=/no/such.safetensors", "does not exist"),
+    ],
+)
+def test_bad_model_or_data_is_refused_before_anything_is_written(tmp_path, capsys, override, message):
+    run = tmp_path / "run"
+    args = [*sum((["--set", s] for s in TINY), []), "--set", "data.dataset=digits", "--set", "model.img_size=8", "--set", "model.patch_size=2"]
+    assert run_cli("pretrain", str(recipe_file(tmp_path)), "--out", str(run), *args, "--set", override) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not run.exists()

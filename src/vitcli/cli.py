@@ -7,6 +7,7 @@ code 2; `--debug` anywhere on the command line shows the traceback instead.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -25,7 +26,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+# Under torchrun only rank 0 prints (errors still come from every rank).
+console = Console(quiet=os.environ.get("RANK", "0") != "0")
 err_console = Console(stderr=True)
 
 SET_HELP = "Override a recipe field, e.g. --set optim.lr=3e-4 (repeatable)."
@@ -239,6 +241,20 @@ def plot_cmd(
     console.print(f"wrote {path}", markup=False, highlight=False)
 
 
+@app.command("consolidate")
+def consolidate_cmd(
+    ckpt: Path = typer.Argument(..., help="A run directory (its best, else last, checkpoint) or a checkpoints/step-N directory."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output .safetensors (default: model.safetensors inside the step directory)."),
+) -> None:
+    """Turn a sharded (train.strategy: fsdp) checkpoint into one .safetensors file, on one process."""
+    from vitcli.engine.distributed import consolidate_checkpoint
+
+    if out is not None and out.suffix != ".safetensors":
+        raise VitError(f"--out {out} must end in .safetensors.")
+    written = consolidate_checkpoint(ckpt, out)
+    console.print(f"wrote {written}")
+
+
 @app.command("models")
 def models_cmd(
     pattern: str = typer.Argument("*", help="Shell-style pattern, e.g. 'vit_b*'."),
@@ -275,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     except VitError as e:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except StopRequested as e:
         err_console.print(f"Stopped at step {e.step}; checkpoint saved in {e.run_dir}. Resume with the same command plus --out {e.run_dir} --resume.")

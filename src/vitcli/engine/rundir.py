@@ -61,6 +61,27 @@ def open_run_dir(run_dir: Path, recipe: Recipe, *, resume: bool, force: bool, sa
         )
     if resume:
         raise VitError(f"--resume: there is no run in {run_dir} to resume. Drop --resume to start a new run.")
+    precheck(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe.save(run_dir / RECIPE_FILE)
     return recipe, False
+
+
+def precheck(recipe: Recipe) -> None:
+    """The cheap checks that catch most mistakes before a run directory is created: the model
+    resolves with its overrides, the init checkpoint and a local data set path exist, a data set
+    name is known. (Everything else is still checked when the run builds its data and model.)"""
+    from vitcli.data import lookup
+    from vitcli.data.registry import unknown_dataset_error
+    from vitcli.engine.setup import model_overrides
+    from vitcli.models.registry import resolve_config
+
+    m, d = recipe.model, recipe.data
+    if m.init_ckpt is None:
+        resolve_config(m.name, **model_overrides(m, m.num_classes or 1))
+    elif ":" not in m.init_ckpt and not Path(m.init_ckpt).expanduser().exists():
+        raise VitError(f"model.init_ckpt {m.init_ckpt} does not exist. Pass a run directory, a checkpoint file or timm:<name>.")
+    if lookup(d.dataset) is None and not Path(d.dataset).expanduser().exists():
+        raise unknown_dataset_error(d.dataset)
+    if d.data_dir is not None and not Path(d.data_dir).expanduser().exists():
+        raise VitError(f"data.data_dir {d.data_dir} does not exist. Point it at a local copy of {d.dataset} (an image folder or a save_to_disk directory).")
