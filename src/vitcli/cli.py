@@ -27,8 +27,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Under torchrun only rank 0 prints (errors still come from every rank).
-console = Console(quiet=os.environ.get("RANK", "0") != "0")
-err_console = Console(stderr=True)
+console = Console(quiet=os.environ.get("RANK", "0") != "0", soft_wrap=True)  # only rank 0 prints; long lines stay whole in logs
+err_console = Console(stderr=True, soft_wrap=True)
 
 SET_HELP = "Override a recipe field, e.g. --set optim.lr=3e-4 (repeatable)."
 
@@ -255,6 +255,37 @@ def consolidate_cmd(
     console.print(f"wrote {written}")
 
 
+@app.command()
+def bench(
+    model: Optional[str] = typer.Argument(None, help="Model name or alias, e.g. vit_s16 or ViT-B/16 (optional with --data)."),
+    mode: str = typer.Option("train", "--mode", help="train (forward, backward, AdamW step) | infer (forward only)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per step (default 128 on CUDA, 16 on CPU; 64 for --data alone)."),
+    res: Optional[str] = typer.Option(None, "--res", help="Image resolution, 224 or 224x320 (default: the model's)."),
+    dtype: str = typer.Option("auto", "--dtype", help="fp32 | bf16 (autocast) | auto: bf16 on CUDA, fp32 on CPU."),
+    compile_: bool = typer.Option(False, "--compile", help="Time torch.compile'd models (warm-up includes compilation)."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="timm: also time timm's equivalent model, interleaved, and print the ratio."),
+    data: Optional[str] = typer.Option(None, "--data", help="Also (or only) time the input pipeline of this data set: decode, augment, collate, transfer."),
+    num_workers: int = typer.Option(2, "--num-workers", min=0, help="Loader processes for --data."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Timed steps per model (default 50 on CUDA, 10 on CPU; 20 batches for --data)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", min=0, help="Untimed steps first (default 10 on CUDA, 2 on CPU)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="The GPU's peak TFLOP/s for MFU, if it is not in the built-in table."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """Time training or inference steps (images/s, step time, memory, FLOP/s, MFU), optionally against timm."""
+    from vitcli.bench import print_bench, run_bench
+
+    shown = err_console if as_json else console
+    say = lambda message: shown.print(f"[dim]{message}[/]", highlight=False)  # noqa: E731
+    result = run_bench(model, data=data, mode=mode, batch_size=batch_size, img_size=_parse_res(res), dtype=dtype,
+                       compile=compile_, compare=compare, device=device, steps=steps, warmup=warmup,
+                       num_workers=num_workers, peak_tflops=peak_tflops, say=say)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print_bench(result, console)
+
+
 @app.command("models")
 def models_cmd(
     pattern: str = typer.Argument("*", help="Shell-style pattern, e.g. 'vit_b*'."),
@@ -294,8 +325,23 @@ def main(argv: list[str] | None = None) -> None:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except StopRequested as e:
-        err_console.print(f"Stopped at step {e.step}; checkpoint saved in {e.run_dir}. Resume with the same command plus --out {e.run_dir} --resume.")
+        if os.environ.get("RANK", "0") == "0":  # every rank stopped at the same step; one says so
+            err_console.print(f"Stopped at step {e.step}; checkpoint saved in {e.run_dir}. Resume with the same command plus --out {e.run_dir} --resume.")
         sys.exit(STOPPED_EXIT_CODE)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        # A second Ctrl-C: no checkpoint was written now, but the last one on disk is intact.
+        err_console.print("Interrupted. The last checkpoint written is intact: resume with the same command plus --resume.")
+        sys.exit(130)
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError" or debug:
+            raise
+        err_console.print(
+            "[bold red]error:[/] the GPU ran out of memory. Lower train.micro_batch_size (gradient accumulation keeps "
+            "the global batch), use train.precision bf16, or a smaller --batch-size / --res; the last checkpoint is intact.",
+            highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
