@@ -283,7 +283,7 @@ def bench(
     if as_json:
         print(json.dumps(result))
     else:
-        print_bench(result, console)
+        print_bench(result, console if console.is_terminal else Console(width=160))
 
 
 @app.command("models")

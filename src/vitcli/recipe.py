@@ -107,6 +107,10 @@ class TrainCfg:
     keep: int = 1  # step checkpoints kept besides last and best
     max_bad_steps: int = 10  # non-finite losses in a row before the run stops
     linear_probe: bool = False  # train only the head; the backbone stays frozen
+    # Under torchrun: ddp replicates the model; fsdp shards it (FSDP2 fully_shard per block + root)
+    # and writes sharded checkpoints (torch.distributed.checkpoint).
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (memory)
     tensorboard: bool = False
     wandb: Optional[str] = None  # a W&B project name turns W&B logging on
 
@@ -338,6 +342,7 @@ def validate(r: Recipe) -> None:
         _check(t.micro_batch_size > 0, "train.micro_batch_size", f"must be > 0; got {t.micro_batch_size}.")
         _check(t.batch_size % t.micro_batch_size == 0, "train.micro_batch_size", f"({t.micro_batch_size}) must divide train.batch_size ({t.batch_size}).")
     _check(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay", f"must be in (0, 1); got {t.ema_decay}.")
+    _check(t.ema_decay is None or t.strategy != "fsdp", "train.ema_decay", "is not supported with train.strategy: fsdp yet; use strategy ddp or set ema_decay: null.")
     _check(t.eval_every is None or t.eval_every > 0, "train.eval_every", f"must be > 0; got {t.eval_every}.")
     _check(t.log_every > 0, "train.log_every", f"must be > 0; got {t.log_every}.")
     _check(t.checkpoint_every is None or t.checkpoint_every > 0, "train.checkpoint_every", f"must be > 0; got {t.checkpoint_every}.")

@@ -9,6 +9,10 @@ Layout of a run's `checkpoints/` folder:
     last -> step-00000450             symlinks, swapped atomically
     best -> step-00000400
 
+Under train.strategy fsdp a step directory holds `sharded/` (model + optimizer state written by
+every rank through torch.distributed.checkpoint) and `state.pt` (no weights); `vit consolidate`
+(and the end of the run, for `best`) adds model.safetensors.
+
 A checkpoint directory is written under a temporary name, every file fsynced, then renamed into
 place, so a reader never sees half of one. Resuming scans the step directories newest first and
 takes the first that loads, so a corrupted newest one costs only the steps since the one before.
@@ -78,27 +82,44 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str
         raise _disk_full_hint(e, path) from e
 
 
+def staging_dir(root: Path, step: int) -> Path:
+    """A temporary step directory with a name every rank can compute (for sharded checkpoints)."""
+    return root / f".tmp-step-{step:08d}-shared"
+
+
 def save_checkpoint(
     root: Path,
     step: int,
-    weights: dict[str, torch.Tensor],
+    weights: dict[str, torch.Tensor] | None,
     meta: dict[str, Any],
     state: dict[str, Any],
     *,
     is_best: bool,
     keep: int,
+    staged: Path | None = None,
 ) -> Checkpoint:
-    """Write step-N/ (weights + state) atomically, point `last` (and `best`) at it, prune old ones."""
+    """Write step-N/ (weights + state) atomically, point `last` (and `best`) at it, prune old ones.
+
+    `weights` None writes no model.safetensors; `staged` is a temporary directory other processes
+    already wrote into (e.g. sharded state), which becomes the step directory.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staged or root / f".tmp-step-{step:08d}-{os.getpid()}"
+    if staged is None:
+        shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS), metadata={META_KEY: json.dumps(meta)})
+        tmp.mkdir(exist_ok=staged is not None)
+        names = [STATE]
+        if weights is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS), metadata={META_KEY: json.dumps(meta)})
+            names.append(WEIGHTS)
         torch.save(state, tmp / STATE)
-        for name in (WEIGHTS, STATE):
+        for name in names:
             _fsync_file(tmp / name)
+        for sub in tmp.iterdir():
+            if sub.is_dir():
+                _fsync_dir(sub)
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. a final save right after an eval)
             shutil.rmtree(final)
@@ -172,8 +193,13 @@ def newest_loadable(root: Path, warn=print) -> tuple[Checkpoint, dict[str, torch
     """The newest step directory whose weights and state both load; broken ones are reported."""
     for ckpt in sorted(step_dirs(root), key=lambda c: c.step, reverse=True):
         try:
-            weights, meta = read_weights(ckpt.path / WEIGHTS)
             state = read_state(ckpt.path / STATE)
+            if state.get("sharded"):  # weights and optimizer live in sharded/ (read by the trainer)
+                if not (ckpt.path / "sharded" / ".metadata").is_file():
+                    raise VitError("its sharded/ folder is missing or incomplete")
+                weights, meta = {}, state.get("meta", {})
+            else:
+                weights, meta = read_weights(ckpt.path / WEIGHTS)
         except VitError as e:
             warn(f"Skipping checkpoint {ckpt.path.name}: {e}")
             continue

@@ -75,7 +75,9 @@ def evaluate(
 ) -> dict:
     """Top-1/top-5, mean cross-entropy, ECE, per-class accuracy and images/s over `batches`.
 
-    `on_batch(logits, labels)`, when given, sees every batch (e.g. to write predictions).
+    `on_batch(logits, labels)`, when given, sees every batch (e.g. to write predictions). A batch
+    with no labels is run through the model but not counted: under FSDP every rank must run the
+    same number of forwards, and a rank whose share of the images ran out runs a dummy one.
     """
     was_training = model.training
     model.eval()
@@ -87,6 +89,8 @@ def evaluate(
         labels = labels.to(device, non_blocking=True)
         with amp:
             logits = model(images)
+        if len(labels) == 0:
+            continue
         acc.update(logits, labels)
         if on_batch is not None:
             on_batch(logits, labels)

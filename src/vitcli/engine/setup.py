@@ -118,23 +118,28 @@ def checkpoint_meta(model: torch.nn.Module, recipe: Recipe, data: RunData, step:
     })
 
 
-def train_batches(data: RunData, recipe: Recipe, plan, *, start_step: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def train_batches(data: RunData, recipe: Recipe, plan, *, start_step: int, device: torch.device,
+                  rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless micro-batches on the device, epoch after epoch, from `start_step` on; Mixup/CutMix applied.
 
     Each epoch yields exactly steps_per_epoch x accum micro-batches, so steps never straddle epochs.
+    With several processes the loader's batch is one micro-step of all ranks (micro_batch x
+    world_size images, in the same global order as with one process) and this rank takes its slice.
     """
     epoch, pos = divmod(start_step, plan.steps_per_epoch)
     per_epoch = plan.steps_per_epoch * plan.accum
     loader = vdata.make_loader(
         data.train,
         data.train_transform,
-        plan.micro_batch,
+        plan.micro_batch * world_size,
         shuffle=True,
         drop_last=True,
         num_workers=recipe.data.num_workers,
         seed=recipe.train.seed,
         epoch=epoch,
         start_batch=pos * plan.accum,
+        rank=rank,
+        world_size=world_size,
         bad_images=recipe.data.bad_images,
         pin_memory=device.type == "cuda",
     )
@@ -153,16 +158,40 @@ def train_batches(data: RunData, recipe: Recipe, plan, *, start_step: int, devic
         loader.set_epoch(epoch)
 
 
-def eval_batches(data: RunData, recipe: Recipe, device: torch.device, batch_size: int | None = None):
-    micro = recipe.train.micro_batch_size or recipe.train.batch_size
-    return vdata.make_loader(
+def eval_batches(data: RunData, recipe: Recipe, device: torch.device, batch_size: int | None = None, *,
+                 rank: int = 0, world_size: int = 1, lockstep: bool = False):
+    """Evaluation batches of `batch_size` images per process (default: twice the micro-batch).
+
+    With several processes each global batch is split across ranks without padding or repeats, so
+    the all-reduced sums count every image exactly once. `lockstep` (FSDP, whose forward is a
+    collective) makes every rank yield the same number of batches: a rank whose share ran out runs a
+    one-image dummy batch with no labels, which evaluate() does not count.
+    """
+    micro = recipe.train.micro_batch_size or recipe.train.batch_size // world_size
+    per_rank = batch_size or min(micro * 2, 1024)
+    loader = vdata.make_loader(
         data.eval,
         data.eval_transform,
-        batch_size or min(micro * 2, 1024),
+        per_rank * world_size,
         shuffle=False,
         drop_last=False,
         num_workers=recipe.data.num_workers,
         seed=recipe.train.seed,
+        rank=rank,
+        world_size=world_size,
         bad_images=recipe.data.bad_images,
         pin_memory=device.type == "cuda",
     )
+    if not lockstep:
+        return loader
+    dummy = (torch.zeros(1, recipe.model.in_chans, *data.img_size), torch.zeros(0, dtype=torch.int64))
+    return _lockstep(loader, dummy)
+
+
+def _lockstep(loader, dummy) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    n = 0
+    for batch in loader:
+        yield batch
+        n += 1
+    for _ in range(n, loader.batches_per_epoch):
+        yield dummy

@@ -2,12 +2,17 @@
 
 One optimizer step: autocast forward -> loss -> backward (accumulated over micro-batches) ->
 global-norm clip -> optimizer -> EMA. Every `eval_every` steps: evaluate, log, checkpoint.
+
+Under torchrun the same loop runs in every process (see engine/distributed.py): each rank takes its
+slice of every global batch, DDP or FSDP2 averages the gradients, evaluation sums are all-reduced,
+and rank 0 alone prints, logs and writes files.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,11 +22,12 @@ import torch
 from rich.console import Console
 
 from vitcli.engine import checkpoint as ckpt
+from vitcli.engine import distributed as dist
 from vitcli.engine.evaluate import evaluate
 from vitcli.engine.logger import ProgressDisplay, RunLogger
 from vitcli.engine.optim import build_optimizer, lr_at, set_lr
 from vitcli.engine.rundir import CHECKPOINTS, open_run_dir
-from vitcli.engine.runtime import autocast_dtype, pick_device, rng_state, seed_everything, set_rng_state
+from vitcli.engine.runtime import autocast_dtype, seed_everything
 from vitcli.engine.setup import RunData, build_data, build_model, checkpoint_meta, eval_batches, train_batches
 from vitcli.engine.signals import StopRequested, graceful_stop
 from vitcli.errors import VitError
@@ -42,7 +48,7 @@ class StepPlan:
     @classmethod
     def make(cls, recipe: Recipe, num_train: int, world_size: int = 1) -> StepPlan:
         t = recipe.train
-        micro = t.micro_batch_size or t.batch_size // world_size
+        micro = t.micro_batch_size or max(1, t.batch_size // world_size)
         if t.batch_size % (micro * world_size):
             raise VitError(f"train.batch_size ({t.batch_size}) must be a multiple of micro_batch_size x processes ({micro} x {world_size}).")
         accum = t.batch_size // (micro * world_size)
@@ -61,85 +67,123 @@ def train(
     force: bool = False,
     console: Console | None = None,
 ) -> dict:
-    """Run (or continue) one training run in run_dir and return its summary."""
+    """Run (or continue) one training run in run_dir and return its summary.
+
+    Under torchrun every process calls this; rank 0 alone prints, logs and writes files.
+    """
     console = console or Console()
     started = time.perf_counter()
-    recipe, resuming = open_run_dir(run_dir, recipe, resume=resume, force=force, say=console.print)
+    env = dist.init(recipe.train.device)
+    say = console.print if env.is_main else _quiet
+    # rank 0 prepares the run directory; every rank then uses its answer (and its path)
+    recipe, resuming, run_dir = dist.on_main(env, lambda: (*open_run_dir(run_dir, recipe, resume=resume, force=force, say=say), run_dir))
     t = recipe.train
-    device = pick_device(t.device)
+    device = env.device
     amp_dtype = autocast_dtype(t.precision, device)
+    sharded = t.strategy == "fsdp"  # the checkpoint format follows the strategy, whatever the process count
     seed_everything(t.seed)
 
     # ---- data and model ------------------------------------------------------------------------
-    init = load_checkpoint(recipe.model.init_ckpt) if recipe.model.init_ckpt else None
-    data: RunData = build_data(recipe, init)
+    with dist.main_first(env):  # downloads and cache preparation happen once
+        init = load_checkpoint(recipe.model.init_ckpt) if recipe.model.init_ckpt else None
+        data: RunData = build_data(recipe, init)
     model = build_model(recipe.model, data.num_classes, init)
     if t.linear_probe:  # the paper's linear evaluation: a frozen backbone under a trained head
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("head."))
     model.to(device)
-    plan = StepPlan.make(recipe, len(data.train))
-    optimizer = build_optimizer(model, recipe.optim, device)
+    plan = StepPlan.make(recipe, len(data.train), env.world_size)
     ema = _make_ema(model, t.ema_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    dist.seed_rank(env, t.seed)  # every rank built the same weights; now each gets its own dropout RNG
     step, best_top1, bad_in_a_row, wall_before = 0, -1.0, 0, 0.0
 
-    # ---- resume -------------------------------------------------------------------------------
+    # ---- resume (1/2): rank 0 picks the checkpoint; full weights go in before the model is wrapped --
     root = run_dir / CHECKPOINTS
-    if resuming:
-        found = ckpt.newest_loadable(root, warn=console.print)
-        if found is None:
-            console.print(f"No loadable checkpoint in {root}; starting {run_dir} from step 0.")
-            resuming = False
+    found = _find_checkpoint(env, root, say) if resuming else None
+    if resuming and found is None:
+        say(f"No loadable checkpoint in {root}; starting {run_dir} from step 0.")
+        resuming = False
+    if found is not None and not found[2].get("sharded"):
+        _, weights, state = found
+        model.load_state_dict(state["model"] if state.get("model") is not None else weights)
+        if ema is not None:
+            ema.module.load_state_dict(weights)
+
+    # ---- distribute: DDP replicas or FSDP shards; the optimizer sees the final parameters -------
+    train_model, ddp = dist.wrap(model, t.strategy, env, activation_checkpointing=t.activation_checkpointing)
+    fsdp = env.active and sharded
+    optimizer = build_optimizer(model, recipe.optim, device)
+    scaler = dist.grad_scaler(device, amp_dtype == torch.float16, sharded=fsdp)
+
+    # ---- resume (2/2): optimizer (and sharded weights), counters, RNG ----------------------------
+    if found is not None:
+        step_dir, _, state = found
+        if state.get("sharded"):
+            dist.load_sharded(env, step_dir / dist.SHARDED, model, optimizer)
+        elif fsdp:
+            dist.load_full_optimizer(model, optimizer, state["optimizer"])
         else:
-            found_ckpt, weights, _, state = found
-            model.load_state_dict(state["model"] if state.get("model") is not None else weights)
             optimizer.load_state_dict(state["optimizer"])
-            if ema is not None:
-                ema.module.load_state_dict(weights)
-            scaler.load_state_dict(state.get("scaler", {})) if state.get("scaler") else None
-            step, best_top1 = state["step"], state["best_top1"]
-            bad_in_a_row, wall_before = state.get("bad_in_a_row", 0), state.get("wall_seconds", 0.0)
-            set_rng_state(state["rng"])
-            console.print(f"Resuming {run_dir} from {found_ckpt.path.name} (step {step}/{plan.total_steps}).")
-    logger = RunLogger(run_dir, resume_step=step if resuming else 0, tensorboard=t.tensorboard, wandb_project=t.wandb, config=recipe.to_dict())
+        scaler.load_state_dict(state.get("scaler", {})) if state.get("scaler") else None
+        step, best_top1 = state["step"], state["best_top1"]
+        bad_in_a_row, wall_before = state.get("bad_in_a_row", 0), state.get("wall_seconds", 0.0)
+        dist.restore_rng(state, env, t.seed, say=say)
+        say(f"Resuming {run_dir} from {step_dir.name} (step {step}/{plan.total_steps}).")
+    logger = RunLogger(run_dir, resume_step=step if resuming else 0, tensorboard=t.tensorboard, wandb_project=t.wandb,
+                       config=recipe.to_dict(), enabled=env.is_main)
 
     model.train()
-    train_model = torch.compile(model) if t.compile else model
+    train_model = torch.compile(train_model) if t.compile else train_model
     trainable = [p for p in model.parameters() if p.requires_grad]
     criterion = data.criterion.to(device)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    console.print(
+    per_step = f"{plan.accum} x {plan.micro_batch}" if env.world_size == 1 else f"{env.world_size} processes x {plan.accum} x {plan.micro_batch}"
+    say(
         f"Training {recipe.model.name} on {data.name} ({len(data.train)} train / {len(data.eval)} eval images, "
-        f"{data.num_classes} classes) on {device} {'fp32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.')}: "
-        f"{plan.total_steps} steps of {t.batch_size} images ({plan.accum} x {plan.micro_batch}), {plan.steps_per_epoch} steps/epoch."
+        f"{data.num_classes} classes) on {env.describe()} {'fp32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.')}"
+        f"{f', {t.strategy}' if env.active else ''}: {plan.total_steps} steps of {t.batch_size} images ({per_step}), "
+        f"{plan.steps_per_epoch} steps/epoch, peak lr {recipe.optim.lr:g}."
     )
-    progress = ProgressDisplay(plan.total_steps, step, console)
+    progress = ProgressDisplay(plan.total_steps, step, console, enabled=env.is_main)
 
     def save(step_done: int, eval_top1: float | None) -> None:
+        """Every rank calls this: RNG states are gathered and FSDP shards written collectively."""
         nonlocal best_top1
         is_best = eval_top1 is not None and eval_top1 > best_top1
         if is_best:
             best_top1 = eval_top1
         eval_model = ema.module if ema is not None else model
+        rngs = dist.gather_rng(env)
         state = {
             "step": step_done,
             "epoch": step_done / plan.steps_per_epoch,
-            "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "model": model.state_dict() if ema is not None else None,
-            "rng": rng_state(),
+            "rng": rngs[0],
+            "rng_per_rank": rngs,
+            "world_size": env.world_size,
             "best_top1": best_top1,
             "bad_in_a_row": bad_in_a_row,
             "wall_seconds": wall_before + time.perf_counter() - started,
         }
         meta = checkpoint_meta(eval_model, recipe, data, step_done, eval_top1)
-        saved = ckpt.save_checkpoint(root, step_done, eval_model.state_dict(), meta, state, is_best=is_best, keep=t.keep)
-        logger.log({"kind": "checkpoint", "step": step_done, "path": str(saved.path)})
+        weights, staged = None, None
+        if sharded:  # every rank writes its shards of model + optimizer; state.pt says where they are
+            staged = ckpt.staging_dir(root, step_done)
+            dist.on_main(env, lambda: shutil.rmtree(staged, ignore_errors=True))
+            dist.save_sharded(env, staged / dist.SHARDED, model, optimizer)
+            state.update(sharded=True, meta=meta)
+        elif env.is_main:  # replicas are identical: rank 0's copy is the run's
+            state.update(optimizer=optimizer.state_dict(), model=model.state_dict() if ema is not None else None)
+            weights = eval_model.state_dict()
+        if env.is_main:
+            saved = ckpt.save_checkpoint(root, step_done, weights, meta, state, is_best=is_best, keep=t.keep, staged=staged)
+            logger.log({"kind": "checkpoint", "step": step_done, "path": str(saved.path)})
+        dist.barrier(env)
 
     def run_eval(step_done: int) -> dict:
         eval_model = ema.module if ema is not None else model
-        metrics = evaluate(eval_model, eval_batches(data, recipe, device), data.num_classes, device, amp_dtype)
+        batches = eval_batches(data, recipe, device, rank=env.rank, world_size=env.world_size, lockstep=fsdp)
+        metrics = evaluate(eval_model, batches, data.num_classes, device, amp_dtype)  # all-reduced: every rank agrees
         wall = wall_before + time.perf_counter() - started
         logger.log({"kind": "eval", "step": step_done, "epoch": round(step_done / plan.steps_per_epoch, 4), "wall_seconds": round(wall, 2),
                     **{k: metrics[k] for k in ("top1", "top5", "loss", "ece", "num_images", "images_per_second")}})
@@ -148,7 +192,7 @@ def train(
 
     # ---- the loop -----------------------------------------------------------------------------
     last_eval: dict | None = None
-    batches = train_batches(data, recipe, plan, start_step=step, device=device)
+    batches = train_batches(data, recipe, plan, start_step=step, device=device, rank=env.rank, world_size=env.world_size)
     tick, images_since = time.perf_counter(), 0
     try:
         with graceful_stop() as stop:
@@ -157,15 +201,17 @@ def train(
                 set_lr(optimizer, lr)
 
                 loss_sum = torch.zeros((), device=device)
-                for _ in range(plan.accum):
+                for i in range(plan.accum):
                     images, targets = next(batches)
-                    with amp:
-                        loss = criterion(train_model(images), targets) / plan.accum
-                    scaler.scale(loss).backward()
+                    with dist.accumulating(ddp, last=i == plan.accum - 1):  # DDP syncs on the last only
+                        with amp:
+                            loss = criterion(train_model(images), targets) / plan.accum
+                        scaler.scale(loss).backward()
                     loss_sum += loss.detach()
+                loss_sum, stop_now = dist.agree(env, loss_sum, stop.requested)  # mean over ranks; stop together
                 scaler.unscale_(optimizer)
                 clip = recipe.optim.clip_grad_norm or float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
+                grad_norm = dist.local_value(torch.nn.utils.clip_grad_norm_(trainable, clip))
                 step += 1
                 images_since += t.batch_size
 
@@ -205,15 +251,18 @@ def train(
                 at_ckpt = t.checkpoint_every is not None and step % t.checkpoint_every == 0 and bad_in_a_row == 0
                 if at_eval:
                     last_eval = run_eval(step)
-                if at_eval or at_ckpt or stop.requested:
+                if at_eval or at_ckpt or stop_now:
                     save(step, last_eval["top1"] if at_eval else None)
-                if stop.requested:
+                if stop_now:
                     raise StopRequested(step, str(run_dir))
     finally:
         progress.stop()
         logger.close()
 
     wall = wall_before + time.perf_counter() - started
+    best = root / "best"
+    if sharded and env.is_main and best.is_dir() and not (best / ckpt.WEIGHTS).exists():
+        dist.consolidate_checkpoint(best.resolve())  # so `vit eval` / `vit finetune` read the best weights
     summary = {
         "best_top1": best_top1,
         "final_top1": last_eval["top1"] if last_eval else None,
@@ -221,11 +270,36 @@ def train(
         "steps": step,
         "epochs": step / plan.steps_per_epoch,
         "wall_seconds": round(wall, 2),
-        "checkpoint": str((root / "best" / ckpt.WEIGHTS).resolve()),
+        "checkpoint": str((best / ckpt.WEIGHTS).resolve()),
         "run_dir": str(run_dir),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if env.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    dist.barrier(env)
     return summary
+
+
+def _quiet(*args, **kwargs) -> None:
+    """What ranks other than 0 print: nothing."""
+
+
+def _find_checkpoint(env: dist.DistEnv, root: Path, say) -> tuple[Path, dict, dict] | None:
+    """(step directory, weights, training state) of the newest loadable checkpoint, as rank 0 chose it."""
+    mine: list = []
+
+    def pick() -> str | None:
+        found = ckpt.newest_loadable(root, warn=say)
+        mine.extend(found or ())
+        return str(found[0].path) if found else None
+
+    path = dist.on_main(env, pick)
+    if path is None:
+        return None
+    if mine:
+        return mine[0].path, mine[1], mine[3]
+    state = ckpt.read_state(Path(path) / ckpt.STATE)
+    weights = {} if state.get("sharded") else ckpt.read_weights(Path(path) / ckpt.WEIGHTS)[0]
+    return Path(path), weights, state
 
 
 def _make_ema(model: torch.nn.Module, decay: float | None):
