@@ -221,3 +221,13 @@ def test_bad_model_or_data_is_refused_before_anything_is_written(tmp_path, capsy
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not run.exists()
+
+
+def test_a_data_set_that_fails_to_load_leaves_nothing_behind(tmp_path, capsys):
+    """cifar100 cannot be reached offline: one clear message, and no run directory is created."""
+    run = tmp_path / "run"
+    args = [*sum((["--set", s] for s in TINY), []), "--set", "data.dataset=cifar100"]
+    assert run_cli("pretrain", str(recipe_file(tmp_path)), "--out", str(run), *args) == 2
+    err = capsys.readouterr().err
+    assert "cifar100" in err and "--data-dir" in err and "Traceback" not in err
+    assert not run.exists()

@@ -21,7 +21,7 @@ from test_pretrain import read_metrics, recipe_file, run_cli
 def test_kill_9_at_random_moments_never_costs_the_run(tmp_path):
     """SIGKILL three times at random moments while checkpointing every step; each time the newest
     loadable checkpoint is found and the run resumes; the finished run equals an uninterrupted one."""
-    recipe = recipe_file(tmp_path, "train: {steps: 30}\n")
+    recipe = recipe_file(tmp_path, "train: {steps: 200}\n")
     args = [*ARGS, "--set", "train.checkpoint_every=1", "--set", "train.keep=2"]
     run = tmp_path / "killed"
     rng = random.Random(0)
@@ -41,8 +41,8 @@ def test_kill_9_at_random_moments_never_costs_the_run(tmp_path):
         assert found is not None, f"attempt {attempt}: no loadable checkpoint after kill -9"
         assert not (run / "summary.json").exists()
     assert run_cli("pretrain", str(recipe), "--out", str(run), "--resume", *args) == 0
-    full = tmp_path / "full"
-    assert run_cli("pretrain", str(recipe), "--out", str(full), *args) == 0
+    full = tmp_path / "full"  # checkpoint frequency does not change the metrics, so save time here
+    assert run_cli("pretrain", str(recipe), "--out", str(full), *ARGS) == 0
     assert comparable(run) == comparable(full)
 
 

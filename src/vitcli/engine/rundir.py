@@ -32,7 +32,7 @@ def is_run(path: Path) -> bool:
 
 
 def open_run_dir(run_dir: Path, recipe: Recipe, *, resume: bool, force: bool, say=print) -> tuple[Recipe, bool]:
-    """Make run_dir ready and return (the recipe to use, whether to resume from its checkpoints).
+    """Decide what to do with run_dir: return (the recipe to use, whether to resume from its checkpoints).
 
     - a new or empty directory: the run starts there;
     - a directory holding this very recipe: the run continues (re-running a command resumes it);
@@ -62,9 +62,15 @@ def open_run_dir(run_dir: Path, recipe: Recipe, *, resume: bool, force: bool, sa
     if resume:
         raise VitError(f"--resume: there is no run in {run_dir} to resume. Drop --resume to start a new run.")
     precheck(recipe)
+    return recipe, False  # the directory is created by create_run_dir once data and model are built
+
+
+def create_run_dir(run_dir: Path, recipe: Recipe) -> None:
+    """Create a new run's directory and its recipe.yaml: only after the data and model are known to
+    build, so a mistake found on the way leaves nothing behind."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    recipe.save(run_dir / RECIPE_FILE)
-    return recipe, False
+    if not is_run(run_dir):
+        recipe.save(run_dir / RECIPE_FILE)
 
 
 def precheck(recipe: Recipe) -> None:

@@ -26,7 +26,7 @@ from vitcli.engine import distributed as dist
 from vitcli.engine.evaluate import evaluate
 from vitcli.engine.logger import ProgressDisplay, RunLogger
 from vitcli.engine.optim import build_optimizer, lr_at, set_lr
-from vitcli.engine.rundir import CHECKPOINTS, open_run_dir
+from vitcli.engine.rundir import CHECKPOINTS, create_run_dir, open_run_dir
 from vitcli.engine.runtime import autocast_dtype, seed_everything
 from vitcli.engine.setup import RunData, build_data, build_model, checkpoint_meta, eval_batches, train_batches
 from vitcli.engine.signals import StopRequested, graceful_stop
@@ -93,6 +93,8 @@ def train(
             p.requires_grad_(name.startswith("head."))
     model.to(device)
     plan = StepPlan.make(recipe, len(data.train), env.world_size)
+    if not resuming:
+        dist.on_main(env, lambda: create_run_dir(run_dir, recipe))
     ema = _make_ema(model, t.ema_decay)
     dist.seed_rank(env, t.seed)  # every rank built the same weights; now each gets its own dropout RNG
     step, best_top1, bad_in_a_row, wall_before = 0, -1.0, 0, 0.0
