@@ -231,3 +231,28 @@ def test_a_data_set_that_fails_to_load_leaves_nothing_behind(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cifar100" in err and "--data-dir" in err and "Traceback" not in err
     assert not run.exists()
+
+
+@pytest.fixture
+def folder_with_a_corrupt_image(image_folder, tmp_path) -> Path:
+    root = tmp_path / "folder"
+    shutil.copytree(image_folder, root)
+    (root / "train" / "class0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    return root
+
+
+def test_corrupt_images_are_skipped_and_counted_when_asked(tmp_path, folder_with_a_corrupt_image):
+    run = tmp_path / "run"
+    args = [*sum((["--set", s] for s in TINY), []), "--set", f"data.dataset={folder_with_a_corrupt_image}", "--set", "data.bad_images=skip"]
+    assert run_cli("pretrain", str(recipe_file(tmp_path, "train: {epochs: 2}\n")), "--out", str(run), *args) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["skipped_images"] == 2  # the broken file, met once in each of the 2 epochs
+    assert any(e.get("skipped_images") for e in read_metrics(run) if e["kind"] == "train")
+
+
+def test_corrupt_image_is_a_clear_error_by_default(tmp_path, folder_with_a_corrupt_image, capsys):
+    run = tmp_path / "run"
+    args = [*sum((["--set", s] for s in TINY), []), "--set", f"data.dataset={folder_with_a_corrupt_image}"]
+    assert run_cli("pretrain", str(recipe_file(tmp_path, "train: {epochs: 2}\n")), "--out", str(run), *args) == 2
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "bad_images" in err and "Traceback" not in err

@@ -29,6 +29,7 @@ class RunData:
     eval_transform: Any
     mixup: Any  # timm.data.Mixup or None
     criterion: torch.nn.Module
+    skipped_images: int = 0  # unreadable training images dropped so far (data.bad_images: skip)
 
 
 def model_img_size(cfg: ModelCfg, init: LoadedCheckpoint | None = None) -> tuple[int, int]:
@@ -150,6 +151,7 @@ def train_batches(data: RunData, recipe: Recipe, plan, *, start_step: int, devic
             labels = labels.to(device, non_blocking=True)
             if data.mixup is not None:
                 images, labels = data.mixup(images, labels)
+            data.skipped_images = loader.skipped
             yield images, labels
             taken += 1
             if taken == per_epoch:

@@ -241,6 +241,8 @@ def train(
                     ips = images_since / max(now - tick, 1e-9)
                     tick, images_since = now, 0
                     stats = {"loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm), "images_per_second": round(ips, 1)}
+                    if data.skipped_images:
+                        stats["skipped_images"] = data.skipped_images
                     logger.log({"kind": "train", "step": step, "epoch": round(step / plan.steps_per_epoch, 4), **stats})
                     progress.update(step, f"loss {stats['loss']:.4f}  lr {lr:.2e}  {ips:,.0f} img/s")
                     if not progress.live:
@@ -274,6 +276,7 @@ def train(
         "wall_seconds": round(wall, 2),
         "checkpoint": str((best / ckpt.WEIGHTS).resolve()),
         "run_dir": str(run_dir),
+        "skipped_images": data.skipped_images,
     }
     if env.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
