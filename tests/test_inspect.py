@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vitcli import create_model
-from vitcli.cli import main
 from vitcli.errors import VitError
 from vitcli.inspect import features as ft
 from vitcli.inspect.run import FILES, run_inspect
 from vitcli.models.load import meta_for_model, model_from_checkpoint, save_state_dict
+
+from test_pretrain import run_cli
 
 
 def tiny(seed: int = 0, **kw) -> torch.nn.Module:
@@ -266,14 +267,6 @@ def test_inspect_without_a_data_set_draws_the_weight_figures_and_says_why(tmp_pa
     result = run_inspect(ckpt, out=tmp_path / "o", say=lambda m: None)
     assert set(result["figures"]) == {"filters", "position"}
     assert any("--dataset" in n for n in result["notes"])
-
-
-def run_cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def test_inspect_cli_prints_where_and_refuses_mistakes(tmp_path, capsys):

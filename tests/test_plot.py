@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitcli.cli import main
 from vitcli.errors import VitError
 from vitcli.inspect.plots import curves_figure, plot_command, read_curves, run_labels
+
+from test_pretrain import run_cli
 
 
 def write_run(folder: Path, steps: int = 40, lr: float = 1e-3, seed: int = 0, extra: list[str] = ()) -> Path:
@@ -28,14 +29,6 @@ def write_run(folder: Path, steps: int = 40, lr: float = 1e-3, seed: int = 0, ex
     lines.append(json.dumps({"kind": "skipped", "step": 3, "loss": 1e9, "grad_norm": 1e9}))
     (folder / "metrics.jsonl").write_text("\n".join([*lines, *extra]) + "\n")
     return folder
-
-
-def run_cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def test_read_curves_takes_train_and_eval_records_in_step_order(tmp_path):
