@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU targets of the performance issue (not yet run: no CUDA machine so far; see docs/benchmarks.md).
+#
+#   benchmarks/gpu_targets.sh          # JSON under runs/bench/gpu-<time>/
+#
+# Targets: ViT-B/16 at 224, bf16 training >= 1.15x timm eager (AMP) with MFU >= 45%; inference >= timm
+# compiled; the input pipeline must outrun the training step. MFU uses the datasheet peak of the card
+# (vitcli.bench.hardware.GPU_PEAKS; --peak-tflops for one not listed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VIT=${VIT:-.venv/bin/vit}
+OUT=${OUT:-runs/bench/gpu-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv > "$OUT/nvidia-smi.csv" || true
+
+run() {
+  local name=$1; shift
+  echo "== $name: vit bench $*" >&2
+  "$VIT" bench "$@" --json > "$OUT/$name.json"
+}
+
+run b16-train-bf16          vit_b16 --mode train --batch-size 128 --dtype bf16 --compare timm
+run b16-train-bf16-compile  vit_b16 --mode train --batch-size 128 --dtype bf16 --compare timm --compile
+run b16-infer-bf16          vit_b16 --mode infer --batch-size 256 --dtype bf16 --compare timm
+run b16-infer-bf16-compile  vit_b16 --mode infer --batch-size 256 --dtype bf16 --compare timm --compile
+# Loader vs model: JPEG decode + augment + collate + transfer, 224, as many workers as cores allow.
+run synthetic-data-w8       vit_b16 --data synthetic --batch-size 128 --num-workers 8
+echo "results in $OUT" >&2

@@ -1,0 +1,94 @@
+"""`vit bench --data DATASET`: the input pipeline alone, in images/s.
+
+The training loader exactly as `vit pretrain` builds it (`vitcli.data.make_loader` over the training
+split, the recipe-default training transforms at the given resolution: decode, RandomResizedCrop, flip,
+to-tensor, normalise; collate), plus the host-to-device copy on CUDA (pinned memory, non-blocking,
+synchronised). No model runs, so the figure is what the loader could feed at most.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from vitcli import data as vdata
+from vitcli.bench.timing import Stats, synchronize
+from vitcli.engine.runtime import pick_device
+from vitcli.errors import VitError
+from vitcli.recipe import DataCfg
+
+
+def _batches(loader: vdata.Loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def bench_data(
+    dataset: str,
+    *,
+    img_size: tuple[int, int] = (224, 224),
+    batch_size: int = 64,
+    num_workers: int = 2,
+    steps: int = 20,
+    warmup: int = 2,
+    device: str = "auto",
+    data_dir: str | None = None,
+    say: Callable[[str], Any] = lambda message: None,
+) -> dict[str, Any]:
+    """Time `steps` batches after `warmup` (worker start-up included there); a JSON-ready dict."""
+    if min(batch_size, steps) < 1 or warmup < 0 or num_workers < 0:
+        raise VitError("--batch-size and --steps must be >= 1, --warmup and --num-workers >= 0.")
+    dev = pick_device(device)
+    cfg = DataCfg(dataset=dataset, data_dir=data_dir, num_workers=num_workers)
+    say(f"loading the training split of {dataset}")
+    image_set = vdata.build(cfg, "train", img_size=img_size)
+    if batch_size > len(image_set):
+        raise VitError(f"--batch-size {batch_size} is larger than the {len(image_set)} training images of {dataset}; lower it.")
+    transform = vdata.build_transform(cfg, img_size, train=True)
+    loader = vdata.make_loader(image_set, transform, batch_size, shuffle=True, drop_last=True, num_workers=num_workers)
+    batches = _batches(loader)
+
+    def next_batch() -> int:
+        images, labels = next(batches)
+        if dev.type == "cuda":
+            images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+            synchronize(dev)
+        return len(images)
+
+    try:
+        t0 = time.perf_counter()
+        next_batch()
+        first = time.perf_counter() - t0
+        for _ in range(max(0, warmup - 1)):
+            next_batch()
+        say(f"timing {steps} batches of {batch_size} ({num_workers} workers)")
+        times, images = [], 0
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            images += next_batch()
+            times.append(time.perf_counter() - t0)
+    finally:
+        loader.close()
+    s = Stats.of(times)
+    return {
+        "dataset": image_set.name,
+        "split": image_set.split,
+        "num_images": len(image_set),
+        "img_size": list(img_size),
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "device": dev.type,
+        "steps": steps,
+        "warmup": warmup,
+        "images_per_second": images / sum(times),
+        "batch_ms_median": 1000 * s.median,
+        "batch_ms_iqr": 1000 * s.iqr,
+        "first_batch_seconds": round(first, 3),
+        "transforms": [type(t).__name__ for t in transform.transforms],
+    }

@@ -1,0 +1,143 @@
+"""The models under test and the one step each is timed on.
+
+train: forward -> cross-entropy -> backward -> AdamW step -> zero_grad, with bf16 autocast when asked;
+       the optimizer is the one `vit pretrain` builds (engine.optim.build_optimizer: timm's AdamW, no
+       decay on norms, biases and embeddings, fused on CUDA), so the bench times the trainer's step.
+infer: forward under `torch.inference_mode` (and autocast), model in eval mode.
+
+`--compare timm` builds timm's model of the same configuration (its registered name where vitcli knows
+one, else `timm.models.vision_transformer.VisionTransformer` with the same arguments) and loads our
+initial weights into it (the keys are the same), so both compute the same function from the same start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitcli.engine.optim import build_optimizer
+from vitcli.errors import VitError
+from vitcli.models import create_model
+from vitcli.models.config import ModelConfig
+from vitcli.recipe import OptimCfg
+
+MODES = ("train", "infer")
+
+
+@dataclass
+class ModelUnderTest:
+    """A model with its inputs, optimizer and step functions.
+
+    `step` is what is timed (compiled when asked); `eager_step` runs the same work on the eager model
+    (FLOPs and CPU memory are measured on it).
+    """
+
+    label: str  # "vitcli" or "timm"
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    inputs: tuple[torch.Tensor, torch.Tensor]
+    step: Callable[[], None]
+    eager_step: Callable[[], None]
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def resident_bytes(self) -> int:
+        """Bytes held between steps: parameters, gradients, optimizer state and the input batch."""
+        tensors = list(self.model.parameters()) + [p.grad for p in self.model.parameters() if p.grad is not None]
+        tensors += [b for b in self.model.buffers()] + list(self.inputs)
+        if self.optimizer is not None:
+            tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        seen, total = set(), 0
+        for t in tensors:
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+        return total
+
+
+def timm_equivalent(cfg: ModelConfig) -> tuple[nn.Module, str]:
+    """timm's model for our config: (model, description)."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    from vitcli.models import model_info
+
+    args = dict(img_size=cfg.img_size, num_classes=cfg.num_classes, in_chans=cfg.in_chans, global_pool=cfg.global_pool,
+                class_token=cfg.class_token, drop_rate=cfg.drop_rate, pos_drop_rate=cfg.drop_rate,
+                proj_drop_rate=cfg.drop_rate, attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate)
+    dims = dict(patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias)
+    timm_names = [a for a in model_info(cfg.name)["aliases"] if a.startswith("vit_") and timm.is_model(a)]
+    if cfg.hybrid:  # the ResNet stem fixes patch and width; timm builds it from the name alone
+        name = next(n for n in timm_names if n.endswith("_224"))
+        return timm.create_model(name, pretrained=False, **args), name
+    if timm_names:
+        name = next((n for n in timm_names if n.endswith("_224")), timm_names[0])
+        return timm.create_model(name, pretrained=False, **args, **dims), name
+    return VisionTransformer(**args, **dims), "timm VisionTransformer(same arguments)"
+
+
+def build_models(cfg: ModelConfig, *, compare: str | None, seed: int = 0) -> list[tuple[str, str, nn.Module]]:
+    """[(label, name, model)] for vitcli's model and, with compare='timm', timm's with the same weights."""
+    torch.manual_seed(seed)
+    ours = create_model(cfg)
+    out = [("vitcli", cfg.name, ours)]
+    if compare == "timm":
+        theirs, name = timm_equivalent(cfg)
+        try:
+            theirs.load_state_dict(ours.state_dict(), strict=True)
+        except RuntimeError as e:  # a config we translate wrongly: a bug, not a user mistake
+            raise RuntimeError(f"timm's {name} does not have vitcli's {cfg.name} parameters: {e}") from e
+        out.append(("timm", name, theirs))
+    elif compare is not None:
+        raise VitError(f"--compare {compare!r}: the only model library to compare with is 'timm'.")
+    return out
+
+
+def prepare(label: str, name: str, model: nn.Module, cfg: ModelConfig, *, mode: str, batch_size: int, device: torch.device,
+            amp_dtype: torch.dtype | None, compile: bool, seed: int = 0) -> ModelUnderTest:
+    """Move the model to device and build its step; inputs are a fixed random batch on the device."""
+    if mode not in MODES:
+        raise VitError(f"--mode must be train or infer, got {mode!r}.")
+    model.to(device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    h, w = cfg.img_size
+    images = torch.randn(batch_size, cfg.in_chans, h, w, generator=g).to(device)
+    labels = torch.randint(0, max(cfg.num_classes, 1), (batch_size,), generator=g).to(device)
+    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
+    forward = torch.compile(model) if compile else model
+
+    if mode == "infer":
+        model.eval()
+
+        def make_infer(fn):
+            def step() -> None:
+                with torch.inference_mode(), amp():
+                    fn(images)
+            return step
+
+        return ModelUnderTest(label, name, model, None, (images, labels), make_infer(forward), make_infer(model))
+
+    model.train()
+    # The trainer's own optimizer: timm's AdamW with decay-free norms/biases/embeddings, fused on CUDA.
+    optimizer = build_optimizer(model, OptimCfg(name="adamw", lr=1e-4, weight_decay=0.05), device)
+
+    def make_train(fn):
+        def step() -> None:
+            with amp():
+                loss = F.cross_entropy(fn(images), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    return ModelUnderTest(label, name, model, optimizer, (images, labels), make_train(forward), make_train(model))

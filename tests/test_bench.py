@@ -1,0 +1,179 @@
+"""`vit bench`: FLOP counting against the closed form, the timing harness, the JSON report, --compare timm,
+the input-pipeline benchmark and user errors. Timings themselves are never asserted on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vitcli.bench.flops import count_flops, vit_flops
+from vitcli.bench.hardware import MatmulProbe, peak_flops
+from vitcli.bench.steps import build_models, prepare
+from vitcli.bench.timing import Contestant, Stats, run_rounds
+from vitcli.cli import main
+from vitcli.models import create_model, resolve_config
+
+CPU = torch.device("cpu")
+FAST = ("--steps", "2", "--warmup", "1", "--batch-size", "4")
+
+MODEL_KEYS = {"model", "mode", "device", "device_name", "dtype", "batch_size", "img_size", "compile", "steps", "warmup",
+              "rounds", "threads", "peak_flops_per_second", "matmul", "memory_method", "load_average", "vitcli", "timm", "ratio", "data"}
+SIDE_KEYS = {"name", "params", "images_per_second", "step_ms_median", "step_ms_iqr", "step_ms_min", "step_ms_max",
+             "peak_memory_bytes", "flops_per_step", "flops_by_op", "flops_per_second", "mfu", "fraction_of_matmul",
+             "first_step_seconds", "warmup_seconds"}
+
+
+@pytest.fixture(autouse=True)
+def _small_matmul_probe(monkeypatch):
+    """A 256x256 probe: the figure is not asserted on, and the 2048x2048 one costs seconds per call."""
+    monkeypatch.setattr(MatmulProbe, "for_device", classmethod(lambda cls, device, dtype: cls(device, torch.float32, 256)))
+
+
+def run_cli(*args: str) -> int:
+    try:
+        main(list(args))
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def closed_form(cfg, batch: int, train: bool) -> int:
+    return vit_flops(batch=batch, img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                     embed_dim=cfg.embed_dim, depth=cfg.depth, mlp_dim=cfg.mlp_dim, num_classes=cfg.num_classes,
+                     class_token=cfg.class_token, train=train)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},                                                                   # vit_pico: 4x4 patches of 2, class token
+    {"img_size": (8, 12), "global_pool": "avg", "class_token": False, "num_classes": 7, "mlp_ratio": 3.0},
+])
+def test_flop_count_of_a_vit_equals_the_closed_form(overrides):
+    cfg = resolve_config("vit_pico", **overrides)
+    model = create_model(cfg)
+    x = torch.randn(3, cfg.in_chans, *cfg.img_size)
+    forward, by_op = count_flops(lambda: model(x))
+    assert forward == closed_form(cfg, 3, train=False)
+    # attention counted on the CPU kernel as well: 4·B·N²·D per block
+    n = cfg.seq_len
+    assert by_op["_scaled_dot_product_flash_attention_for_cpu"] == cfg.depth * 4 * 3 * n * n * cfg.embed_dim
+    both, _ = count_flops(lambda: model(x).sum().backward())
+    assert both == closed_form(cfg, 3, train=True)
+
+
+def test_train_step_flops_match_between_vitcli_and_timm_and_the_closed_form():
+    cfg = resolve_config("vit_pico")
+    counts = []
+    for label, name, module in build_models(cfg, compare="timm"):
+        mut = prepare(label, name, module, cfg, mode="train", batch_size=4, device=CPU, amp_dtype=None, compile=False)
+        counts.append(count_flops(mut.eager_step)[0])
+    assert counts[0] == counts[1] == closed_form(cfg, 4, train=True)
+
+
+@pytest.mark.parametrize("name,res", [("vit_pico", None), ("vit_s16", (32, 48))])
+def test_timm_equivalent_has_our_parameters_and_computes_the_same(name, res):
+    cfg = resolve_config(name, **({"img_size": res} if res else {}))
+    (_, _, ours), (_, timm_name, theirs) = build_models(cfg, compare="timm")
+    if name == "vit_s16":
+        assert timm_name == "vit_small_patch16_224"
+    ours.eval(), theirs.eval()
+    x = torch.randn(2, cfg.in_chans, *cfg.img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+def test_rounds_alternate_order_and_time_every_step():
+    order = []
+    a = Contestant("a", lambda: order.append("a"))
+    b = Contestant("b", lambda: order.append("b"))
+    probe = Contestant("mm", lambda: order.append("mm"), per_round=1)
+    run_rounds([a, b, probe], steps=5, rounds=3, device=CPU)
+    # 5 steps over 3 rounds: 2, 2, 1; the order reverses every other round (drift hits both alike)
+    assert "".join(x[0] for x in order) == "aabbm" + "mbbaa" + "abm"
+    assert len(a.times) == len(b.times) == 5 and len(probe.times) == 3
+    s = Stats.of([3.0, 1.0, 2.0, 4.0])
+    assert (s.n, s.median, s.min, s.max) == (4, 2.5, 1.0, 4.0) and s.iqr == pytest.approx(1.5)
+
+
+def test_gpu_peak_table_matches_device_names():
+    bf16 = torch.bfloat16
+    assert peak_flops("NVIDIA H100 80GB HBM3", bf16) == 989e12
+    assert peak_flops("NVIDIA H100 PCIe", bf16) == 756e12
+    assert peak_flops("NVIDIA H200", bf16) == 989e12
+    assert peak_flops("NVIDIA GH200 480GB", bf16) == 989e12
+    assert peak_flops("NVIDIA H20", bf16) == 148e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", bf16) == 312e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", torch.float32) == 19.5e12
+    assert peak_flops("NVIDIA L40S", bf16) == 362e12
+    assert peak_flops("NVIDIA L4", bf16) == 121e12
+    assert peak_flops("Tesla T4", bf16) is None
+    assert peak_flops("Some Future GPU", bf16) is None
+    probe = MatmulProbe(CPU, torch.float32, 64)
+    assert probe.flops == 2 * 64 ** 3
+    probe.step()
+    torch.testing.assert_close(probe.out, probe.a @ probe.b)
+
+
+def test_bench_json_has_the_documented_keys(capsys):
+    assert run_cli("bench", "vit_pico", "--json", *FAST) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert MODEL_KEYS <= set(r)
+    assert set(r["vitcli"]) == SIDE_KEYS
+    assert r["timm"] is None and r["ratio"] is None and r["data"] is None
+    assert (r["model"], r["mode"], r["device"], r["dtype"], r["batch_size"], r["img_size"]) == ("vit_pico", "train", "cpu", "fp32", 4, [8, 8])
+    ours = r["vitcli"]
+    cfg = resolve_config("vit_pico")
+    assert ours["flops_per_step"] == closed_form(cfg, 4, train=True)
+    assert ours["images_per_second"] > 0 and ours["flops_per_second"] > 0 and ours["fraction_of_matmul"] > 0
+    assert ours["mfu"] is None and r["peak_flops_per_second"] is None  # no MFU on a CPU
+    assert ours["peak_memory_bytes"] > 4 * ours["params"]  # weights + grads + AdamW state + activations
+    assert r["matmul"]["flops_per_second"] > 0
+
+
+def test_bench_compare_timm_reports_both_and_the_ratio(capsys):
+    from rich.console import Console
+
+    from vitcli.bench import print_bench
+
+    assert run_cli("bench", "ViT-Pico/2", "--compare", "timm", "--mode", "infer", "--json", *FAST) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["mode"] == "infer" and r["timm"]["name"].startswith("timm")
+    assert r["vitcli"]["params"] == r["timm"]["params"]
+    assert r["vitcli"]["flops_per_step"] == r["timm"]["flops_per_step"] == closed_form(resolve_config("vit_pico"), 4, train=False)
+    assert r["ratio"] == pytest.approx(r["vitcli"]["images_per_second"] / r["timm"]["images_per_second"])
+    console = Console(record=True, width=160)
+    print_bench(r, console)  # the table `vit bench` prints without --json
+    out = console.export_text()
+    assert "ours / timm" in out and "images/s" in out and "peak memory" in out and "MFU" not in out
+
+
+def test_bench_data_gives_a_positive_rate(capsys):
+    assert run_cli("bench", "--data", "digits", "--res", "8", "--num-workers", "0", "--steps", "3", "--batch-size", "32", "--json") == 0
+    r = json.loads(capsys.readouterr().out)
+    d = r["data"]
+    assert d["dataset"] == "digits" and d["images_per_second"] > 0 and d["img_size"] == [8, 8]
+    assert d["batch_size"] == 32 and d["num_workers"] == 0 and "RandomResizedCropAndInterpolation" in d["transforms"]
+    assert "vitcli" not in r
+
+
+def test_bench_model_and_data_name_the_bottleneck(capsys):
+    assert run_cli("bench", "vit_pico", "--data", "digits", "--num-workers", "0", "--json", *FAST) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["bottleneck"] in ("loader", "model") and "input pipeline" in r["bottleneck_note"]
+    assert r["data"]["img_size"] == [8, 8] and r["data"]["batch_size"] == 4  # the model's resolution and batch
+
+
+@pytest.mark.parametrize("args,message", [
+    (("bench", "vit_s61"), "Did you mean: vit_s16"),
+    (("bench", "vit_pico", "--compare", "torchvision"), "only library to compare with is timm"),
+    (("bench", "vit_pico", "--mode", "eval"), "--mode must be train or infer"),
+    (("bench", "vit_pico", "--dtype", "fp8"), "--dtype must be fp32, bf16 or auto"),
+    (("bench", "vit_pico", "--res", "9"), "not a multiple of the patch size"),
+    (("bench",), "Name a model to benchmark"),
+    (("bench", "--data", "no-such-set", "--num-workers", "0"), "no-such-set"),
+])
+def test_bench_user_mistakes_exit_2_with_one_message(capsys, args, message):
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
