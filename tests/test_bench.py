@@ -12,8 +12,9 @@ from vitcli.bench.flops import count_flops, vit_flops
 from vitcli.bench.hardware import MatmulProbe, peak_flops
 from vitcli.bench.steps import build_models, prepare
 from vitcli.bench.timing import Contestant, Stats, run_rounds
-from vitcli.cli import main
 from vitcli.models import create_model, resolve_config
+
+from test_pretrain import run_cli
 
 CPU = torch.device("cpu")
 FAST = ("--steps", "2", "--warmup", "1", "--batch-size", "4")
@@ -29,14 +30,6 @@ SIDE_KEYS = {"name", "params", "images_per_second", "step_ms_median", "step_ms_i
 def _small_matmul_probe(monkeypatch):
     """A 256x256 probe: the figure is not asserted on, and the 2048x2048 one costs seconds per call."""
     monkeypatch.setattr(MatmulProbe, "for_device", classmethod(lambda cls, device, dtype: cls(device, torch.float32, 256)))
-
-
-def run_cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def closed_form(cfg, batch: int, train: bool) -> int:
@@ -177,3 +170,21 @@ def test_bench_user_mistakes_exit_2_with_one_message(capsys, args, message):
     assert run_cli(*args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_bench_on_cuda_without_a_gpu_is_a_clear_error(capsys):
+    assert run_cli("bench", "vit_pico", "--device", "cuda") == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_on_cuda_reports_memory_flops_and_mfu_fields(capsys):
+    assert run_cli("bench", "vit_pico", "--device", "cuda", "--compare", "timm", "--json", *FAST) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["device"] == "cuda" and r["dtype"] == "bf16"  # bf16 autocast by default on CUDA
+    # the same count for both (exactly the closed form when the fused attention kernel runs, as on CPU)
+    assert r["vitcli"]["flops_per_step"] == r["timm"]["flops_per_step"] > 0
+    for side in ("vitcli", "timm"):
+        assert r[side]["peak_memory_bytes"] > 0
+        assert (r[side]["mfu"] is None) == (r["peak_flops_per_second"] is None)
