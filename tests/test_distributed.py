@@ -112,7 +112,7 @@ def test_ddp_two_processes_match_one_process_and_resume_in_one(recipe, reference
     proc = torchrun(str(script), str(tmp_path), "pretrain", str(recipe), "--out", str(run))
 
     # both replicas hold bitwise the same weights, which rank 0 saved ...
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert max_diff(rank0, weights(run, STEPS)) == 0.0
     # ... and they are the one-process weights after every checkpoint
