@@ -30,14 +30,20 @@ def train_steps(run: Path) -> int:
     return max(steps, default=0)
 
 
+def start_training(recipe: Path, run: Path, args: list[str], *, until_step: int, **popen) -> subprocess.Popen:
+    """`vit pretrain` in a subprocess, returned once metrics.jsonl shows `until_step` (or it ended)."""
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    proc = subprocess.Popen([sys.executable, "-m", "vitcli", "pretrain", str(recipe), "--out", str(run), *args], **popen)
+    deadline = time.time() + 120
+    while train_steps(run) < until_step and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    return proc
+
+
 def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
     recipe = recipe_file(tmp_path, "train: {steps: 300}\n")
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "vitcli", "pretrain", str(recipe), "--out", str(cut), *ARGS],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while train_steps(cut) < 20 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    proc = start_training(recipe, cut, ARGS, until_step=20)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err

@@ -6,16 +6,14 @@ import json
 import random
 import signal
 import subprocess
-import sys
 import time
 
-import pytest
 import torch
 
 from vitcli.engine import checkpoint as ckpt
 
-from test_preemption import ARGS, comparable, train_steps
-from test_pretrain import read_metrics, recipe_file, run_cli
+from test_preemption import ARGS, comparable, start_training, train_steps
+from test_pretrain import recipe_file, run_cli
 
 
 def test_kill_9_at_random_moments_never_costs_the_run(tmp_path):
@@ -26,14 +24,8 @@ def test_kill_9_at_random_moments_never_costs_the_run(tmp_path):
     run = tmp_path / "killed"
     rng = random.Random(0)
     for attempt in range(3):
-        cmd = [sys.executable, "-m", "vitcli", "pretrain", str(recipe), "--out", str(run), *args]
-        if attempt:
-            cmd.append("--resume")
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        start = train_steps(run)
-        deadline = time.time() + 120
-        while train_steps(run) < start + 3 and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
+        proc = start_training(recipe, run, [*args, "--resume"] if attempt else args, until_step=train_steps(run) + 3,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0, 0.2))  # land anywhere: mid-step, mid-save, mid-log
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
@@ -100,11 +92,7 @@ def test_out_of_gpu_memory_says_what_to_change(tmp_path, capsys, monkeypatch):
 def test_second_ctrl_c_exits_at_once(tmp_path):
     recipe = recipe_file(tmp_path, "train: {steps: 100000}\n")
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "vitcli", "pretrain", str(recipe), "--out", str(run), *ARGS],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while train_steps(run) < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    proc = start_training(recipe, run, ARGS, until_step=3)
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
