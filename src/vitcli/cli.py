@@ -129,7 +129,7 @@ def finetune(
     r, init = build_finetune_recipe(ckpt, res=_parse_res(res), dataset=dataset, recipe_path=recipe, overrides=overrides)
     for note in init.notes:
         console.print(f"[dim]{note}[/]")
-    summary = run_finetune(r, out or default_run_dir(r), lr_sweep=_parse_floats(lr_sweep, "--lr-sweep"), resume=resume, force=force, console=console)
+    summary = run_finetune(r, out or default_run_dir(r), lr_sweep=_parse_floats(lr_sweep, "--lr-sweep"), resume=resume, force=force, console=console, init=init)
     _print_summary(summary)
 
 

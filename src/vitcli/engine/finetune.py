@@ -66,15 +66,18 @@ def build_finetune_recipe(
     return recipe, init
 
 
-def finetune(recipe: Recipe, run_dir: Path, *, lr_sweep: list[float] | None, resume: bool, force: bool, console: Console) -> dict:
-    """Train from the recipe's init checkpoint; with lr_sweep, first pick the rate on a held-out split."""
+def finetune(recipe: Recipe, run_dir: Path, *, lr_sweep: list[float] | None, resume: bool, force: bool, console: Console,
+             init: LoadedCheckpoint | None = None) -> dict:
+    """Train from the recipe's init checkpoint (`init`: that checkpoint already read, so it is read
+    once for all runs); with lr_sweep, first pick the rate on a held-out split."""
     if lr_sweep:
         recipe = copy.deepcopy(recipe)
-        recipe.optim.lr = sweep_learning_rate(recipe, run_dir / "lr-sweep", lr_sweep, resume=resume, force=force, console=console)
-    return train(recipe, run_dir / "final" if lr_sweep else run_dir, resume=resume, force=force, console=console)
+        recipe.optim.lr = sweep_learning_rate(recipe, run_dir / "lr-sweep", lr_sweep, resume=resume, force=force, console=console, init=init)
+    return train(recipe, run_dir / "final" if lr_sweep else run_dir, resume=resume, force=force, console=console, init=init)
 
 
-def sweep_learning_rate(recipe: Recipe, root: Path, rates: list[float], *, resume: bool, force: bool, console: Console) -> float:
+def sweep_learning_rate(recipe: Recipe, root: Path, rates: list[float], *, resume: bool, force: bool, console: Console,
+                        init: LoadedCheckpoint | None = None) -> float:
     """The paper's protocol: fine-tune once per rate on (train minus a held-out part), keep the best
     by held-out top-1. 10% is held out (the paper: 10% for small sets, 2% CIFAR, 1% ImageNet)."""
     if any(r <= 0 for r in rates):
@@ -88,7 +91,7 @@ def sweep_learning_rate(recipe: Recipe, root: Path, rates: list[float], *, resum
         trial.schedule.min_lr = min(trial.schedule.min_lr, lr)
         trial.name = f"{recipe.name}-lr{lr:g}"
         console.print(f"[bold]lr sweep:[/] lr={lr:g} on {1 - holdout:.0%} of the training split, scored on the held-out {holdout:.0%}")
-        summary = train(trial, root / f"lr-{lr:g}", resume=resume, force=force, console=console)
+        summary = train(trial, root / f"lr-{lr:g}", resume=resume, force=force, console=console, init=init)
         results[lr] = summary["final_top1"]
     best = max(results, key=lambda lr: results[lr])
     table = ", ".join(f"{lr:g}: {top1:.4f}" for lr, top1 in results.items())

@@ -31,7 +31,7 @@ from vitcli.engine.runtime import autocast_dtype, seed_everything
 from vitcli.engine.setup import RunData, build_data, build_model, checkpoint_meta, eval_batches, train_batches
 from vitcli.engine.signals import StopRequested, graceful_stop
 from vitcli.errors import VitError
-from vitcli.models.load import load_checkpoint
+from vitcli.models.load import LoadedCheckpoint, load_checkpoint
 from vitcli.recipe import Recipe
 
 
@@ -66,6 +66,7 @@ def train(
     resume: bool = False,
     force: bool = False,
     console: Console | None = None,
+    init: LoadedCheckpoint | None = None,
 ) -> dict:
     """Run (or continue) one training run in run_dir and return its summary.
 
@@ -85,7 +86,8 @@ def train(
 
     # ---- data and model ------------------------------------------------------------------------
     with dist.main_first(env):  # downloads and cache preparation happen once
-        init = load_checkpoint(recipe.model.init_ckpt) if recipe.model.init_ckpt else None
+        if init is None and recipe.model.init_ckpt:  # `init`: the same checkpoint, already read by the caller
+            init = load_checkpoint(recipe.model.init_ckpt)
         data: RunData = build_data(recipe, init)
     model = build_model(recipe.model, data.num_classes, init)
     if t.linear_probe:  # the paper's linear evaluation: a frozen backbone under a trained head
