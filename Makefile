@@ -8,11 +8,11 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-# torch/torchvision are pinned here (pyproject asks for ranges) so every machine gets the same build.
+# torch/torchvision/torchcodec are pinned here (pyproject asks for ranges) so every machine gets the same build.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 torchcodec==0.17.0
 	$(BIN)/pip install -q -e '.[dev,tensorboard]'
 	touch $(STAMP)
 

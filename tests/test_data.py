@@ -60,6 +60,14 @@ def augmenting_cfg() -> DataCfg:
     return DataCfg(crop_scale=[0.3, 1.0], hflip=0.5, randaugment="rand-m9-mstd0.5", random_erasing=0.5)
 
 
+@pytest.fixture(params=["pil", "tensor"])
+def train_cfg(request) -> DataCfg:
+    """Random augmentation through either pipeline: the loader's guarantees hold for both."""
+    if request.param == "pil":
+        return augmenting_cfg()
+    return DataCfg(crop_scale=[0.3, 1.0], hflip=0.5, pipeline="tensor")
+
+
 def collect(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x.clone(), y.clone()) for x, y in loader]
 
@@ -124,8 +132,8 @@ def test_batches_have_the_right_shape_and_labels(digits_train):
     assert torch.cat([y for _, y in batches]).tolist() == digits_train.dataset["label"]
 
 
-def test_order_is_a_pure_function_of_seed_and_epoch_and_leaves_the_global_rng_alone(digits_train):
-    tf = build_transform(augmenting_cfg(), SIZE, train=True)
+def test_order_is_a_pure_function_of_seed_and_epoch_and_leaves_the_global_rng_alone(digits_train, train_cfg):
+    tf = build_transform(train_cfg, SIZE, train=True)
 
     def run(seed, epoch):
         return collect(make_loader(digits_train, tf, 32, shuffle=True, drop_last=True, seed=seed, epoch=epoch))
@@ -150,8 +158,8 @@ def test_order_is_a_pure_function_of_seed_and_epoch_and_leaves_the_global_rng_al
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, again))
 
 
-def test_start_batch_yields_exactly_the_tail_of_the_epoch(digits_train):
-    tf = build_transform(augmenting_cfg(), SIZE, train=True)
+def test_start_batch_yields_exactly_the_tail_of_the_epoch(digits_train, train_cfg):
+    tf = build_transform(train_cfg, SIZE, train=True)
     full = collect(make_loader(digits_train, tf, 24, shuffle=True, drop_last=True, seed=5, epoch=3))
     resumed_loader = make_loader(digits_train, tf, 24, shuffle=True, drop_last=True, seed=5, epoch=3, start_batch=5)
     assert len(resumed_loader) == len(full) - 5
@@ -162,8 +170,8 @@ def test_start_batch_yields_exactly_the_tail_of_the_epoch(digits_train):
     assert len(collect(resumed_loader)) == len(full)  # the offset applies to one iteration only
 
 
-def test_ranks_partition_every_global_batch(digits_train):
-    tf = build_transform(augmenting_cfg(), SIZE, train=True)
+def test_ranks_partition_every_global_batch(digits_train, train_cfg):
+    tf = build_transform(train_cfg, SIZE, train=True)
     kwargs = dict(shuffle=True, drop_last=True, seed=2, epoch=1)
     whole = collect(make_loader(digits_train, tf, 30, **kwargs))
     shards = [collect(make_loader(digits_train, tf, 30, rank=r, world_size=3, **kwargs)) for r in range(3)]
@@ -177,8 +185,8 @@ def test_ranks_partition_every_global_batch(digits_train):
         make_loader(digits_train, tf, 31, world_size=3, **kwargs)
 
 
-def test_workers_give_the_same_batches_as_the_main_process(digits_train):
-    tf = build_transform(augmenting_cfg(), SIZE, train=True)
+def test_workers_give_the_same_batches_as_the_main_process(digits_train, train_cfg):
+    tf = build_transform(train_cfg, SIZE, train=True)
     kwargs = dict(shuffle=True, drop_last=False, seed=4, epoch=2)
     main = collect(make_loader(digits_train, tf, 50, num_workers=0, **kwargs))
     loader = make_loader(digits_train, tf, 50, num_workers=2, **kwargs)
@@ -192,10 +200,15 @@ def test_workers_give_the_same_batches_as_the_main_process(digits_train):
     assert all(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(main3, collect(loader)))
 
 
+PIPELINES = [("pil", False), ("tensor", False), ("tensor", True)]  # (data.pipeline, JPEGs decoded on the device)
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_bad_image_error_names_the_image_and_the_fix(num_workers):
-    tf = build_transform(DataCfg(), SIZE, train=False)
-    loader = make_loader(image_set_with_bad_image(6), tf, 4, shuffle=False, drop_last=False, num_workers=num_workers)
+@pytest.mark.parametrize("pipeline,on_device", PIPELINES)
+def test_bad_image_error_names_the_image_and_the_fix(num_workers, pipeline, on_device):
+    tf = build_transform(DataCfg(pipeline=pipeline), SIZE, train=False)
+    loader = make_loader(image_set_with_bad_image(6), tf, 4, shuffle=False, drop_last=False, num_workers=num_workers,
+                         decode_on_device=on_device)
     with pytest.raises(VitError) as err:
         collect(loader)
     message = str(err.value)
@@ -204,12 +217,32 @@ def test_bad_image_error_names_the_image_and_the_fix(num_workers):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_bad_image_skip_drops_and_counts_it(num_workers):
-    tf = build_transform(DataCfg(), SIZE, train=False)
+@pytest.mark.parametrize("pipeline,on_device", PIPELINES)
+def test_bad_image_skip_drops_and_counts_it(num_workers, pipeline, on_device):
+    tf = build_transform(DataCfg(pipeline=pipeline), SIZE, train=False)
     loader = make_loader(image_set_with_bad_image(6, truncated_index=1), tf, 4, shuffle=False, drop_last=False,
-                         bad_images="skip", num_workers=num_workers)
+                         bad_images="skip", num_workers=num_workers, decode_on_device=on_device)
     batches = collect(loader)
     assert [len(y) for _, y in batches] == [3, 3, 2]
     assert torch.cat([y for _, y in batches]).tolist() == [i % 2 for i in range(10) if i not in (1, 6)]
     assert loader.skipped == 2
     assert "Image 1" in loader.skipped_examples[0] and "Image 6" in loader.skipped_examples[1]
+
+
+@pytest.mark.parametrize("pipeline", ["pil", "tensor"])
+def test_an_eval_loader_within_its_cache_budget_replays_its_first_pass(digits_train, pipeline, monkeypatch):
+    tf = build_transform(DataCfg(pipeline=pipeline), SIZE, train=False)
+    one_pass = 200 * (3 * 16 * 16 * 4 + 8)  # float images + int64 labels
+    loader = make_loader(digits_train, tf, 64, shuffle=False, drop_last=False, cache_bytes=one_pass)
+    first = collect(loader)
+    monkeypatch.setattr(loader.dataset, "load", lambda *a: pytest.fail("a cached pass must not read images"))
+    again = collect(loader)
+    assert len(again) == len(first) == 4
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(first, again))
+
+    small = make_loader(digits_train, tf, 64, shuffle=False, drop_last=False, cache_bytes=one_pass - 1)
+    collect(small)
+    assert small.cached is None  # over budget: every pass reads again
+    with pytest.raises(ValueError, match="evaluation loaders only"):
+        make_loader(digits_train, build_transform(DataCfg(), SIZE, train=True), 64, shuffle=True, drop_last=True,
+                    cache_bytes=one_pass)

@@ -69,6 +69,10 @@ class DataCfg:
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     bad_images: Literal["error", "skip"] = "error"
+    # pil: timm's PIL transforms in the loader workers (every augmentation). tensor: uint8 tensors,
+    # crops by torchvision, normalised on the training device; on CUDA the workers send JPEG bytes
+    # and the GPU decodes them (nvJPEG). auto: tensor unless RandAugment or random erasing is on.
+    pipeline: Literal["auto", "pil", "tensor"] = "auto"
 
 
 @dataclass
@@ -322,6 +326,10 @@ def validate(r: Recipe) -> None:
     _check(0.0 < d.crop_pct <= 1.0, "data.crop_pct", f"must be in (0, 1]; got {d.crop_pct}.")
     _check(len(d.mean) == len(d.std) == m.in_chans, "data.mean", f"and data.std need one value per input channel ({m.in_chans}).")
     _check(all(v > 0 for v in d.std), "data.std", f"values must be > 0; got {d.std}.")
+    pil_only = [k for k in ("randaugment", "random_erasing") if getattr(d, k)]
+    _check(d.pipeline != "tensor" or not pil_only, "data.pipeline",
+           f"'tensor' cannot run data.{' or data.'.join(pil_only)} (timm implements them on PIL images only); "
+           "set data.pipeline: pil (or auto, which picks pil for them).")
 
     _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive number; got {o.lr}.")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0; got {o.weight_decay}.")

@@ -8,7 +8,8 @@
 from vitcli.data.loader import BatchDataset, EpochBatchSampler, Loader, make_loader, preserved_rng, seed_all
 from vitcli.data.registry import ALIASES, REGISTRY, DatasetSpec, get_spec, list_datasets, lookup
 from vitcli.data.sources import ImageSet, build, load_split, take_subset
-from vitcli.data.transforms import build_mixup, build_train_loss, build_transform
+from vitcli.data.tensor_transforms import TensorTransform
+from vitcli.data.transforms import build_mixup, build_train_loss, build_transform, uses_tensor_pipeline
 
 __all__ = [
     "ALIASES",
@@ -18,6 +19,7 @@ __all__ = [
     "EpochBatchSampler",
     "ImageSet",
     "Loader",
+    "TensorTransform",
     "build",
     "build_mixup",
     "build_train_loss",
@@ -30,4 +32,5 @@ __all__ = [
     "preserved_rng",
     "seed_all",
     "take_subset",
+    "uses_tensor_pipeline",
 ]

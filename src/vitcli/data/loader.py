@@ -8,6 +8,10 @@
   rank or batch loads it, after a resume too, and loading in the main process (num_workers=0) leaves
   the training RNG untouched.
 - Whole batches are read at once (`__getitems__` -> one Arrow read); images are decoded in the worker.
+- Two pipelines, by the transform's type: timm's PIL transforms (float batches out of the workers), or
+  a TensorTransform: workers decode to uint8, plan and apply crops; uint8 batches cross to the device,
+  where the main process normalises them. With `decode_on_device`, workers send JPEG bytes and crop
+  plans instead, and the main process decodes (nvJPEG on CUDA) and crops on the device.
 - Unreadable images: data.bad_images "error" stops with a message naming the image; "skip" drops it
   from its batch and counts it in `Loader.skipped`.
 """
@@ -23,7 +27,9 @@ import datasets
 import numpy as np
 import torch
 
+from vitcli.data.decode import as_byte_tensor, decode_host, decode_on_device, encoded_bytes, jpeg_size
 from vitcli.data.sources import ImageSet
+from vitcli.data.tensor_transforms import CropPlan, TensorTransform
 from vitcli.errors import VitError
 
 BadImages = Literal["error", "skip"]
@@ -66,17 +72,31 @@ class EpochBatch(NamedTuple):
     indices: list[int]
 
 
+class Deferred(NamedTuple):
+    """A JPEG left for the device: the main process decodes it and applies its plan there."""
+
+    position: int  # in the batch
+    index: int  # in the data set (for messages)
+    path: Optional[str]
+    data: torch.Tensor  # the encoded bytes, uint8 (a tensor so pinning and worker transfer stay cheap)
+    plan: Optional[CropPlan]
+
+
 class Batch(NamedTuple):
-    images: Optional[torch.Tensor]  # (N, C, H, W) float; None when no image of the batch could be read
-    labels: Optional[torch.Tensor]  # (N,) int64
+    # (N, C, H, W): float from the PIL pipeline, uint8 from the tensor pipeline (then only the images not
+    # deferred, in batch order); None when there is none.
+    images: Optional[torch.Tensor]
+    labels: Optional[torch.Tensor]  # (N,) int64, for every image of the batch, deferred ones included
     skipped: list[str]  # one line per dropped image (bad_images="skip")
     error: Optional[str]  # the message to raise in the main process (bad_images="error")
+    deferred: tuple[Deferred, ...] = ()
 
 
 class BatchDataset(torch.utils.data.Dataset):
     """A torch Dataset over an ImageSet that reads, decodes and augments whole batches."""
 
-    def __init__(self, image_set: ImageSet, transform: Callable, *, seed: int = 0, bad_images: BadImages = "error"):
+    def __init__(self, image_set: ImageSet, transform: Callable, *, seed: int = 0, bad_images: BadImages = "error",
+                 decode_on_device: bool = False):
         # decode=False: we decode ourselves, one image at a time, to catch and name unreadable ones.
         self.hf = image_set.dataset.cast_column("image", datasets.Image(decode=False))
         self.decoder = datasets.Image()
@@ -84,6 +104,7 @@ class BatchDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.seed = seed
         self.bad_images = bad_images
+        self.decode_on_device = decode_on_device and isinstance(transform, TensorTransform)
         self.epoch = 0  # used only when indexed directly; the loader sends the epoch with each batch
 
     def __len__(self) -> int:
@@ -96,9 +117,10 @@ class BatchDataset(torch.utils.data.Dataset):
         batch = self.load([index], self.epoch)
         if batch.error:
             raise VitError(batch.error)
-        if batch.images is None:
+        if batch.skipped:
             raise VitError(batch.skipped[0])
-        return batch.images[0], int(batch.labels[0])
+        images, labels = finish_batch(batch, self.transform, self.bad_images, torch.device("cpu"))
+        return images[0], int(labels[0])
 
     def __getitems__(self, request: EpochBatch | list[int]) -> Batch:
         """DataLoader's batched fetch: one call per batch; returns the collated Batch."""
@@ -109,6 +131,8 @@ class BatchDataset(torch.utils.data.Dataset):
     def load(self, indices: list[int], epoch: int) -> Batch:
         """Read, decode and transform the images at indices (each augmented from (seed, epoch, index))."""
         rows = self.hf[indices]  # one Arrow read for the whole batch
+        if isinstance(self.transform, TensorTransform):
+            return self._load_tensors(indices, rows, epoch)
         images, labels, skipped = [], [], []
         with preserved_rng():
             for index, cell, label in zip(indices, rows["image"], rows["label"]):
@@ -116,9 +140,9 @@ class BatchDataset(torch.utils.data.Dataset):
                 try:
                     img = self.decoder.decode_example(cell)  # bytes or path; calls img.load()
                 except Exception as e:  # noqa: BLE001 -- any decoder failure means an unreadable image
-                    problem = self._describe(index, cell, e)
+                    problem = _describe(self.name, self.split, index, cell.get("path"), e)
                     if self.bad_images == "error":
-                        return Batch(None, None, skipped, problem + self._fix())
+                        return Batch(None, None, skipped, problem + _fix())
                     skipped.append(problem)
                     continue
                 images.append(self.transform(img))
@@ -127,19 +151,79 @@ class BatchDataset(torch.utils.data.Dataset):
             return Batch(None, None, skipped, None)
         return Batch(torch.stack(images), torch.tensor(labels, dtype=torch.int64), skipped, None)
 
-    def _describe(self, index: int, cell: dict, e: Exception) -> str:
-        where = f" ({cell['path']})" if cell.get("path") else ""
-        return (
-            f"Image {index} of data set '{self.name}' split '{self.split}'{where} cannot be read: "
-            f"{type(e).__name__}: {e}."
-        )
+    def _load_tensors(self, indices: list[int], rows: dict, epoch: int) -> Batch:
+        """The tensor pipeline's worker half: uint8 images at the final size, or JPEG bytes + plans."""
+        tf: TensorTransform = self.transform
+        images, deferred, labels, skipped = [], [], [], []
+        with preserved_rng():
+            for index, cell, label in zip(indices, rows["image"], rows["label"]):
+                seed_all(self.seed, epoch, index)  # the same per-image draws as the PIL pipeline
+                try:
+                    data = encoded_bytes(cell)
+                    size = jpeg_size(data, tf.mode) if self.decode_on_device else None
+                    image = None if size else decode_host(data, tf.mode)
+                except Exception as e:  # noqa: BLE001 -- any decoder failure means an unreadable image
+                    problem = _describe(self.name, self.split, index, cell.get("path"), e)
+                    if self.bad_images == "error":
+                        return Batch(None, None, skipped, problem + _fix())
+                    skipped.append(problem)
+                    continue
+                if image is None:
+                    deferred.append(Deferred(len(labels), index, cell.get("path"), as_byte_tensor(data), tf.plan(*size)))
+                else:
+                    images.append(tf.apply(image, tf.plan(image.shape[-1], image.shape[-2])))
+                labels.append(label)
+        if not labels:
+            return Batch(None, None, skipped, None)
+        stacked = torch.stack(images) if images else None
+        return Batch(stacked, torch.tensor(labels, dtype=torch.int64), skipped, None, tuple(deferred))
 
-    @staticmethod
-    def _fix() -> str:
-        return (
-            " Replace or delete that file, or set data.bad_images: skip (--set data.bad_images=skip) to drop "
-            "unreadable images; the trainer then logs how many it dropped."
-        )
+
+def _describe(name: str, split: str, index: int, path: Optional[str], e: Exception) -> str:
+    where = f" ({path})" if path else ""
+    return f"Image {index} of data set '{name}' split '{split}'{where} cannot be read: {type(e).__name__}: {e}."
+
+
+def _fix() -> str:
+    return (
+        " Replace or delete that file, or set data.bad_images: skip (--set data.bad_images=skip) to drop "
+        "unreadable images; the trainer then logs how many it dropped."
+    )
+
+
+def finish_batch(batch: Batch, transform: Callable, bad_images: BadImages, device: torch.device,
+                 name: str = "", split: str = "") -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], list[str]]:
+    """The main process's half: (images, labels, newly skipped). PIL batches pass through unchanged;
+    tensor batches move to `device` as uint8, deferred JPEGs are decoded and cropped there, and the
+    whole batch is normalised there. Raises VitError for an unreadable deferred image under "error".
+    """
+    if not isinstance(transform, TensorTransform):
+        return batch.images, batch.labels, []
+    labels, skipped = batch.labels, []
+    ready = batch.images.to(device, non_blocking=True) if batch.images is not None else None
+    if not batch.deferred:
+        return (transform.normalize(ready) if ready is not None else None), labels, []
+    n = len(labels)
+    out = torch.empty((n, ready.shape[1] if ready is not None else len(transform.mean), *transform.size),
+                      dtype=torch.uint8, device=device)
+    is_deferred = torch.zeros(n, dtype=torch.bool)
+    is_deferred[[d.position for d in batch.deferred]] = True
+    if ready is not None:
+        out[(~is_deferred).to(device)] = ready
+    keep = torch.ones(n, dtype=torch.bool)
+    decoded = decode_on_device([d.data for d in batch.deferred], transform.mode, device)
+    for d, image in zip(batch.deferred, decoded):
+        if isinstance(image, Exception):
+            problem = _describe(name, split, d.index, d.path, image)
+            if bad_images == "error":
+                raise VitError(problem + _fix())
+            skipped.append(problem)
+            keep[d.position] = False
+            continue
+        out[d.position] = transform.apply(image, d.plan)
+    if not keep.all():
+        out, labels = out[keep.to(device)], labels[keep]
+    return (transform.normalize(out) if len(out) else None), labels, skipped
 
 
 class EpochBatchSampler:
@@ -192,8 +276,11 @@ class Loader:
     `batches_per_epoch` is the full count. Call `set_epoch(e)` before each epoch.
     """
 
-    def __init__(self, dataloader: torch.utils.data.DataLoader, sampler: EpochBatchSampler, dataset: BatchDataset):
-        self.dataloader, self.sampler, self.dataset = dataloader, sampler, dataset
+    def __init__(self, dataloader: torch.utils.data.DataLoader, sampler: EpochBatchSampler, dataset: BatchDataset,
+                 device: torch.device = torch.device("cpu"), cache_bytes: int = 0):
+        self.dataloader, self.sampler, self.dataset, self.device = dataloader, sampler, dataset, device
+        self.cache_bytes = cache_bytes
+        self.cached: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
         self.skipped = 0
         self.skipped_examples: list[str] = []  # the first few, for the log
 
@@ -225,15 +312,39 @@ class Loader:
         self.dataloader._iterator = None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.cached is not None:
+            yield from self.cached
+            return
+        kept: Optional[list] = [] if self.cache_bytes else None
+        size = 0
+        for images, labels in self._finished():
+            if kept is not None:
+                size += images.nbytes + labels.nbytes
+                if size <= self.cache_bytes:
+                    kept.append((images, labels))
+                else:
+                    kept = None
+            yield images, labels
+        if kept is not None:  # a whole pass, within budget (a consumer that stops early leaves no cache)
+            self.cached = kept
+            self.close()  # the workers have nothing left to do
+
+    def _finished(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        ds = self.dataset
         for batch in self.dataloader:
-            if batch.skipped:
-                self.skipped += len(batch.skipped)
-                self.skipped_examples.extend(batch.skipped[: max(0, 10 - len(self.skipped_examples))])
             if batch.error:
                 self.close()
                 raise VitError(batch.error)
-            if batch.images is not None:  # a batch with no readable image at all is dropped (and counted)
-                yield batch.images, batch.labels
+            try:
+                images, labels, skipped = finish_batch(batch, ds.transform, ds.bad_images, self.device, ds.name, ds.split)
+            except VitError:
+                self.close()
+                raise
+            for problems in (batch.skipped, skipped):
+                self.skipped += len(problems)
+                self.skipped_examples.extend(problems[: max(0, 10 - len(self.skipped_examples))])
+            if images is not None:  # a batch with no readable image at all is dropped (and counted)
+                yield images, labels
 
 
 def make_loader(
@@ -251,6 +362,9 @@ def make_loader(
     world_size: int = 1,
     bad_images: BadImages = "error",
     pin_memory: Optional[bool] = None,
+    device: Optional[torch.device] = None,
+    decode_on_device: Optional[bool] = None,
+    cache_bytes: int = 0,
 ) -> Loader:
     """A Loader over image_set (see the module docstring for the guarantees).
 
@@ -263,13 +377,22 @@ def make_loader(
         rank, world_size: this process's shard.
         bad_images: "error" or "skip" (data.bad_images).
         pin_memory: None: when CUDA is available.
+        device: where the tensor pipeline's batches are finished (normalised) and delivered; default CPU.
+        decode_on_device: tensor pipeline only: workers send JPEGs undecoded and the main process
+            decodes and crops them on `device` (nvJPEG on CUDA). None: when device is CUDA.
+        cache_bytes: keep the first full pass in memory and replay it when its batches fit in this many
+            bytes; only for loaders whose batches never change (evaluation: no shuffle, no augmentation).
     """
+    if cache_bytes and (shuffle or getattr(transform, "train", False)):
+        raise ValueError("cache_bytes is for evaluation loaders only (no shuffling, no augmentation).")
+    device = torch.device(device or "cpu")
     if batch_size < 1 or batch_size % world_size:
         raise VitError(
             f"The global batch size ({batch_size}) must be a positive multiple of the number of processes "
             f"({world_size})."
         )
-    dataset = BatchDataset(image_set, transform, seed=seed, bad_images=bad_images)
+    on_device = device.type == "cuda" if decode_on_device is None else decode_on_device
+    dataset = BatchDataset(image_set, transform, seed=seed, bad_images=bad_images, decode_on_device=on_device)
     dataset.set_epoch(epoch)
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed,
                                 epoch=epoch, start_batch=start_batch, rank=rank, world_size=world_size)
@@ -284,4 +407,4 @@ def make_loader(
         # which would otherwise shift the training RNG at every epoch start (and break exact resume).
         generator=torch.Generator().manual_seed(_seed64(seed, rank)),
     )
-    return Loader(dataloader, sampler, dataset)
+    return Loader(dataloader, sampler, dataset, device, cache_bytes)

@@ -1,4 +1,5 @@
-"""Image transforms, Mixup/CutMix and the matching loss, all from timm.data.
+"""Image transforms, Mixup/CutMix and the matching loss, all from timm.data (the PIL pipeline; the
+tensor pipeline's equivalents are in tensor_transforms.py).
 
 Train: RandomResizedCrop(crop_scale, crop_ratio) -> horizontal flip -> RandAugment (optional) ->
 to tensor -> normalise -> random erasing (optional). Colour jitter is off: the ViT recipes do not use it,
@@ -18,6 +19,7 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torchvision import transforms
 
+from vitcli.data.tensor_transforms import TensorTransform
 from vitcli.errors import VitError
 from vitcli.recipe import DataCfg
 
@@ -35,9 +37,22 @@ class ToMode:
         return f"ToMode({self.mode!r})"
 
 
+def uses_tensor_pipeline(cfg: DataCfg) -> bool:
+    """data.pipeline resolved: auto means tensor unless an augmentation only timm's PIL path has is on."""
+    if cfg.pipeline == "auto":
+        return not (cfg.randaugment or cfg.random_erasing)
+    return cfg.pipeline == "tensor"
+
+
 def build_transform(cfg: DataCfg, img_size: tuple[int, int], train: bool) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> normalised float tensor (C, H, W), C = len(cfg.mean)."""
+    """The recipe's transform: a TensorTransform (data.pipeline tensor) or timm's PIL Compose.
+
+    Either is callable on a PIL image -> normalised float tensor (C, H, W), C = len(cfg.mean); the
+    loader drives a TensorTransform in two halves (host: decode/crop in uint8; device: normalise).
+    """
     size = tuple(int(s) for s in img_size) if not isinstance(img_size, int) else (img_size, img_size)
+    if uses_tensor_pipeline(cfg):
+        return TensorTransform(cfg, size, train)
     common = dict(interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std))
     try:
         if train:

@@ -1,0 +1,92 @@
+"""The recipe's transforms on uint8 tensors (data.pipeline: tensor), split so a GPU can do the pixel work.
+
+`plan(width, height)` draws an image's random parameters (RandomResizedCrop box, flip) with exactly
+the draws timm's PIL transforms make (python `random` for the box via timm's own get_params, then
+`torch.rand(1)` for the flip), so under the loader's per-image seeding an image gets the same crop and
+flip in both pipelines. `apply(image, plan)` crops, resizes (antialiased, torchvision.transforms.v2)
+and flips a uint8 (C, H, W) tensor on whatever device it is on; `normalize(batch)` turns a uint8 batch
+into the model's float input on its device. Planning needs only the image size, so a worker can plan
+from a JPEG header and leave decoding and resizing to the GPU.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from timm.data import create_transform
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from vitcli.recipe import DataCfg
+
+
+class CropPlan(NamedTuple):
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+class TensorTransform:
+    """uint8 image tensor -> resized uint8 tensor -> (batched, on device) normalised float.
+
+    Train: RandomResizedCrop(crop_scale, crop_ratio) -> horizontal flip. Eval: timm's resize to
+    img_size / crop_pct -> centre crop. RandAugment and random erasing exist only as timm PIL
+    transforms: recipes using them run the PIL pipeline (data.pipeline: auto picks it).
+    """
+
+    def __init__(self, cfg: DataCfg, img_size: tuple[int, int], train: bool):
+        self.size = [int(s) for s in img_size]
+        self.train = train
+        self.mode = "L" if len(cfg.mean) == 1 else "RGB"
+        self.interpolation = InterpolationMode(cfg.interpolation)
+        self.scale, self.ratio, self.hflip = tuple(cfg.crop_scale), tuple(cfg.crop_ratio), cfg.hflip
+        # Per channel, in 0..255 units: (x - 255 mean) / (255 std) == Normalize(ToTensor(x)).
+        self.mean = torch.tensor(cfg.mean, dtype=torch.float32).mul(255).view(-1, 1, 1)
+        self.std = torch.tensor(cfg.std, dtype=torch.float32).mul(255).view(-1, 1, 1)
+        # Eval geometry: timm's own resize and centre-crop objects, which accept tensors.
+        eval_tf = create_transform(tuple(self.size), is_training=False, crop_pct=cfg.crop_pct,
+                                   interpolation=cfg.interpolation)
+        self.eval_ops = [t for t in eval_tf.transforms if not isinstance(t, (transforms.ToTensor, transforms.Normalize))]
+
+    def plan(self, width: int, height: int) -> Optional[CropPlan]:
+        """The image's random parameters (from the global RNGs); None for evaluation (no randomness)."""
+        if not self.train:
+            return None
+        size_proxy = torch.empty((0, height, width))  # get_params reads only the size
+        top, left, h, w = RandomResizedCropAndInterpolation.get_params(size_proxy, self.scale, self.ratio)
+        flip = self.hflip > 0 and bool(torch.rand(1) < self.hflip)  # torchvision's RandomHorizontalFlip draw
+        return CropPlan(top, left, h, w, flip)
+
+    def apply(self, image: torch.Tensor, plan: Optional[CropPlan]) -> torch.Tensor:
+        """uint8 (C, H, W) -> uint8 (C, *img_size), on image's device."""
+        if plan is None:
+            for op in self.eval_ops:
+                image = op(image)
+            return image
+        out = TF.resized_crop(image, plan.top, plan.left, plan.height, plan.width, self.size,
+                              interpolation=self.interpolation, antialias=True)
+        return TF.horizontal_flip(out) if plan.flip else out
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) on any device -> float32 normalised, same device."""
+        mean, std = self.mean.to(batch.device), self.std.to(batch.device)
+        return batch.float().sub_(mean).div_(std)
+
+    def __call__(self, image: Union[Image.Image, torch.Tensor]) -> torch.Tensor:
+        """One image (PIL or uint8 tensor) -> normalised float (C, H, W); the PIL transforms' signature."""
+        if isinstance(image, Image.Image):
+            array = np.asarray(image if image.mode == self.mode else image.convert(self.mode))
+            image = torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
+        out = self.apply(image, self.plan(image.shape[-1], image.shape[-2]))
+        return self.normalize(out[None])[0]
+
+    def __repr__(self) -> str:
+        steps = ["RandomResizedCrop", "HorizontalFlip"] if self.train else [type(t).__name__ for t in self.eval_ops]
+        return f"TensorTransform({' -> '.join(steps)}, size={self.size}, {self.interpolation.value})"
