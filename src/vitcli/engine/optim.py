@@ -24,8 +24,9 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimCfg, device: torch.device)
     opt = _TIMM_NAMES[cfg.name]
     if opt == "adamw":
         kwargs.update(betas=tuple(cfg.betas), eps=cfg.eps)
-        if device.type == "cuda":
-            kwargs["fused"] = True
+        # One fused kernel per step instead of a Python loop over tensors: on CUDA, and on CPU too,
+        # where it is 4-5x faster than the default for small models (measured on vit_pico).
+        kwargs["fused"] = device.type in ("cuda", "cpu")
     optimizer = create_optimizer_v2(
         model,
         opt=opt,

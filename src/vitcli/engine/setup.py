@@ -143,6 +143,7 @@ def train_batches(data: RunData, recipe: Recipe, plan, *, start_step: int, devic
         world_size=world_size,
         bad_images=recipe.data.bad_images,
         pin_memory=device.type == "cuda",
+        device=device,
     )
     taken = pos * plan.accum
     while True:
@@ -160,9 +161,15 @@ def train_batches(data: RunData, recipe: Recipe, plan, *, start_step: int, devic
         loader.set_epoch(epoch)
 
 
+EVAL_CACHE_BYTES = 256 * 2**20  # finished eval batches kept between evaluations (where they are delivered)
+
+
 def eval_batches(data: RunData, recipe: Recipe, device: torch.device, batch_size: int | None = None, *,
                  rank: int = 0, world_size: int = 1, lockstep: bool = False):
-    """Evaluation batches of `batch_size` images per process (default: twice the micro-batch).
+    """Evaluation batches of `batch_size` images per process (default: twice the micro-batch), re-iterable.
+
+    Build it once per run: its first full pass is kept in memory when it fits in EVAL_CACHE_BYTES
+    (evaluation transforms are deterministic), so later evaluations of a small set skip decoding.
 
     With several processes each global batch is split across ranks without padding or repeats, so
     the all-reduced sums count every image exactly once. `lockstep` (FSDP, whose forward is a
@@ -183,17 +190,25 @@ def eval_batches(data: RunData, recipe: Recipe, device: torch.device, batch_size
         world_size=world_size,
         bad_images=recipe.data.bad_images,
         pin_memory=device.type == "cuda",
+        device=device,
+        cache_bytes=EVAL_CACHE_BYTES,
     )
     if not lockstep:
         return loader
     dummy = (torch.zeros(1, recipe.model.in_chans, *data.img_size), torch.zeros(0, dtype=torch.int64))
-    return _lockstep(loader, dummy)
+    return Lockstep(loader, dummy)
 
 
-def _lockstep(loader, dummy) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    n = 0
-    for batch in loader:
-        yield batch
-        n += 1
-    for _ in range(n, loader.batches_per_epoch):
-        yield dummy
+class Lockstep:
+    """Re-iterable: the loader's batches, then dummies up to the longest rank's batch count."""
+
+    def __init__(self, loader: vdata.Loader, dummy: tuple[torch.Tensor, torch.Tensor]):
+        self.loader, self.dummy = loader, dummy
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = 0
+        for batch in self.loader:
+            yield batch
+            n += 1
+        for _ in range(n, self.loader.batches_per_epoch):
+            yield self.dummy

@@ -184,10 +184,11 @@ def train(
             logger.log({"kind": "checkpoint", "step": step_done, "path": str(saved.path)})
         dist.barrier(env)
 
+    eval_loader = eval_batches(data, recipe, device, rank=env.rank, world_size=env.world_size, lockstep=fsdp)
+
     def run_eval(step_done: int) -> dict:
         eval_model = ema.module if ema is not None else model
-        batches = eval_batches(data, recipe, device, rank=env.rank, world_size=env.world_size, lockstep=fsdp)
-        metrics = evaluate(eval_model, batches, data.num_classes, device, amp_dtype)  # all-reduced: every rank agrees
+        metrics = evaluate(eval_model, eval_loader, data.num_classes, device, amp_dtype)  # all-reduced: every rank agrees
         wall = wall_before + time.perf_counter() - started
         logger.log({"kind": "eval", "step": step_done, "epoch": round(step_done / plan.steps_per_epoch, 4), "wall_seconds": round(wall, 2),
                     **{k: metrics[k] for k in ("top1", "top5", "loss", "ece", "num_images", "images_per_second")}})
