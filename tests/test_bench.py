@@ -141,13 +141,23 @@ def test_bench_compare_timm_reports_both_and_the_ratio(capsys):
     assert "ours / timm" in out and "images/s" in out and "peak memory" in out and "MFU" not in out
 
 
-def test_bench_data_gives_a_positive_rate(capsys):
-    assert run_cli("bench", "--data", "digits", "--res", "8", "--num-workers", "0", "--steps", "3", "--batch-size", "32", "--json") == 0
+@pytest.mark.parametrize("pipeline,expected", [("auto", "tensor"), ("pil", "pil"), ("tensor", "tensor")])
+def test_bench_data_gives_a_positive_rate(capsys, pipeline, expected):
+    assert run_cli("bench", "--data", "digits", "--res", "8", "--num-workers", "0", "--steps", "3", "--batch-size", "32",
+                   "--pipeline", pipeline, "--json") == 0
     r = json.loads(capsys.readouterr().out)
     d = r["data"]
     assert d["dataset"] == "digits" and d["images_per_second"] > 0 and d["img_size"] == [8, 8]
-    assert d["batch_size"] == 32 and d["num_workers"] == 0 and "RandomResizedCropAndInterpolation" in d["transforms"]
+    assert d["batch_size"] == 32 and d["num_workers"] == 0 and "RandomResizedCrop" in d["transforms"]
+    assert d["pipeline"] == expected and d["decode_on_device"] is False  # CPU: decoded in the loader
     assert "vitcli" not in r
+    from rich.console import Console
+
+    from vitcli.bench import print_bench
+
+    console = Console(record=True, width=160)
+    print_bench(r, console)
+    assert f"{expected} pipeline" in console.export_text()
 
 
 def test_bench_model_and_data_name_the_bottleneck(capsys):

@@ -35,6 +35,7 @@ def run_bench(
     warmup: int | None = None,
     num_workers: int = 2,
     data_dir: str | None = None,
+    pipeline: str = "auto",
     peak_tflops: float | None = None,
     say: Callable[[str], Any] = lambda message: None,
 ) -> dict[str, Any]:
@@ -61,7 +62,8 @@ def run_bench(
             size = img_size or resolve_config(model).img_size
             batch = batch_size or defaults(pick_device(device), compile)["batch_size"]
         data_result = bench_data(data, img_size=size, batch_size=batch, num_workers=num_workers, steps=steps or 20,
-                                 warmup=2 if warmup is None else warmup, device=device, data_dir=data_dir, say=say)
+                                 warmup=2 if warmup is None else warmup, device=device, data_dir=data_dir,
+                                 pipeline=pipeline, say=say)
     result: dict[str, Any] = {}
     if model is not None:
         result = bench_model(model, mode=mode, batch_size=batch_size, img_size=img_size, dtype=dtype, compile=compile,

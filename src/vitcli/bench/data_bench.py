@@ -2,8 +2,9 @@
 
 The training loader exactly as `vit pretrain` builds it (`vitcli.data.make_loader` over the training
 split, the recipe-default training transforms at the given resolution: decode, RandomResizedCrop, flip,
-to-tensor, normalise; collate), plus the host-to-device copy on CUDA (pinned memory, non-blocking,
-synchronised). No model runs, so the figure is what the loader could feed at most.
+normalise; collate), with the host-to-device copy and, for the tensor pipeline on CUDA, the nvJPEG
+decode and the crops on the GPU (synchronised). No model runs, so the figure is what the loader could
+feed at most. `pipeline` picks data.pipeline (auto | pil | tensor) to compare the two.
 """
 
 from __future__ import annotations
@@ -39,23 +40,27 @@ def bench_data(
     warmup: int = 2,
     device: str = "auto",
     data_dir: str | None = None,
+    pipeline: str = "auto",
     say: Callable[[str], Any] = lambda message: None,
 ) -> dict[str, Any]:
     """Time `steps` batches after `warmup` (worker start-up included there); a JSON-ready dict."""
     if min(batch_size, steps) < 1 or warmup < 0 or num_workers < 0:
         raise VitError("--batch-size and --steps must be >= 1, --warmup and --num-workers >= 0.")
     dev = pick_device(device)
-    cfg = DataCfg(dataset=dataset, data_dir=data_dir, num_workers=num_workers)
+    if pipeline not in ("auto", "pil", "tensor"):
+        raise VitError(f"--pipeline {pipeline!r}: choose auto, pil or tensor.")
+    cfg = DataCfg(dataset=dataset, data_dir=data_dir, num_workers=num_workers, pipeline=pipeline)
     say(f"loading the training split of {dataset}")
     image_set = vdata.build(cfg, "train", img_size=img_size)
     if batch_size > len(image_set):
         raise VitError(f"--batch-size {batch_size} is larger than the {len(image_set)} training images of {dataset}; lower it.")
     transform = vdata.build_transform(cfg, img_size, train=True)
-    loader = vdata.make_loader(image_set, transform, batch_size, shuffle=True, drop_last=True, num_workers=num_workers)
+    loader = vdata.make_loader(image_set, transform, batch_size, shuffle=True, drop_last=True, num_workers=num_workers,
+                               device=dev)
     batches = _batches(loader)
 
     def next_batch() -> int:
-        images, labels = next(batches)
+        images, labels = next(batches)  # the tensor pipeline delivers on dev already
         if dev.type == "cuda":
             images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
             synchronize(dev)
@@ -90,5 +95,7 @@ def bench_data(
         "batch_ms_median": 1000 * s.median,
         "batch_ms_iqr": 1000 * s.iqr,
         "first_batch_seconds": round(first, 3),
-        "transforms": [type(t).__name__ for t in transform.transforms],
+        "pipeline": "tensor" if vdata.uses_tensor_pipeline(cfg) else "pil",
+        "decode_on_device": loader.dataset.decode_on_device,
+        "transforms": repr(transform),
     }

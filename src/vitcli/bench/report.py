@@ -83,7 +83,8 @@ def print_data(result: dict[str, Any], console: Console) -> None:
         f"{d['num_workers']} workers, {d['device']}: {d['images_per_second']:,.1f} images/s "
         f"(median batch {d['batch_ms_median']:.1f} ms, spread {d['batch_ms_iqr']:.1f} ms; first batch {d['first_batch_seconds']:.2f} s)",
         highlight=False)
-    console.print(f"transforms: {', '.join(d['transforms'])}", style="dim", highlight=False)
+    where = " (JPEGs decoded on the device)" if d.get("decode_on_device") else ""
+    console.print(f"{d['pipeline']} pipeline{where}: {d['transforms']}", style="dim", highlight=False)
 
 
 def print_bench(result: dict[str, Any], console: Console) -> None:

@@ -2,7 +2,7 @@
 
 train: forward -> cross-entropy -> backward -> AdamW step -> zero_grad, with bf16 autocast when asked;
        the optimizer is the one `vit pretrain` builds (engine.optim.build_optimizer: timm's AdamW, no
-       decay on norms, biases and embeddings, fused on CUDA), so the bench times the trainer's step.
+       decay on norms, biases and embeddings, fused), so the bench times the trainer's step.
 infer: forward under `torch.inference_mode` (and autocast), model in eval mode.
 
 `--compare timm` builds timm's model of the same configuration (its registered name where vitcli knows
@@ -128,7 +128,7 @@ def prepare(label: str, name: str, model: nn.Module, cfg: ModelConfig, *, mode: 
         return ModelUnderTest(label, name, model, None, (images, labels), make_infer(forward), make_infer(model))
 
     model.train()
-    # The trainer's own optimizer: timm's AdamW with decay-free norms/biases/embeddings, fused on CUDA.
+    # The trainer's own optimizer: timm's AdamW with decay-free norms/biases/embeddings, fused.
     optimizer = build_optimizer(model, OptimCfg(name="adamw", lr=1e-4, weight_decay=0.05), device)
 
     def make_train(fn):
