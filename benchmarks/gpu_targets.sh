@@ -24,6 +24,11 @@ run b16-train-bf16          vit_b16 --mode train --batch-size 128 --dtype bf16 -
 run b16-train-bf16-compile  vit_b16 --mode train --batch-size 128 --dtype bf16 --compare timm --compile
 run b16-infer-bf16          vit_b16 --mode infer --batch-size 256 --dtype bf16 --compare timm
 run b16-infer-bf16-compile  vit_b16 --mode infer --batch-size 256 --dtype bf16 --compare timm --compile
-# Loader vs model: JPEG decode + augment + collate + transfer, 224, as many workers as cores allow.
-run synthetic-data-w8       vit_b16 --data synthetic --batch-size 128 --num-workers 8
+# Loader vs model on ImageNet-like JPEGs (~500x375): the tensor pipeline decodes them on the GPU (nvJPEG)
+# after the workers planned the crops; the PIL pipeline decodes and augments in the workers.
+JPEGS=${JPEGS:-runs/bench/jpegs}
+[ -d "$JPEGS" ] || .venv/bin/python benchmarks/jpeg_folder.py "$JPEGS" --images 4000
+run jpeg-tensor-w8          vit_b16 --data "$JPEGS" --batch-size 128 --num-workers 8 --pipeline tensor
+run jpeg-pil-w8             vit_b16 --data "$JPEGS" --batch-size 128 --num-workers 8 --pipeline pil
+run jpeg-tensor-w2          --data "$JPEGS" --res 224 --batch-size 128 --num-workers 2 --pipeline tensor
 echo "results in $OUT" >&2

@@ -239,7 +239,7 @@ def _warn_class_names(trained: list[str] | None, eval_set, say) -> None:
 
 def _loader(image_set, tf, batch_size: int, num_workers: int, seed: int, dev: torch.device):
     return vdata.make_loader(image_set, tf, batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
-                             seed=seed, pin_memory=dev.type == "cuda")
+                             seed=seed, pin_memory=dev.type == "cuda", device=dev)
 
 
 # ---------------------------------------------------------------------------------------------------
