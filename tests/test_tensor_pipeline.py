@@ -181,3 +181,21 @@ def test_cuda_batches_equal_the_cpu_ones_within_a_grey_level(mixed_set):
     for (xa, ya), (xb, yb) in zip(cpu, cuda, strict=True):
         assert xb.device.type == "cuda" and torch.equal(ya, yb.cpu())
         assert ((xa - xb.cpu()).abs() * 0.5 * 255).max() <= 3  # nvJPEG's IDCT differs from libjpeg's slightly
+
+
+def test_batches_with_deferred_jpegs_survive_the_dataloaders_pinning_step(mixed_set, monkeypatch):
+    # On CUDA the DataLoader pins every batch by rebuilding it field by field; the deferred JPEGs must
+    # come through as tensors (python bytes would be rebuilt element by element) with their plans.
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from vitcli.data.loader import Batch, Deferred
+
+    pinned: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pinned.append(self) or self)
+    tf = build_transform(DataCfg(pipeline="tensor"), (24, 32), train=True)
+    loader = make_loader(mixed_set, tf, 8, shuffle=False, drop_last=False, decode_on_device=True)
+    batch = loader.dataset.load(list(range(8)), epoch=0)
+    out = pin_memory(batch)
+    assert isinstance(out, Batch) and all(isinstance(d, Deferred) for d in out.deferred)
+    assert [d.plan for d in out.deferred] == [d.plan for d in batch.deferred]
+    assert all(any(d.data is p for p in pinned) for d in out.deferred) and any(batch.images is p for p in pinned)

@@ -203,14 +203,14 @@ def finish_batch(batch: Batch, transform: Callable, bad_images: BadImages, devic
     ready = batch.images.to(device, non_blocking=True) if batch.images is not None else None
     if not batch.deferred:
         return (transform.normalize(ready) if ready is not None else None), labels, []
-    n = len(labels)
-    out = torch.empty((n, ready.shape[1] if ready is not None else len(transform.mean), *transform.size),
-                      dtype=torch.uint8, device=device)
-    is_deferred = torch.zeros(n, dtype=torch.bool)
-    is_deferred[[d.position for d in batch.deferred]] = True
-    if ready is not None:
-        out[(~is_deferred).to(device)] = ready
-    keep = torch.ones(n, dtype=torch.bool)
+    # Assemble in batch order from per-image views and one stack: no index masks are copied to the
+    # device (a copy from pageable memory would wait for the training step queued before it).
+    slots: list[Optional[torch.Tensor]] = [None] * len(labels)
+    deferred_at = {d.position for d in batch.deferred}
+    ready_images = iter(ready.unbind(0) if ready is not None else ())
+    for position in range(len(labels)):
+        if position not in deferred_at:
+            slots[position] = next(ready_images)
     decoded = decode_on_device([d.data for d in batch.deferred], transform.mode, device)
     for d, image in zip(batch.deferred, decoded):
         if isinstance(image, Exception):
@@ -218,12 +218,13 @@ def finish_batch(batch: Batch, transform: Callable, bad_images: BadImages, devic
             if bad_images == "error":
                 raise VitError(problem + _fix())
             skipped.append(problem)
-            keep[d.position] = False
             continue
-        out[d.position] = transform.apply(image, d.plan)
-    if not keep.all():
-        out, labels = out[keep.to(device)], labels[keep]
-    return (transform.normalize(out) if len(out) else None), labels, skipped
+        slots[d.position] = transform.apply(image, d.plan)
+    keep = [image is not None for image in slots]
+    if not all(keep):
+        labels = labels[torch.tensor(keep)]
+    images = [image for image in slots if image is not None]
+    return (transform.normalize(torch.stack(images)) if images else None), labels, skipped
 
 
 class EpochBatchSampler:

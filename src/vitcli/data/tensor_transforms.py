@@ -50,6 +50,7 @@ class TensorTransform:
         # Per channel, in 0..255 units: (x - 255 mean) / (255 std) == Normalize(ToTensor(x)).
         self.mean = torch.tensor(cfg.mean, dtype=torch.float32).mul(255).view(-1, 1, 1)
         self.std = torch.tensor(cfg.std, dtype=torch.float32).mul(255).view(-1, 1, 1)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         # Eval geometry: timm's own resize and centre-crop objects, which accept tensors.
         eval_tf = create_transform(tuple(self.size), is_training=False, crop_pct=cfg.crop_pct,
                                    interpolation=cfg.interpolation)
@@ -76,7 +77,9 @@ class TensorTransform:
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) on any device -> float32 normalised, same device."""
-        mean, std = self.mean.to(batch.device), self.std.to(batch.device)
+        if batch.device not in self._on_device:  # copied once: a per-batch copy would stall the GPU queue
+            self._on_device[batch.device] = (self.mean.to(batch.device), self.std.to(batch.device))
+        mean, std = self._on_device[batch.device]
         return batch.float().sub_(mean).div_(std)
 
     def __call__(self, image: Union[Image.Image, torch.Tensor]) -> torch.Tensor:
