@@ -27,7 +27,7 @@ from vitcli.engine.evaluate import evaluate
 from vitcli.engine.logger import ProgressDisplay, RunLogger
 from vitcli.engine.optim import build_optimizer, lr_at, set_lr
 from vitcli.engine.rundir import CHECKPOINTS, create_run_dir, open_run_dir
-from vitcli.engine.runtime import autocast_dtype, seed_everything
+from vitcli.engine.runtime import autocast_dtype, configure_device, seed_everything
 from vitcli.engine.setup import RunData, build_data, build_model, checkpoint_meta, eval_batches, train_batches
 from vitcli.engine.signals import StopRequested, graceful_stop
 from vitcli.errors import VitError
@@ -81,6 +81,7 @@ def train(
     t = recipe.train
     device = env.device
     amp_dtype = autocast_dtype(t.precision, device)
+    configure_device(device)
     sharded = t.strategy == "fsdp"  # the checkpoint format follows the strategy, whatever the process count
     seed_everything(t.seed)
 
