@@ -51,7 +51,7 @@ def batches(image_set: ImageSet, cfg: DataCfg, train: bool, **kwargs) -> list[tu
     return [(x.clone(), y.clone()) for x, y in loader]
 
 
-@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
 @pytest.mark.parametrize("train", [True, False])
 def test_tensor_pipeline_matches_timms_pil_transforms_within_one_grey_level(mixed_set, interpolation, train):
     cfg = dict(interpolation=interpolation, crop_scale=[0.2, 1.0], hflip=0.5, crop_pct=0.875)
@@ -61,8 +61,12 @@ def test_tensor_pipeline_matches_timms_pil_transforms_within_one_grey_level(mixe
         assert torch.equal(yp, yt) and xt.shape == xp.shape == (len(yp), 3, 24, 32) and xt.dtype == torch.float32
         levels = (xp - xt).abs() * 0.5 * 255  # std 0.5: back to 0..255 units
         # Same box and flip for every image (a different one would move whole gradients), and the
-        # antialiased resizes agree with PIL's to rounding.
-        assert levels.max() <= 1.0 + 1e-3 and levels.mean() < 0.25
+        # antialiased resizes agree with PIL's to rounding. Nearest: PIL's rule ("nearest-exact"); a
+        # sample exactly between two source pixels may round to the other one in float arithmetic.
+        if interpolation == "nearest":
+            assert levels.mean() < 0.5 and (levels > 1.001).float().mean() < 0.05
+        else:
+            assert levels.max() <= 1.0 + 1e-3 and levels.mean() < 0.25
     if train:  # the augmentation is random: another epoch crops differently
         other = batches(mixed_set, DataCfg(pipeline="tensor", **cfg), train, epoch=2)
         assert not torch.equal(other[0][0], tensor[0][0]) or not torch.equal(other[0][1], tensor[0][1])

@@ -25,6 +25,9 @@ from torchvision.transforms import InterpolationMode
 from vitcli.recipe import DataCfg
 
 
+_TENSOR_MODE = {"nearest": InterpolationMode.NEAREST_EXACT}
+
+
 class CropPlan(NamedTuple):
     top: int
     left: int
@@ -45,7 +48,8 @@ class TensorTransform:
         self.size = [int(s) for s in img_size]
         self.train = train
         self.mode = "L" if len(cfg.mean) == 1 else "RGB"
-        self.interpolation = InterpolationMode(cfg.interpolation)
+        # Tensor "nearest" samples half a pixel off PIL's NEAREST; "nearest-exact" is PIL's rule.
+        self.interpolation = _TENSOR_MODE.get(cfg.interpolation, InterpolationMode(cfg.interpolation))
         self.scale, self.ratio, self.hflip = tuple(cfg.crop_scale), tuple(cfg.crop_ratio), cfg.hflip
         # Per channel, in 0..255 units: (x - 255 mean) / (255 std) == Normalize(ToTensor(x)).
         self.mean = torch.tensor(cfg.mean, dtype=torch.float32).mul(255).view(-1, 1, 1)
@@ -55,6 +59,9 @@ class TensorTransform:
         eval_tf = create_transform(tuple(self.size), is_training=False, crop_pct=cfg.crop_pct,
                                    interpolation=cfg.interpolation)
         self.eval_ops = [t for t in eval_tf.transforms if not isinstance(t, (transforms.ToTensor, transforms.Normalize))]
+        for op in self.eval_ops:
+            if getattr(op, "interpolation", None) == InterpolationMode.NEAREST:
+                op.interpolation = InterpolationMode.NEAREST_EXACT
 
     def plan(self, width: int, height: int) -> Optional[CropPlan]:
         """The image's random parameters (from the global RNGs); None for evaluation (no randomness)."""
