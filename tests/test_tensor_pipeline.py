@@ -192,7 +192,7 @@ def test_batches_with_deferred_jpegs_survive_the_dataloaders_pinning_step(mixed_
     # come through as tensors (python bytes would be rebuilt element by element) with their plans.
     from torch.utils.data._utils.pin_memory import pin_memory
 
-    from vitcli.data.loader import Batch, Deferred
+    from vitcli.data.batches import Batch, Deferred
 
     pinned: list[torch.Tensor] = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pinned.append(self) or self)
@@ -203,3 +203,13 @@ def test_batches_with_deferred_jpegs_survive_the_dataloaders_pinning_step(mixed_
     assert isinstance(out, Batch) and all(isinstance(d, Deferred) for d in out.deferred)
     assert [d.plan for d in out.deferred] == [d.plan for d in batch.deferred]
     assert all(any(d.data is p for p in pinned) for d in out.deferred) and any(batch.images is p for p in pinned)
+
+
+@pytest.mark.parametrize("pipeline", ["pil", "tensor"])
+def test_the_dataset_indexed_directly_gives_the_loaders_image(mixed_set, pipeline):
+    tf = build_transform(DataCfg(pipeline=pipeline), (24, 32), train=True)
+    loader = make_loader(mixed_set, tf, 4, shuffle=False, drop_last=False, seed=3, epoch=2)
+    first_batch, labels = next(iter(loader))
+    loader.dataset.set_epoch(2)
+    image, label = loader.dataset[1]
+    assert torch.equal(image, first_batch[1]) and label == int(labels[1])

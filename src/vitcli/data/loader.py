@@ -21,18 +21,17 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterator
-from typing import Callable, Literal, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import datasets
 import numpy as np
 import torch
 
-from vitcli.data.decode import as_byte_tensor, decode_host, decode_on_device, encoded_bytes, jpeg_size
+from vitcli.data.batches import FIX, BadImages, Batch, Deferred, finish_batch, unreadable
+from vitcli.data.decode import as_byte_tensor, decode_host, encoded_bytes, jpeg_size
 from vitcli.data.sources import ImageSet
-from vitcli.data.tensor_transforms import CropPlan, TensorTransform
+from vitcli.data.tensor_transforms import TensorTransform
 from vitcli.errors import VitError
-
-BadImages = Literal["error", "skip"]
 
 
 def _seed_words(*key: int, n: int = 4) -> np.ndarray:
@@ -72,26 +71,6 @@ class EpochBatch(NamedTuple):
     indices: list[int]
 
 
-class Deferred(NamedTuple):
-    """A JPEG left for the device: the main process decodes it and applies its plan there."""
-
-    position: int  # in the batch
-    index: int  # in the data set (for messages)
-    path: Optional[str]
-    data: torch.Tensor  # the encoded bytes, uint8 (a tensor so pinning and worker transfer stay cheap)
-    plan: Optional[CropPlan]
-
-
-class Batch(NamedTuple):
-    # (N, C, H, W): float from the PIL pipeline, uint8 from the tensor pipeline (then only the images not
-    # deferred, in batch order); None when there is none.
-    images: Optional[torch.Tensor]
-    labels: Optional[torch.Tensor]  # (N,) int64, for every image of the batch, deferred ones included
-    skipped: list[str]  # one line per dropped image (bad_images="skip")
-    error: Optional[str]  # the message to raise in the main process (bad_images="error")
-    deferred: tuple[Deferred, ...] = ()
-
-
 class BatchDataset(torch.utils.data.Dataset):
     """A torch Dataset over an ImageSet that reads, decodes and augments whole batches."""
 
@@ -119,7 +98,7 @@ class BatchDataset(torch.utils.data.Dataset):
             raise VitError(batch.error)
         if batch.skipped:
             raise VitError(batch.skipped[0])
-        images, labels = finish_batch(batch, self.transform, self.bad_images, torch.device("cpu"))
+        images, labels, _ = finish_batch(batch, self.transform, self.bad_images, torch.device("cpu"))
         return images[0], int(labels[0])
 
     def __getitems__(self, request: EpochBatch | list[int]) -> Batch:
@@ -131,100 +110,41 @@ class BatchDataset(torch.utils.data.Dataset):
     def load(self, indices: list[int], epoch: int) -> Batch:
         """Read, decode and transform the images at indices (each augmented from (seed, epoch, index))."""
         rows = self.hf[indices]  # one Arrow read for the whole batch
-        if isinstance(self.transform, TensorTransform):
-            return self._load_tensors(indices, rows, epoch)
-        images, labels, skipped = [], [], []
+        tensors = isinstance(self.transform, TensorTransform)
+        images, deferred, labels, skipped = [], [], [], []
         with preserved_rng():
             for index, cell, label in zip(indices, rows["image"], rows["label"]):
                 seed_all(self.seed, epoch, index)  # per image: independent of batching, workers and ranks
                 try:
-                    img = self.decoder.decode_example(cell)  # bytes or path; calls img.load()
+                    image = self._read(cell)
                 except Exception as e:  # noqa: BLE001 -- any decoder failure means an unreadable image
-                    problem = _describe(self.name, self.split, index, cell.get("path"), e)
+                    problem = unreadable(self.name, self.split, index, cell.get("path"), e)
                     if self.bad_images == "error":
-                        return Batch(None, None, skipped, problem + _fix())
+                        return Batch(None, None, skipped, problem + FIX)
                     skipped.append(problem)
                     continue
-                images.append(self.transform(img))
-                labels.append(label)
-        if not images:
-            return Batch(None, None, skipped, None)
-        return Batch(torch.stack(images), torch.tensor(labels, dtype=torch.int64), skipped, None)
-
-    def _load_tensors(self, indices: list[int], rows: dict, epoch: int) -> Batch:
-        """The tensor pipeline's worker half: uint8 images at the final size, or JPEG bytes + plans."""
-        tf: TensorTransform = self.transform
-        images, deferred, labels, skipped = [], [], [], []
-        with preserved_rng():
-            for index, cell, label in zip(indices, rows["image"], rows["label"]):
-                seed_all(self.seed, epoch, index)  # the same per-image draws as the PIL pipeline
-                try:
-                    data = encoded_bytes(cell)
-                    size = jpeg_size(data, tf.mode) if self.decode_on_device else None
-                    image = None if size else decode_host(data, tf.mode)
-                except Exception as e:  # noqa: BLE001 -- any decoder failure means an unreadable image
-                    problem = _describe(self.name, self.split, index, cell.get("path"), e)
-                    if self.bad_images == "error":
-                        return Batch(None, None, skipped, problem + _fix())
-                    skipped.append(problem)
-                    continue
-                if image is None:
-                    deferred.append(Deferred(len(labels), index, cell.get("path"), as_byte_tensor(data), tf.plan(*size)))
+                if not tensors:
+                    images.append(self.transform(image))
+                elif isinstance(image, tuple):  # a JPEG for the device: plan now, decode there
+                    data, size = image
+                    deferred.append(Deferred(len(labels), index, cell.get("path"), as_byte_tensor(data),
+                                             self.transform.plan(*size)))
                 else:
-                    images.append(tf.apply(image, tf.plan(image.shape[-1], image.shape[-2])))
+                    plan = self.transform.plan(image.shape[-1], image.shape[-2])
+                    images.append(self.transform.apply(image, plan))
                 labels.append(label)
         if not labels:
             return Batch(None, None, skipped, None)
         stacked = torch.stack(images) if images else None
         return Batch(stacked, torch.tensor(labels, dtype=torch.int64), skipped, None, tuple(deferred))
 
-
-def _describe(name: str, split: str, index: int, path: Optional[str], e: Exception) -> str:
-    where = f" ({path})" if path else ""
-    return f"Image {index} of data set '{name}' split '{split}'{where} cannot be read: {type(e).__name__}: {e}."
-
-
-def _fix() -> str:
-    return (
-        " Replace or delete that file, or set data.bad_images: skip (--set data.bad_images=skip) to drop "
-        "unreadable images; the trainer then logs how many it dropped."
-    )
-
-
-def finish_batch(batch: Batch, transform: Callable, bad_images: BadImages, device: torch.device,
-                 name: str = "", split: str = "") -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], list[str]]:
-    """The main process's half: (images, labels, newly skipped). PIL batches pass through unchanged;
-    tensor batches move to `device` as uint8, deferred JPEGs are decoded and cropped there, and the
-    whole batch is normalised there. Raises VitError for an unreadable deferred image under "error".
-    """
-    if not isinstance(transform, TensorTransform):
-        return batch.images, batch.labels, []
-    labels, skipped = batch.labels, []
-    ready = batch.images.to(device, non_blocking=True) if batch.images is not None else None
-    if not batch.deferred:
-        return (transform.normalize(ready) if ready is not None else None), labels, []
-    # Assemble in batch order from per-image views and one stack: no index masks are copied to the
-    # device (a copy from pageable memory would wait for the training step queued before it).
-    slots: list[Optional[torch.Tensor]] = [None] * len(labels)
-    deferred_at = {d.position for d in batch.deferred}
-    ready_images = iter(ready.unbind(0) if ready is not None else ())
-    for position in range(len(labels)):
-        if position not in deferred_at:
-            slots[position] = next(ready_images)
-    decoded = decode_on_device([d.data for d in batch.deferred], transform.mode, device)
-    for d, image in zip(batch.deferred, decoded):
-        if isinstance(image, Exception):
-            problem = _describe(name, split, d.index, d.path, image)
-            if bad_images == "error":
-                raise VitError(problem + _fix())
-            skipped.append(problem)
-            continue
-        slots[d.position] = transform.apply(image, d.plan)
-    keep = [image is not None for image in slots]
-    if not all(keep):
-        labels = labels[torch.tensor(keep)]
-    images = [image for image in slots if image is not None]
-    return (transform.normalize(torch.stack(images)) if images else None), labels, skipped
+    def _read(self, cell: dict):
+        """PIL image (PIL pipeline), uint8 tensor (tensor pipeline), or (JPEG bytes, (w, h)) to defer."""
+        if not isinstance(self.transform, TensorTransform):
+            return self.decoder.decode_example(cell)  # bytes or path; calls img.load()
+        data = encoded_bytes(cell)
+        size = jpeg_size(data, self.transform.mode) if self.decode_on_device else None
+        return (data, size) if size else decode_host(data, self.transform.mode)
 
 
 class EpochBatchSampler:

@@ -1,0 +1,87 @@
+"""What a loader worker hands the main process, and the main process's half of the tensor pipeline.
+
+A worker returns one collated `Batch`: float images (PIL pipeline), or uint8 images at the final size
+plus `Deferred` JPEGs (tensor pipeline, decode_on_device). `finish_batch` runs in the main process:
+it moves uint8 images to the device, decodes and crops the deferred JPEGs there, restores batch order
+and normalises.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, NamedTuple, Optional
+
+import torch
+
+from vitcli.data.decode import decode_on_device
+from vitcli.data.tensor_transforms import CropPlan, TensorTransform
+from vitcli.errors import VitError
+
+BadImages = Literal["error", "skip"]
+
+
+class Deferred(NamedTuple):
+    """A JPEG left for the device: the main process decodes it and applies its plan there."""
+
+    position: int  # in the batch
+    index: int  # in the data set (for messages)
+    path: Optional[str]
+    data: torch.Tensor  # the encoded bytes, uint8 (a tensor so pinning and worker transfer stay cheap)
+    plan: Optional[CropPlan]
+
+
+class Batch(NamedTuple):
+    # (N, C, H, W): float from the PIL pipeline, uint8 from the tensor pipeline (then only the images not
+    # deferred, in batch order); None when there is none.
+    images: Optional[torch.Tensor]
+    labels: Optional[torch.Tensor]  # (N,) int64, for every image of the batch, deferred ones included
+    skipped: list[str]  # one line per dropped image (bad_images="skip")
+    error: Optional[str]  # the message to raise in the main process (bad_images="error")
+    deferred: tuple[Deferred, ...] = ()
+
+
+def unreadable(name: str, split: str, index: int, path: Optional[str], e: Exception) -> str:
+    """One line naming an image no decoder reads (the skip log; `FIX` is appended for the error)."""
+    where = f" ({path})" if path else ""
+    return f"Image {index} of data set '{name}' split '{split}'{where} cannot be read: {type(e).__name__}: {e}."
+
+
+FIX = (
+    " Replace or delete that file, or set data.bad_images: skip (--set data.bad_images=skip) to drop "
+    "unreadable images; the trainer then logs how many it dropped."
+)
+
+
+def finish_batch(batch: Batch, transform: Callable, bad_images: BadImages, device: torch.device,
+                 name: str = "", split: str = "") -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], list[str]]:
+    """The main process's half: (images, labels, newly skipped). PIL batches pass through unchanged;
+    tensor batches move to `device` as uint8, deferred JPEGs are decoded and cropped there, and the
+    whole batch is normalised there. Raises VitError for an unreadable deferred image under "error".
+    """
+    if not isinstance(transform, TensorTransform):
+        return batch.images, batch.labels, []
+    labels, skipped = batch.labels, []
+    ready = batch.images.to(device, non_blocking=True) if batch.images is not None else None
+    if not batch.deferred:
+        return (transform.normalize(ready) if ready is not None else None), labels, []
+    # Assemble in batch order from per-image views and one stack: no index masks are copied to the
+    # device (a copy from pageable memory would wait for the training step queued before it).
+    slots: list[Optional[torch.Tensor]] = [None] * len(labels)
+    deferred_at = {d.position for d in batch.deferred}
+    ready_images = iter(ready.unbind(0) if ready is not None else ())
+    for position in range(len(labels)):
+        if position not in deferred_at:
+            slots[position] = next(ready_images)
+    decoded = decode_on_device([d.data for d in batch.deferred], transform.mode, device)
+    for d, image in zip(batch.deferred, decoded):
+        if isinstance(image, Exception):
+            problem = unreadable(name, split, d.index, d.path, image)
+            if bad_images == "error":
+                raise VitError(problem + FIX)
+            skipped.append(problem)
+            continue
+        slots[d.position] = transform.apply(image, d.plan)
+    keep = [image is not None for image in slots]
+    if not all(keep):
+        labels = labels[torch.tensor(keep)]
+    images = [image for image in slots if image is not None]
+    return (transform.normalize(torch.stack(images)) if images else None), labels, skipped
