@@ -246,3 +246,11 @@ def test_an_eval_loader_within_its_cache_budget_replays_its_first_pass(digits_tr
     with pytest.raises(ValueError, match="evaluation loaders only"):
         make_loader(digits_train, build_transform(DataCfg(), SIZE, train=True), 64, shuffle=True, drop_last=True,
                     cache_bytes=one_pass)
+
+
+@pytest.mark.parametrize("pipeline,on_device", PIPELINES)
+def test_a_batch_with_no_readable_image_is_dropped_and_counted(pipeline, on_device):
+    tf = build_transform(DataCfg(pipeline=pipeline), SIZE, train=False)
+    loader = make_loader(image_set_with_bad_image(2, n=4, truncated_index=3), tf, 2, shuffle=False, drop_last=False,
+                         bad_images="skip", decode_on_device=on_device)
+    assert [y.tolist() for _, y in loader] == [[0, 1]] and loader.skipped == 2

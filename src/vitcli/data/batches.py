@@ -53,16 +53,20 @@ FIX = (
 
 def finish_batch(batch: Batch, transform: Callable, bad_images: BadImages, device: torch.device,
                  name: str = "", split: str = "") -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], list[str]]:
-    """The main process's half: (images, labels, newly skipped). PIL batches pass through unchanged;
-    tensor batches move to `device` as uint8, deferred JPEGs are decoded and cropped there, and the
-    whole batch is normalised there. Raises VitError for an unreadable deferred image under "error".
+    """The main process's half: (images, labels, newly skipped), delivered on `device`.
+
+    PIL batches are only moved; tensor batches move as uint8, deferred JPEGs are decoded and cropped
+    on the device, and the whole batch is normalised there. Raises VitError for an unreadable deferred
+    image under bad_images "error".
     """
+    if batch.labels is None:  # every image of the batch was unreadable (and skipped)
+        return None, None, []
     if not isinstance(transform, TensorTransform):
-        return batch.images, batch.labels, []
+        return batch.images.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True), []
     labels, skipped = batch.labels, []
     ready = batch.images.to(device, non_blocking=True) if batch.images is not None else None
     if not batch.deferred:
-        return (transform.normalize(ready) if ready is not None else None), labels, []
+        return (transform.normalize(ready) if ready is not None else None), labels.to(device, non_blocking=True), []
     # Assemble in batch order from per-image views and one stack: no index masks are copied to the
     # device (a copy from pageable memory would wait for the training step queued before it).
     slots: list[Optional[torch.Tensor]] = [None] * len(labels)
@@ -84,4 +88,5 @@ def finish_batch(batch: Batch, transform: Callable, bad_images: BadImages, devic
     if not all(keep):
         labels = labels[torch.tensor(keep)]
     images = [image for image in slots if image is not None]
+    labels = labels.to(device, non_blocking=True)
     return (transform.normalize(torch.stack(images)) if images else None), labels, skipped

@@ -298,7 +298,7 @@ def make_loader(
         rank, world_size: this process's shard.
         bad_images: "error" or "skip" (data.bad_images).
         pin_memory: None: when CUDA is available.
-        device: where the tensor pipeline's batches are finished (normalised) and delivered; default CPU.
+        device: where batches are delivered (and the tensor pipeline's normalised); default CPU.
         decode_on_device: tensor pipeline only: workers send JPEGs undecoded and the main process
             decodes and crops them on `device` (nvJPEG on CUDA). None: when device is CUDA.
         cache_bytes: keep the first full pass in memory and replay it when its batches fit in this many
