@@ -31,4 +31,11 @@ JPEGS=${JPEGS:-runs/bench/jpegs}
 run jpeg-tensor-w8          vit_b16 --data "$JPEGS" --batch-size 128 --num-workers 8 --pipeline tensor
 run jpeg-pil-w8             vit_b16 --data "$JPEGS" --batch-size 128 --num-workers 8 --pipeline pil
 run jpeg-tensor-w2          --data "$JPEGS" --res 224 --batch-size 128 --num-workers 2 --pipeline tensor
+# End to end: a short ViT-B/16 run through the trainer on those JPEGs (tensor pipeline: nvJPEG decode and
+# crops on the GPU, bf16 autocast, fused AdamW); metrics.jsonl's train lines give the loop's images/s.
+echo "== pretrain smoke run: $OUT/pretrain" >&2
+"$VIT" pretrain recipes/vit_b16.yaml --out "$OUT/pretrain" --force \
+  --set data.dataset="$JPEGS" --set data.num_workers=8 --set train.epochs=3 --set train.batch_size=256 \
+  --set train.micro_batch_size=128 --set schedule.warmup_steps=10 --set train.log_every=5 --set train.eval_every=20 \
+  > "$OUT/pretrain.log" 2>&1
 echo "results in $OUT" >&2
