@@ -198,3 +198,19 @@ def test_bench_on_cuda_reports_memory_flops_and_mfu_fields(capsys):
     for side in ("vitcli", "timm"):
         assert r[side]["peak_memory_bytes"] > 0
         assert (r[side]["mfu"] is None) == (r["peak_flops_per_second"] is None)
+
+
+def test_the_load_note_warns_only_when_other_work_ran_before_the_bench(capsys, monkeypatch):
+    from rich.console import Console
+
+    from vitcli.bench import print_bench
+
+    assert run_cli("bench", "vit_pico", "--json", *FAST) == 0
+    r = json.loads(capsys.readouterr().out)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    for load, noisy in (((0.2, 2.1), False), ((1.5, 3.0), True)):
+        r["load_average"] = list(load)
+        console = Console(record=True, width=200)
+        print_bench(r, console)
+        text = console.export_text()
+        assert f"load average {load[0]:.2f} before" in text and ("expect noisy times" in text) == noisy

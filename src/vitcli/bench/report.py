@@ -68,8 +68,10 @@ def print_model(result: dict[str, Any], console: Console) -> None:
     console.print(f"peak memory: {r['memory_method']}.", style="dim", highlight=False)
     before, after = r.get("load_average") or (None, None)
     if before is not None:
-        console.print(f"1-minute load average {before:.2f} before, {after:.2f} after "
-                      f"on {os.cpu_count()} cores (a load near or above the core count: other work shares them; expect noisy times).",
+        cores = os.cpu_count() or 1
+        # `after` includes the bench's own threads; only `before` says whether other work was running.
+        busy = "; other work was running when it started: expect noisy times" if before >= 0.5 * cores else ""
+        console.print(f"1-minute load average {before:.2f} before, {after:.2f} after on {cores} cores{busy}.",
                       style="dim", highlight=False)
     if r.get("ratio") is not None:
         console.print(f"ours / timm: {r['ratio']:.3f}x images/s", highlight=False)
