@@ -147,9 +147,7 @@ def train_batches(data: RunData, recipe: Recipe, plan, *, start_step: int, devic
     )
     taken = pos * plan.accum
     while True:
-        for images, labels in loader:
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
+        for images, labels in loader:  # delivered on `device`
             if data.mixup is not None:
                 images, labels = data.mixup(images, labels)
             data.skipped_images = loader.skipped
