@@ -3,13 +3,19 @@ the input-pipeline benchmark and user errors. Timings themselves are never asser
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 
+from timm.optim import create_optimizer_v2
+
+import vitcli.bench.steps as bench_steps
+import vitcli.engine.step as engine_step
+import vitcli.engine.trainer as trainer
 from vitcli.bench.flops import count_flops, vit_flops
-from vitcli.bench.hardware import MatmulProbe, peak_flops
+from vitcli.bench.hardware import GPU_PEAKS, MatmulProbe, peak_flops
 from vitcli.bench.steps import build_models, prepare
 from vitcli.bench.timing import Contestant, Stats, run_rounds
 from vitcli.models import create_model, resolve_config
@@ -76,6 +82,30 @@ def test_timm_equivalent_has_our_parameters_and_computes_the_same(name, res):
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
 
 
+def test_bench_times_the_trainers_own_step():
+    """`vit bench` runs engine.step.train_step, the function the training loop calls, with the trainer's
+    gradient clipping: one bench step equals a hand-written reference step (forward, cross-entropy,
+    backward, clip to norm 1, timm's AdamW), and differs from the same step without clipping."""
+    assert bench_steps.train_step is engine_step.train_step is trainer.train_step
+    cfg = resolve_config("vit_pico", num_classes=10)
+    model = create_model(cfg)
+    clipped, unclipped = copy.deepcopy(model), copy.deepcopy(model)
+    mut = prepare("vitcli", cfg.name, model, cfg, mode="train", batch_size=8, device=CPU, amp_dtype=None, compile=False)
+    images, labels = mut.inputs
+    mut.step()
+    norms = []
+    for ref, clip in ((clipped, True), (unclipped, False)):
+        ref.train()
+        opt = create_optimizer_v2(ref, "adamw", lr=1e-4, weight_decay=0.05)
+        torch.nn.functional.cross_entropy(ref(images), labels).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0 if clip else float("inf"))))
+        opt.step()
+    assert norms[0] > 1.0  # the clip was active
+    ours, ref_clipped, ref_unclipped = model.state_dict(), clipped.state_dict(), unclipped.state_dict()
+    assert max((ours[k] - ref_clipped[k]).abs().max().item() for k in ours) < 1e-6
+    assert max((ours[k] - ref_unclipped[k]).abs().max().item() for k in ours) > 1e-5
+
+
 def test_rounds_alternate_order_and_time_every_step():
     order = []
     a = Contestant("a", lambda: order.append("a"))
@@ -90,18 +120,16 @@ def test_rounds_alternate_order_and_time_every_step():
 
 
 def test_gpu_peak_table_matches_device_names():
+    """Every row is reachable: a device name made of its own words gets that row, not an earlier, looser one
+    (H100 PCIe is not H100 SXM, H20 is not H200, GH200 is not H200); unknown cards and dtypes get None."""
     bf16 = torch.bfloat16
-    assert peak_flops("NVIDIA H100 80GB HBM3", bf16) == 989e12
-    assert peak_flops("NVIDIA H100 PCIe", bf16) == 756e12
-    assert peak_flops("NVIDIA H200", bf16) == 989e12
-    assert peak_flops("NVIDIA GH200 480GB", bf16) == 989e12
-    assert peak_flops("NVIDIA H20", bf16) == 148e12
-    assert peak_flops("NVIDIA A100-SXM4-80GB", bf16) == 312e12
-    assert peak_flops("NVIDIA A100-SXM4-80GB", torch.float32) == 19.5e12
-    assert peak_flops("NVIDIA L40S", bf16) == 362e12
-    assert peak_flops("NVIDIA L4", bf16) == 121e12
-    assert peak_flops("Tesla T4", bf16) is None
-    assert peak_flops("Some Future GPU", bf16) is None
+    for pattern, bf16_peak, fp32_peak in GPU_PEAKS:
+        name = "NVIDIA " + pattern.replace(r"\b", "").replace(".*", " ") + " 80GB"
+        assert peak_flops(name, bf16) == (bf16_peak * 1e12 if bf16_peak else None), name
+        assert peak_flops(name, torch.float32) == fp32_peak * 1e12, name
+        assert peak_flops(name, torch.float16) is None
+        assert bf16_peak is None or bf16_peak > fp32_peak  # tensor cores outrun plain fp32 on every card
+    assert peak_flops("Some Future GPU", bf16) is None and peak_flops("NVIDIA H2000", bf16) is None
     probe = MatmulProbe(CPU, torch.float32, 64)
     assert probe.flops == 2 * 64 ** 3
     probe.step()

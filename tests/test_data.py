@@ -14,6 +14,8 @@ from timm.loss import SoftTargetCrossEntropy
 
 from vitcli.data import (
     ImageSet,
+    MixSpec,
+    TransformSpec,
     build_mixup,
     build_train_loss,
     build_transform,
@@ -21,7 +23,6 @@ from vitcli.data import (
     make_loader,
 )
 from vitcli.errors import VitError
-from vitcli.recipe import DataCfg
 
 SIZE = (16, 16)
 
@@ -56,16 +57,16 @@ def image_set_with_bad_image(bad_index: int, n: int = 10, truncated_index: int |
     return ImageSet(ds, 2, ["a", "b"], "tiny", "train")
 
 
-def augmenting_cfg() -> DataCfg:
-    return DataCfg(crop_scale=[0.3, 1.0], hflip=0.5, randaugment="rand-m9-mstd0.5", random_erasing=0.5)
+def augmenting_cfg() -> TransformSpec:
+    return TransformSpec(crop_scale=[0.3, 1.0], hflip=0.5, randaugment="rand-m9-mstd0.5", random_erasing=0.5)
 
 
 @pytest.fixture(params=["pil", "tensor"])
-def train_cfg(request) -> DataCfg:
+def train_cfg(request) -> TransformSpec:
     """Random augmentation through either pipeline: the loader's guarantees hold for both."""
     if request.param == "pil":
         return augmenting_cfg()
-    return DataCfg(crop_scale=[0.3, 1.0], hflip=0.5, pipeline="tensor")
+    return TransformSpec(crop_scale=[0.3, 1.0], hflip=0.5, pipeline="tensor")
 
 
 def collect(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -77,7 +78,7 @@ def collect(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def test_eval_transform_of_a_constant_image_is_the_normalised_value():
-    cfg = DataCfg(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], crop_pct=0.9)
+    cfg = TransformSpec(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], crop_pct=0.9)
     tf = build_transform(cfg, (24, 32), train=False)
     out = tf(Image.new("RGB", (50, 40), (100, 150, 200)))
     assert out.shape == (3, 24, 32) and out.dtype == torch.float32
@@ -86,9 +87,9 @@ def test_eval_transform_of_a_constant_image_is_the_normalised_value():
 
 
 def test_grayscale_images_feed_rgb_models_and_one_channel_mean_gives_one_channel():
-    rgb = build_transform(DataCfg(), SIZE, train=False)(Image.new("L", (8, 8), 255))
+    rgb = build_transform(TransformSpec(), SIZE, train=False)(Image.new("L", (8, 8), 255))
     assert rgb.shape == (3, *SIZE) and torch.allclose(rgb, torch.ones_like(rgb))
-    gray_cfg = DataCfg(mean=[0.5], std=[0.5], randaugment="rand-m9-mstd0.5", random_erasing=0.25)
+    gray_cfg = TransformSpec(mean=[0.5], std=[0.5], randaugment="rand-m9-mstd0.5", random_erasing=0.25)
     gray = build_transform(gray_cfg, SIZE, train=True)(Image.new("RGB", (8, 8), (0, 0, 0)))
     assert gray.shape == (1, *SIZE)
 
@@ -100,14 +101,14 @@ def test_train_transform_uses_the_recipe_and_bad_randaugment_is_a_vit_error():
     assert "RandomErasing" in text and "bicubic" in text
     assert tf(Image.new("RGB", (40, 30))).shape == (3, *SIZE)
     with pytest.raises(VitError, match="data.randaugment"):
-        build_transform(DataCfg(randaugment="rand-zz9"), SIZE, train=True)
+        build_transform(TransformSpec(randaugment="rand-zz9"), SIZE, train=True)
 
 
 def test_mixup_and_loss_choice():
-    assert build_mixup(DataCfg(), 10) is None
-    assert isinstance(build_train_loss(DataCfg(label_smoothing=0.1)), torch.nn.CrossEntropyLoss)
-    assert build_train_loss(DataCfg(label_smoothing=0.1)).label_smoothing == 0.1
-    cfg = DataCfg(mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+    assert build_mixup(MixSpec(), 10) is None
+    assert isinstance(build_train_loss(MixSpec(label_smoothing=0.1)), torch.nn.CrossEntropyLoss)
+    assert build_train_loss(MixSpec(label_smoothing=0.1)).label_smoothing == 0.1
+    cfg = MixSpec(mixup=0.8, cutmix=1.0, label_smoothing=0.1)
     assert isinstance(build_train_loss(cfg), SoftTargetCrossEntropy)
     mixup = build_mixup(cfg, 10)
     for n in (6, 5):  # an odd batch (an unreadable image was dropped) must work too
@@ -122,7 +123,7 @@ def test_mixup_and_loss_choice():
 
 
 def test_batches_have_the_right_shape_and_labels(digits_train):
-    tf = build_transform(DataCfg(), SIZE, train=False)
+    tf = build_transform(TransformSpec(), SIZE, train=False)
     loader = make_loader(digits_train, tf, 64, shuffle=False, drop_last=False)
     batches = collect(loader)
     assert len(loader) == loader.batches_per_epoch == len(batches) == 4
@@ -206,7 +207,7 @@ PIPELINES = [("pil", False), ("tensor", False), ("tensor", True)]  # (data.pipel
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("pipeline,on_device", PIPELINES)
 def test_bad_image_error_names_the_image_and_the_fix(num_workers, pipeline, on_device):
-    tf = build_transform(DataCfg(pipeline=pipeline), SIZE, train=False)
+    tf = build_transform(TransformSpec(pipeline=pipeline), SIZE, train=False)
     loader = make_loader(image_set_with_bad_image(6), tf, 4, shuffle=False, drop_last=False, num_workers=num_workers,
                          decode_on_device=on_device)
     with pytest.raises(VitError) as err:
@@ -219,7 +220,7 @@ def test_bad_image_error_names_the_image_and_the_fix(num_workers, pipeline, on_d
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("pipeline,on_device", PIPELINES)
 def test_bad_image_skip_drops_and_counts_it(num_workers, pipeline, on_device):
-    tf = build_transform(DataCfg(pipeline=pipeline), SIZE, train=False)
+    tf = build_transform(TransformSpec(pipeline=pipeline), SIZE, train=False)
     loader = make_loader(image_set_with_bad_image(6, truncated_index=1), tf, 4, shuffle=False, drop_last=False,
                          bad_images="skip", num_workers=num_workers, decode_on_device=on_device)
     batches = collect(loader)
@@ -231,7 +232,7 @@ def test_bad_image_skip_drops_and_counts_it(num_workers, pipeline, on_device):
 
 @pytest.mark.parametrize("pipeline", ["pil", "tensor"])
 def test_an_eval_loader_within_its_cache_budget_replays_its_first_pass(digits_train, pipeline, monkeypatch):
-    tf = build_transform(DataCfg(pipeline=pipeline), SIZE, train=False)
+    tf = build_transform(TransformSpec(pipeline=pipeline), SIZE, train=False)
     one_pass = 200 * (3 * 16 * 16 * 4 + 8)  # float images + int64 labels
     loader = make_loader(digits_train, tf, 64, shuffle=False, drop_last=False, cache_bytes=one_pass)
     first = collect(loader)
@@ -244,13 +245,13 @@ def test_an_eval_loader_within_its_cache_budget_replays_its_first_pass(digits_tr
     collect(small)
     assert small.cached is None  # over budget: every pass reads again
     with pytest.raises(ValueError, match="evaluation loaders only"):
-        make_loader(digits_train, build_transform(DataCfg(), SIZE, train=True), 64, shuffle=True, drop_last=True,
+        make_loader(digits_train, build_transform(TransformSpec(), SIZE, train=True), 64, shuffle=True, drop_last=True,
                     cache_bytes=one_pass)
 
 
 @pytest.mark.parametrize("pipeline,on_device", PIPELINES)
 def test_a_batch_with_no_readable_image_is_dropped_and_counted(pipeline, on_device):
-    tf = build_transform(DataCfg(pipeline=pipeline), SIZE, train=False)
+    tf = build_transform(TransformSpec(pipeline=pipeline), SIZE, train=False)
     loader = make_loader(image_set_with_bad_image(2, n=4, truncated_index=3), tf, 2, shuffle=False, drop_last=False,
                          bad_images="skip", decode_on_device=on_device)
     assert [y.tolist() for _, y in loader] == [[0, 1]] and loader.skipped == 2

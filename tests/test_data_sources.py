@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitcli.data import build, list_datasets, load_split, lookup
-from vitcli.data import hub
+from vitcli.data import SourceSpec, build, hub, list_datasets, load_split, lookup
 from vitcli.errors import VitError
-from vitcli.recipe import DataCfg
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +108,7 @@ def test_subsets_are_seeded_and_eval_subset_ignores_the_training_seed():
     c = load_split("digits", role="train", seed=2, subset=100)
     assert len(a) == 100 and a.dataset["label"] == b.dataset["label"]
     assert paths_or_pixels(a) == paths_or_pixels(b) != paths_or_pixels(c)
-    cfg = DataCfg(dataset="digits", eval_subset=50, train_subset=5000)
+    cfg = SourceSpec(dataset="digits", eval_subset=50, train_subset=5000)
     assert len(build(cfg, "train", seed=3)) == 1437  # a subset larger than the split is the whole split
     assert paths_or_pixels(build(cfg, "eval", seed=3)) == paths_or_pixels(build(cfg, "eval", seed=4))
 

@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from test_pretrain import run_cli
-from vitcli.engine.setup import build_data, eval_batches
-from vitcli.engine.trainer import StepPlan
+from vitcli.engine.batches import eval_batches
+from vitcli.engine.plan import StepPlan
+from vitcli.engine.setup import build_data
 from vitcli.errors import VitError
 from vitcli.recipe import recipe_from_dict
 
@@ -43,11 +44,11 @@ FSDP = ["--set", "train.strategy=fsdp", "--set", "train.activation_checkpointing
 # Runs `vit` under torchrun and saves every rank's final weights (the module the trainer built).
 DUMP_WEIGHTS = """
 import sys, torch, torch.distributed as dist
-import vitcli.engine.trainer as trainer
+import vitcli.engine.run as run
 from vitcli.cli import main
 built = []
-_build = trainer.build_model
-trainer.build_model = lambda *a, **k: built.append(_build(*a, **k)) or built[-1]
+_build = run.build_model
+run.build_model = lambda *a, **k: built.append(_build(*a, **k)) or built[-1]
 try:
     main(sys.argv[2:])
 except SystemExit as e:
@@ -180,7 +181,7 @@ def test_eval_shards_count_every_image_once(tmp_path):
 def test_global_batch_plan_and_fsdp_refuses_ema():
     def plan(world: int, micro: int | None) -> tuple[int, int]:
         r = recipe_from_dict({"train": {"steps": 1, "batch_size": 16, "micro_batch_size": micro}})
-        p = StepPlan.make(r, 64, world)
+        p = StepPlan.make(r.train, 64, world)
         return p.micro_batch, p.accum
 
     assert plan(1, None) == (16, 1) and plan(2, None) == (8, 1) and plan(2, 4) == (4, 2) and plan(4, 2) == (2, 2)

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitcli.engine import checkpoint as ckpt
-from vitcli.engine.evaluate import ECE_BINS, EvalAccumulator, evaluate
+from vitcli.io import checkpoint as ckpt
+from vitcli.objectives import ECE_BINS, EvalAccumulator, evaluate
 from vitcli.engine.optim import build_optimizer, lr_at
-from vitcli.engine.runtime import rng_state, set_rng_state
+from vitcli.rng import rng_state, set_rng_state
 from vitcli.errors import VitError
 from vitcli.models import create_model
 from vitcli.recipe import OptimCfg, ScheduleCfg
@@ -127,8 +127,8 @@ def test_truncated_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path):
     data = (newest.path / ckpt.STATE).read_bytes()
     (newest.path / ckpt.STATE).write_bytes(data[: len(data) // 2])
     notes = []
-    found, weights, _, state = ckpt.newest_loadable(root, warn=notes.append)
-    assert found.step == 10 and torch.equal(weights["w"], torch.ones(4)) and state["step"] == 10
+    found = ckpt.newest_loadable(root, warn=notes.append)
+    assert found.step == 10 and torch.equal(found.weights["w"], torch.ones(4)) and found.state["step"] == 10
     assert any("step-00000020" in n for n in notes)
 
 

@@ -17,13 +17,14 @@ from PIL import Image
 from rich.console import Console
 
 from vitcli import data as vdata
-from vitcli.engine import checkpoint as ckpt
-from vitcli.engine.evalrun import eval_cfg, run_eval
+from vitcli.io import checkpoint as ckpt
+from vitcli.engine.evalrun import run_eval
 from vitcli.engine.report import confusion_matrix, print_eval, worst_classes
 from vitcli.errors import VitError
 from vitcli.models import create_model
 from vitcli.models.load import meta_for_model, save_state_dict
-from vitcli.recipe import DataCfg
+
+from test_pretrain import run_cli
 
 KEYS = ("top1", "top5", "loss", "ece", "num_images", "images_per_second", "per_class_accuracy", "checkpoint",
         "dataset", "split", "img_size")
@@ -42,7 +43,7 @@ def direct_logits(ckpt_path: Path, img_size=(8, 8)) -> tuple[torch.Tensor, torch
 
     model, _ = model_from_checkpoint(ckpt_path, img_size=img_size if img_size != (8, 8) else None)
     split = vdata.load_split("digits", role="eval")
-    tf = vdata.build_transform(DataCfg(), img_size, train=False)
+    tf = vdata.build_transform(vdata.TransformSpec(), img_size, train=False)
     images = torch.stack([tf(img) for img in split.dataset["image"]])
     labels = torch.tensor(split.dataset["label"])
     with torch.no_grad():
@@ -231,8 +232,18 @@ def test_cifar100_local_copy_end_to_end(tmp_path):
         assert img.format == "PNG"
 
 
+def test_eval_res_takes_height_x_width_like_finetune_and_bench(tmp_path, capsys):
+    path = make_ckpt(tmp_path / "p.safetensors")
+    assert run_cli("eval", "--ckpt", str(path), "--dataset", "digits", "--res", "16x8", "--num-workers", "0", "--json") == 0
+    r = json.loads(capsys.readouterr().out)
+    logits, labels = direct_logits(path, img_size=(16, 8))
+    assert r["img_size"] == [16, 8] and r["top1"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    assert run_cli("eval", "--ckpt", str(path), "--dataset", "digits", "--res", "16y8") == 2
+    assert "HEIGHTxWIDTH" in capsys.readouterr().err
+
+
 def test_eval_transform_follows_the_checkpoint_meta():
-    cfg = eval_cfg({"mean": [0.1, 0.2, 0.3], "std": [1, 2, 3], "interpolation": "bilinear", "crop_pct": 1.0})
-    assert (cfg.mean, cfg.std, cfg.interpolation, cfg.crop_pct) == ([0.1, 0.2, 0.3], [1.0, 2.0, 3.0], "bilinear", 1.0)
-    cfg = eval_cfg({})
-    assert (cfg.mean, cfg.std, cfg.interpolation, cfg.crop_pct) == ([0.5] * 3, [0.5] * 3, "bicubic", 0.875)
+    cfg = vdata.TransformSpec.from_checkpoint({"mean": [0.1, 0.2, 0.3], "std": [1, 2, 3], "interpolation": "bilinear", "crop_pct": 1.0})
+    assert (cfg.mean, cfg.std, cfg.interpolation, cfg.crop_pct) == ((0.1, 0.2, 0.3), (1.0, 2.0, 3.0), "bilinear", 1.0)
+    cfg = vdata.TransformSpec.from_checkpoint({})
+    assert (cfg.mean, cfg.std, cfg.interpolation, cfg.crop_pct) == ((0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from vitcli.engine import checkpoint as ckpt
+from vitcli.io import checkpoint as ckpt
 from vitcli.engine.setup import build_model
 from vitcli.models.load import load_checkpoint
 from vitcli.recipe import load_recipe
@@ -85,7 +85,8 @@ def test_finetune_with_an_unknown_checkpoint_is_one_clear_error(tmp_path, capsys
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("res, grid, mode", [("16", (8, 8), "bicubic"), ("4", (2, 2), "bilinear"), ("16x24", (8, 12), "bicubic")])
+@pytest.mark.parametrize("res, grid, mode", [("16", (8, 8), "bicubic"), ("4", (2, 2), "bilinear"), ("16x24", (8, 12), "bicubic"),
+                                             ("12", (6, 6), "nearest"), ("16", (8, 8), "area")])
 def test_interpolate_pos_cli_equals_timm(pretrained, tmp_path, capsys, res, grid, mode):
     out = tmp_path / "new.safetensors"
     assert run_cli("interpolate-pos", "--ckpt", str(pretrained), "--res", res, "--mode", mode, "--out", str(out)) == 0
@@ -93,7 +94,8 @@ def test_interpolate_pos_cli_equals_timm(pretrained, tmp_path, capsys, res, grid
     src = load_checkpoint(pretrained).state_dict
     new, meta = ckpt.read_weights(out)
     assert set(new) == set(src)
-    expected = resample_abs_pos_embed(src["pos_embed"], new_size=grid, old_size=(4, 4), num_prefix_tokens=1, interpolation=mode)
+    expected = resample_abs_pos_embed(src["pos_embed"], new_size=grid, old_size=(4, 4), num_prefix_tokens=1, interpolation=mode,
+                                      antialias=mode in ("bicubic", "bilinear"))
     assert torch.allclose(new["pos_embed"], expected, atol=1e-6)
     assert meta["img_size"] == [2 * grid[0], 2 * grid[1]]
     # the written file is itself a valid --ckpt

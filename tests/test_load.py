@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
-from vitcli.engine.checkpoint import save_checkpoint
+from vitcli.io.checkpoint import save_checkpoint
 from vitcli.errors import VitError
 from vitcli.models import create_model
 from vitcli.models.load import (LoadedCheckpoint, adapt_checkpoint, load_checkpoint, meta_for_model,

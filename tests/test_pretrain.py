@@ -15,8 +15,12 @@ import torch
 from PIL import Image
 
 from vitcli.cli import main
-from vitcli.engine import checkpoint as ckpt
+from vitcli.data import make_loader
+from vitcli.engine.setup import build_data
+from vitcli.io import checkpoint as ckpt
 from vitcli.models import create_model
+from vitcli.objectives import evaluate
+from vitcli.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,8 +119,14 @@ def test_pretrain_on_an_image_folder_writes_a_complete_run(tmp_path, image_folde
     assert best.exists() and (run / "checkpoints" / "last" / ckpt.STATE).exists()
     weights, meta = ckpt.read_weights(best)
     assert meta["class_names"] == ["class0", "class1"] and meta["mean"] == [0.5, 0.5, 0.5]
-    model = create_model(meta["model"], **meta["model_args"])
-    model.load_state_dict(weights)
+    data = build_data(load_recipe(run / "recipe.yaml"))  # the run's own eval split and transform
+    for path, logged in ((best, summary["best_top1"]), (run / "checkpoints" / "last" / ckpt.WEIGHTS, summary["final_top1"])):
+        weights, meta = ckpt.read_weights(path)
+        model = create_model(meta["model"], **meta["model_args"])
+        model.load_state_dict(weights)
+        loader = make_loader(data.eval, data.eval_transform, 4, shuffle=False, drop_last=False)
+        scores = evaluate(model, loader, data.num_classes, torch.device("cpu"))
+        assert scores["top1"] == logged == meta["top1"] and scores["num_images"] == 8
     state = ckpt.read_state(run / "checkpoints" / "last" / ckpt.STATE)
     assert state["step"] == 6 and "optimizer" in state and "rng" in state
 

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from vitcli.engine import checkpoint as ckpt
+from vitcli.io import checkpoint as ckpt
 
 from test_pretrain import TINY, read_metrics, recipe_file, run_cli
 
@@ -98,7 +98,7 @@ def test_non_finite_losses_skip_steps_then_stop_keeping_the_last_good_checkpoint
     skipped = [e for e in read_metrics(run) if e["kind"] == "skipped"]
     assert len(skipped) == 3
     found = ckpt.newest_loadable(run / "checkpoints")
-    assert found is not None and found[0].step < skipped[0]["step"]
+    assert found is not None and found.step < skipped[0]["step"]
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from vitcli.engine import checkpoint as ckpt
+from vitcli.io import checkpoint as ckpt
 
 from test_preemption import ARGS, comparable, start_training, train_steps
 from test_pretrain import recipe_file, run_cli
@@ -72,8 +72,8 @@ def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_sur
     assert run_cli("pretrain", str(recipe), "--out", str(run), *args) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Free disk space" in err and "--resume" in err
-    found, _, _, state = ckpt.newest_loadable(run / "checkpoints")
-    assert found.step == 2 and state["step"] == 2
+    found = ckpt.newest_loadable(run / "checkpoints")
+    assert found.step == 2 and found.state["step"] == 2
     assert not list((run / "checkpoints").glob(".tmp*")), "the half-written checkpoint is cleaned up"
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vitcli.data import ImageSet, TensorTransform, build_transform, make_loader, uses_tensor_pipeline
+from vitcli.data import ImageSet, TensorTransform, TransformSpec, build_transform, make_loader
 from vitcli.data.decode import decode_host, decode_on_device, jpeg_size
 from vitcli.errors import VitError
 from vitcli.recipe import DataCfg, recipe_from_dict
@@ -45,7 +45,7 @@ def mixed_set() -> ImageSet:
     return image_set(cells)
 
 
-def batches(image_set: ImageSet, cfg: DataCfg, train: bool, **kwargs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(image_set: ImageSet, cfg: TransformSpec, train: bool, **kwargs) -> list[tuple[torch.Tensor, torch.Tensor]]:
     tf = build_transform(cfg, (24, 32), train=train)
     loader = make_loader(image_set, tf, 4, shuffle=train, drop_last=False, seed=3, **kwargs)
     return [(x.clone(), y.clone()) for x, y in loader]
@@ -55,8 +55,8 @@ def batches(image_set: ImageSet, cfg: DataCfg, train: bool, **kwargs) -> list[tu
 @pytest.mark.parametrize("train", [True, False])
 def test_tensor_pipeline_matches_timms_pil_transforms_within_one_grey_level(mixed_set, interpolation, train):
     cfg = dict(interpolation=interpolation, crop_scale=[0.2, 1.0], hflip=0.5, crop_pct=0.875)
-    pil = batches(mixed_set, DataCfg(pipeline="pil", **cfg), train, epoch=1)
-    tensor = batches(mixed_set, DataCfg(pipeline="tensor", **cfg), train, epoch=1)
+    pil = batches(mixed_set, TransformSpec(pipeline="pil", **cfg), train, epoch=1)
+    tensor = batches(mixed_set, TransformSpec(pipeline="tensor", **cfg), train, epoch=1)
     for (xp, yp), (xt, yt) in zip(pil, tensor, strict=True):
         assert torch.equal(yp, yt) and xt.shape == xp.shape == (len(yp), 3, 24, 32) and xt.dtype == torch.float32
         levels = (xp - xt).abs() * 0.5 * 255  # std 0.5: back to 0..255 units
@@ -68,13 +68,13 @@ def test_tensor_pipeline_matches_timms_pil_transforms_within_one_grey_level(mixe
         else:
             assert levels.max() <= 1.0 + 1e-3 and levels.mean() < 0.25
     if train:  # the augmentation is random: another epoch crops differently
-        other = batches(mixed_set, DataCfg(pipeline="tensor", **cfg), train, epoch=2)
+        other = batches(mixed_set, TransformSpec(pipeline="tensor", **cfg), train, epoch=2)
         assert not torch.equal(other[0][0], tensor[0][0]) or not torch.equal(other[0][1], tensor[0][1])
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_jpegs_left_for_the_device_give_the_same_batches(mixed_set, num_workers):
-    cfg = DataCfg(pipeline="tensor", crop_scale=[0.2, 1.0])
+    cfg = TransformSpec(pipeline="tensor", crop_scale=[0.2, 1.0])
     host = batches(mixed_set, cfg, True, epoch=4)
     deferred = batches(mixed_set, cfg, True, epoch=4, decode_on_device=True, num_workers=num_workers)
     for (xa, ya), (xb, yb) in zip(host, deferred, strict=True):
@@ -82,7 +82,7 @@ def test_jpegs_left_for_the_device_give_the_same_batches(mixed_set, num_workers)
 
 
 def test_deferred_batches_merge_in_order_and_send_only_plain_jpegs(mixed_set):
-    tf = build_transform(DataCfg(pipeline="tensor"), (24, 32), train=True)
+    tf = build_transform(TransformSpec(pipeline="tensor"), (24, 32), train=True)
     loader = make_loader(mixed_set, tf, 8, shuffle=False, drop_last=False, decode_on_device=True)
     batch = loader.dataset.load(list(range(8)), epoch=0)
     assert [d.position for d in batch.deferred] == [1, 3, 5, 7]  # the JPEGs; the PNGs were decoded in the worker
@@ -145,7 +145,7 @@ def truncated_jpeg_set() -> ImageSet:
 
 
 def test_a_truncated_jpeg_decoded_on_the_device_is_named_or_skipped():
-    tf = build_transform(DataCfg(pipeline="tensor"), (24, 32), train=False)
+    tf = build_transform(TransformSpec(pipeline="tensor"), (24, 32), train=False)
     loader = make_loader(truncated_jpeg_set(), tf, 4, shuffle=False, drop_last=False, decode_on_device=True)
     with pytest.raises(VitError, match=r"Image 2 of data set 'cut'.*bad_images"):
         list(loader)
@@ -156,21 +156,21 @@ def test_a_truncated_jpeg_decoded_on_the_device_is_named_or_skipped():
 
 
 def test_the_transform_alone_is_callable_on_a_pil_image_like_timms():
-    tf = build_transform(DataCfg(pipeline="tensor", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]), (24, 32),
+    tf = build_transform(TransformSpec(pipeline="tensor", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]), (24, 32),
                          train=False)
     assert isinstance(tf, TensorTransform) and "CenterCrop" in repr(tf)
     out = tf(Image.new("RGB", (50, 40), (100, 150, 200)))
     expected = (torch.tensor([100, 150, 200]) / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
     torch.testing.assert_close(out, expected.view(3, 1, 1).expand(3, 24, 32), atol=1e-5, rtol=0)
-    grey = build_transform(DataCfg(pipeline="tensor", mean=[0.5], std=[0.5]), (8, 8), train=True)(Image.new("RGB", (9, 9)))
+    grey = build_transform(TransformSpec(pipeline="tensor", mean=[0.5], std=[0.5]), (8, 8), train=True)(Image.new("RGB", (9, 9)))
     assert grey.shape == (1, 8, 8) and torch.allclose(grey, torch.full_like(grey, -1.0))
 
 
 def test_auto_picks_the_pil_pipeline_for_pil_only_augmentations_and_tensor_refuses_them():
-    assert uses_tensor_pipeline(DataCfg())
-    assert not uses_tensor_pipeline(DataCfg(randaugment="rand-m9-mstd0.5"))
-    assert not uses_tensor_pipeline(DataCfg(random_erasing=0.25))
-    assert not uses_tensor_pipeline(DataCfg(pipeline="pil"))
+    assert TransformSpec.of(DataCfg()).tensor_pipeline
+    assert not TransformSpec.of(DataCfg(randaugment="rand-m9-mstd0.5")).tensor_pipeline
+    assert not TransformSpec.of(DataCfg(random_erasing=0.25)).tensor_pipeline
+    assert not TransformSpec.of(DataCfg(pipeline="pil")).tensor_pipeline
     with pytest.raises(VitError, match=r"data.pipeline.*data.randaugment.*data.pipeline: pil"):
         recipe_from_dict({"data": {"pipeline": "tensor", "randaugment": "rand-m9-mstd0.5"}})
     with pytest.raises(VitError, match="data.pipeline"):
@@ -179,7 +179,7 @@ def test_auto_picks_the_pil_pipeline_for_pil_only_augmentations_and_tensor_refus
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_batches_equal_the_cpu_ones_within_a_grey_level(mixed_set):
-    cfg = DataCfg(pipeline="tensor", crop_scale=[0.2, 1.0])
+    cfg = TransformSpec(pipeline="tensor", crop_scale=[0.2, 1.0])
     cpu = batches(mixed_set, cfg, True, epoch=1)
     cuda = batches(mixed_set, cfg, True, epoch=1, device=torch.device("cuda"))  # nvJPEG + crops on the GPU
     for (xa, ya), (xb, yb) in zip(cpu, cuda, strict=True):
@@ -196,7 +196,7 @@ def test_batches_with_deferred_jpegs_survive_the_dataloaders_pinning_step(mixed_
 
     pinned: list[torch.Tensor] = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pinned.append(self) or self)
-    tf = build_transform(DataCfg(pipeline="tensor"), (24, 32), train=True)
+    tf = build_transform(TransformSpec(pipeline="tensor"), (24, 32), train=True)
     loader = make_loader(mixed_set, tf, 8, shuffle=False, drop_last=False, decode_on_device=True)
     batch = loader.dataset.load(list(range(8)), epoch=0)
     out = pin_memory(batch)
@@ -207,7 +207,7 @@ def test_batches_with_deferred_jpegs_survive_the_dataloaders_pinning_step(mixed_
 
 @pytest.mark.parametrize("pipeline", ["pil", "tensor"])
 def test_the_dataset_indexed_directly_gives_the_loaders_image(mixed_set, pipeline):
-    tf = build_transform(DataCfg(pipeline=pipeline), (24, 32), train=True)
+    tf = build_transform(TransformSpec(pipeline=pipeline), (24, 32), train=True)
     loader = make_loader(mixed_set, tf, 4, shuffle=False, drop_last=False, seed=3, epoch=2)
     first_batch, labels = next(iter(loader))
     loader.dataset.set_epoch(2)

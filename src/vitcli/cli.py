@@ -44,23 +44,26 @@ def pretrain(
     keep: Optional[int] = typer.Option(None, "--keep", min=0, help="Step checkpoints kept besides last and best (recipe: train.keep)."),
 ) -> None:
     """Train a model from scratch as the recipe says; writes a run directory."""
-    from vitcli.engine.rundir import default_run_dir, newest_run
     from vitcli.engine.trainer import train
+    from vitcli.io.rundir import default_run_dir, newest_run
     from vitcli.recipe import load_recipe
 
-    overrides = list(set_ or [])
-    if device is not None:
-        overrides.append(f"train.device={device}")
-    if keep is not None:
-        overrides.append(f"train.keep={keep}")
-    r = load_recipe(recipe, overrides)
+    r = load_recipe(recipe, _overrides(set_, device=device, keep=keep))
     if out is None:
         out = newest_run(prefix=f"{r.name}-") if resume else None
         if resume and out is None:
             raise VitError(f"--resume: no earlier run of '{r.name}' under runs/. Pass --out RUN_DIR.")
-        out = out or default_run_dir(r)
+        out = out or default_run_dir(r.name)
     summary = train(r, out, resume=resume, force=force, console=console)
     _print_summary(summary)
+
+
+def _overrides(set_: list[str] | None, *, device: str | None = None, keep: int | None = None,
+               layer_decay: float | None = None, linear_probe: bool = False) -> list[str]:
+    """The recipe overrides of a command: its --set items, then the dedicated flags that map onto fields."""
+    flags = {"train.device": device, "train.keep": keep, "optim.layer_decay": layer_decay,
+             "train.linear_probe": "true" if linear_probe else None}
+    return [*(set_ or []), *(f"{key}={value}" for key, value in flags.items() if value is not None)]
 
 
 def _print_summary(summary: dict) -> None:
@@ -115,21 +118,13 @@ def finetune(
 ) -> None:
     """Fine-tune a pretrained model on a (smaller) data set, at a higher resolution (paper §3.2)."""
     from vitcli.engine.finetune import build_finetune_recipe, finetune as run_finetune
-    from vitcli.engine.rundir import default_run_dir
+    from vitcli.io.rundir import default_run_dir
 
-    overrides = list(set_ or [])
-    if device is not None:
-        overrides.append(f"train.device={device}")
-    if layer_decay is not None:
-        overrides.append(f"optim.layer_decay={layer_decay}")
-    if linear_probe:
-        overrides.append("train.linear_probe=true")
-    if keep is not None:
-        overrides.append(f"train.keep={keep}")
+    overrides = _overrides(set_, device=device, keep=keep, layer_decay=layer_decay, linear_probe=linear_probe)
     r, init = build_finetune_recipe(ckpt, res=_parse_res(res), dataset=dataset, recipe_path=recipe, overrides=overrides)
     for note in init.notes:
         console.print(f"[dim]{note}[/]")
-    summary = run_finetune(r, out or default_run_dir(r), lr_sweep=_parse_floats(lr_sweep, "--lr-sweep"), resume=resume, force=force, console=console, init=init)
+    summary = run_finetune(r, out or default_run_dir(r.name), lr_sweep=_parse_floats(lr_sweep, "--lr-sweep"), resume=resume, force=force, console=console, init=init)
     _print_summary(summary)
 
 
@@ -139,14 +134,15 @@ def interpolate_pos(
     res: str = typer.Option(..., "--res", help="New resolution: 384 or 384x512."),
     out: Path = typer.Option(..., "--out", help="Output file: .safetensors (recommended) or .pth."),
     patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Also resize the patch embedding to this patch size (FlexiViT)."),
-    mode: str = typer.Option("bicubic", "--mode", help="bicubic | bilinear."),
+    mode: str = typer.Option("bicubic", "--mode", help="bicubic | bilinear | nearest | area."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
 ) -> None:
     """Resample a checkpoint's position embeddings to a new resolution (and patch size); keys unchanged."""
     from vitcli.models.load import adapt_checkpoint, load_checkpoint, save_state_dict
+    from vitcli.models.posemb import MODES
 
-    if mode not in ("bicubic", "bilinear"):
-        raise VitError(f"--mode must be bicubic or bilinear; got {mode!r}.")
+    if mode not in MODES:
+        raise VitError(f"--mode must be one of {', '.join(MODES)}; got {mode!r}.")
     if out.exists() and not force:
         raise VitError(f"--out {out} exists. Choose another path or pass --force to overwrite it.")
     if out.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
@@ -172,7 +168,7 @@ def eval_cmd(
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set name or path (default: the checkpoint's)."),
     split: Optional[str] = typer.Option(None, "--split", help="Split to evaluate (default: the set's test/validation split)."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local copy of a named set (image folder or save_to_disk)."),
-    res: Optional[int] = typer.Option(None, "--res", help="Evaluate at this resolution (position embeddings interpolated)."),
+    res: Optional[str] = typer.Option(None, "--res", help="Evaluate at this resolution, 384 or 384x512 (position embeddings interpolated)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per batch."),
     fewshot: Optional[str] = typer.Option(None, "--fewshot", help="Few-shot linear evaluation with K images per class, e.g. 1,5,10,25."),
     predictions: Optional[Path] = typer.Option(None, "--predictions", help="Write one CSV row per image."),
@@ -194,7 +190,7 @@ def eval_cmd(
             raise VitError(f"--fewshot {fewshot!r}: each K must be >= 1.")
     shown = err_console if as_json else console
     say = lambda message: shown.print(message, markup=False, highlight=False)  # noqa: E731
-    result = run_eval(ckpt, dataset, split=split, res=res, batch_size=batch_size, data_dir=data_dir, device=device,
+    result = run_eval(ckpt, dataset, split=split, res=_parse_res(res), batch_size=batch_size, data_dir=data_dir, device=device,
                       fewshot=shots, predictions=predictions, confusion=confusion, num_workers=num_workers, say=say)
     if as_json:
         print(json.dumps(result))
@@ -247,7 +243,7 @@ def consolidate_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Output .safetensors (default: model.safetensors inside the step directory)."),
 ) -> None:
     """Turn a sharded (train.strategy: fsdp) checkpoint into one .safetensors file, on one process."""
-    from vitcli.engine.distributed import consolidate_checkpoint
+    from vitcli.io.sharded import consolidate_checkpoint
 
     if out is not None and out.suffix != ".safetensors":
         raise VitError(f"--out {out} must end in .safetensors.")

@@ -19,7 +19,6 @@ from vitcli import data as vdata
 from vitcli.bench.timing import Stats, synchronize
 from vitcli.engine.runtime import pick_device
 from vitcli.errors import VitError
-from vitcli.recipe import DataCfg
 
 
 def _batches(loader: vdata.Loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -49,9 +48,9 @@ def bench_data(
     dev = pick_device(device)
     if pipeline not in ("auto", "pil", "tensor"):
         raise VitError(f"--pipeline {pipeline!r}: choose auto, pil or tensor.")
-    cfg = DataCfg(dataset=dataset, data_dir=data_dir, num_workers=num_workers, pipeline=pipeline)
+    cfg = vdata.TransformSpec(pipeline=pipeline)  # the recipe defaults' training transforms
     say(f"loading the training split of {dataset}")
-    image_set = vdata.build(cfg, "train", img_size=img_size)
+    image_set = vdata.build(vdata.SourceSpec(dataset=dataset, data_dir=data_dir), "train", img_size=img_size)
     if batch_size > len(image_set):
         raise VitError(f"--batch-size {batch_size} is larger than the {len(image_set)} training images of {dataset}; lower it.")
     transform = vdata.build_transform(cfg, img_size, train=True)
@@ -93,7 +92,7 @@ def bench_data(
         "batch_ms_median": 1000 * s.median,
         "batch_ms_iqr": 1000 * s.iqr,
         "first_batch_seconds": round(first, 3),
-        "pipeline": "tensor" if vdata.uses_tensor_pipeline(cfg) else "pil",
+        "pipeline": "tensor" if cfg.tensor_pipeline else "pil",
         "decode_on_device": loader.dataset.decode_on_device,
         "transforms": repr(transform),
     }

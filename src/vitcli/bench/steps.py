@@ -1,8 +1,9 @@
 """The models under test and the one step each is timed on.
 
-train: forward -> cross-entropy -> backward -> AdamW step -> zero_grad, with bf16 autocast when asked;
-       the optimizer is the one `vit pretrain` builds (engine.optim.build_optimizer: timm's AdamW, no
-       decay on norms, biases and embeddings, fused), so the bench times the trainer's step.
+train: the trainer's own step (engine.step.train_step on the supervised objective): autocast forward ->
+       cross-entropy -> backward -> unscale -> global-norm clip at 1.0 -> AdamW step (timm's, fused, no
+       decay on norms, biases and embeddings; engine.step.build_step) -> zero_grad, with bf16 autocast
+       when asked. So the bench times exactly what `vit pretrain` runs per step.
 infer: forward under `torch.inference_mode` (and autocast), model in eval mode.
 
 `--compare timm` builds timm's model of the same configuration (its registered name where vitcli knows
@@ -16,12 +17,15 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import dataclasses
+import itertools
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vitcli.engine.optim import build_optimizer
+from vitcli.engine.step import build_step, train_step
 from vitcli.errors import VitError
+from vitcli.objectives import Classification
 from vitcli.models import create_model
 from vitcli.models.config import ModelConfig
 from vitcli.recipe import OptimCfg
@@ -113,11 +117,10 @@ def prepare(label: str, name: str, model: nn.Module, cfg: ModelConfig, *, mode: 
     h, w = cfg.img_size
     images = torch.randn(batch_size, cfg.in_chans, h, w, generator=g).to(device)
     labels = torch.randint(0, max(cfg.num_classes, 1), (batch_size,), generator=g).to(device)
-    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
-    forward = torch.compile(model) if compile else model
-
     if mode == "infer":
         model.eval()
+        amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
+        forward = torch.compile(model) if compile else model
 
         def make_infer(fn):
             def step() -> None:
@@ -128,16 +131,16 @@ def prepare(label: str, name: str, model: nn.Module, cfg: ModelConfig, *, mode: 
         return ModelUnderTest(label, name, model, None, (images, labels), make_infer(forward), make_infer(model))
 
     model.train()
-    # The trainer's own optimizer: timm's AdamW with decay-free norms/biases/embeddings, fused.
-    optimizer = build_optimizer(model, OptimCfg(name="adamw", lr=1e-4, weight_decay=0.05), device)
+    # The trainer's own step and optimizer settings (timm's AdamW, decay-free norms/biases/embeddings, fused).
+    optim = OptimCfg(name="adamw", lr=1e-4, weight_decay=0.05, clip_grad_norm=1.0)
+    objective = Classification(model, nn.CrossEntropyLoss(), max(cfg.num_classes, 1))
+    timed = build_step(objective, optim, device, amp_dtype=amp_dtype, compile=compile)
+    eager = dataclasses.replace(timed, module=objective)  # the same optimizer, uncompiled
+    batches = itertools.repeat((images, labels))
 
-    def make_train(fn):
+    def make_train(parts):
         def step() -> None:
-            with amp():
-                loss = F.cross_entropy(fn(images), labels)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(parts, batches, optim.lr, 1)
         return step
 
-    return ModelUnderTest(label, name, model, optimizer, (images, labels), make_train(forward), make_train(model))
+    return ModelUnderTest(label, name, model, timed.optimizer, (images, labels), make_train(timed), make_train(eager))

@@ -1,19 +1,13 @@
 """Loading named sets from the Hugging Face Hub, failing fast and clearly when it cannot be reached.
 
-Without a network `datasets` retries for ~20 s before giving up with a low-level error. We decide up
-front instead: when offline mode is set or the Hub endpoint does not answer within 2 s, we read the
+When the Hub is offline (vitcli.io.hub: an offline variable, or no answer within 2 s) we read the
 local HF cache only, and if the set is not there we say what to do.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
-import threading
-import urllib.parse
 from collections.abc import Iterator
-from functools import lru_cache
 from typing import Optional
 
 import datasets
@@ -21,49 +15,12 @@ import huggingface_hub.constants
 
 from vitcli.data.registry import DatasetSpec
 from vitcli.errors import VitError
-
-_TRUE = {"1", "ON", "YES", "TRUE"}
-_CHECK_TIMEOUT_S = 2.0
+from vitcli.io import hub as hub_check
 
 
 def offline_reason() -> Optional[str]:
-    """Why the Hub should not be asked (offline env var, or the endpoint is unreachable), or None."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in _TRUE:
-            return f"{var} is set; unset it on a connected machine to download"
-    if datasets.config.HF_HUB_OFFLINE:
-        return "offline mode is on"
-    host, port = _endpoint()
-    if not _reachable(host, port):
-        return f"{host}:{port} cannot be reached (no network?)"
-    return None
-
-
-def _endpoint() -> tuple[str, int]:
-    """Host and port to probe: the HTTPS proxy when one is configured, else the Hub endpoint."""
-    url = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    target = urllib.parse.urlsplit(proxy or url)
-    default_port = 443 if target.scheme == "https" else 80
-    return target.hostname or "huggingface.co", target.port or default_port
-
-
-@lru_cache(maxsize=8)
-def _reachable(host: str, port: int) -> bool:
-    # A thread bounds the whole check: socket timeouts do not cover DNS resolution, which can hang.
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=_CHECK_TIMEOUT_S).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(_CHECK_TIMEOUT_S)
-    return bool(result and result[0])
+    """Why the Hub should not be asked (vitcli.io.hub's rule, with datasets' own offline mode), or None."""
+    return hub_check.offline_reason(library_offline=datasets.config.HF_HUB_OFFLINE)
 
 
 @contextlib.contextmanager

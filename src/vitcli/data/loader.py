@@ -18,13 +18,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import random
 from collections.abc import Iterator
 from typing import Callable, NamedTuple, Optional
 
 import datasets
-import numpy as np
 import torch
 
 from vitcli.data.batches import FIX, BadImages, Batch, Deferred, finish_batch, unreadable
@@ -32,36 +29,7 @@ from vitcli.data.decode import as_byte_tensor, decode_host, encoded_bytes, jpeg_
 from vitcli.data.sources import ImageSet
 from vitcli.data.tensor_transforms import TensorTransform
 from vitcli.errors import VitError
-
-
-def _seed_words(*key: int, n: int = 4) -> np.ndarray:
-    """n well-mixed 32-bit words from integer key parts (SeedSequence avoids seed+epoch collisions)."""
-    return np.random.SeedSequence([k % 2**63 for k in key]).generate_state(n, dtype=np.uint32)
-
-
-def _seed64(*key: int) -> int:
-    hi, lo = (int(w) for w in _seed_words(*key, n=2))
-    return (hi << 32 | lo) & (2**63 - 1)
-
-
-@contextlib.contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Run the block, then put the random / numpy / torch CPU generator states back as they were."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
-def seed_all(*key: int) -> None:
-    """Seed random, numpy and the torch CPU generator from key (not CUDA: the trainer's GPU RNG stays put)."""
-    words = [int(w) for w in _seed_words(*key)]
-    random.seed(words[0] << 32 | words[1])
-    np.random.seed(words[2])
-    torch.default_generator.manual_seed(words[3] << 32 | words[0])
+from vitcli.rng import derive_seed, preserved_rng, seed_all
 
 
 class EpochBatch(NamedTuple):
@@ -172,7 +140,7 @@ class EpochBatchSampler:
     def order(self) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.n)
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(_seed64(self.seed, self.epoch)))
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch)))
 
     def __len__(self) -> int:
         return max(0, self.num_batches - self.start_batch)
@@ -326,6 +294,6 @@ def make_loader(
         persistent_workers=num_workers > 0,  # safe: workers hold no epoch state, it comes with each batch
         # A private generator: DataLoader draws worker base seeds from it instead of the global torch RNG,
         # which would otherwise shift the training RNG at every epoch start (and break exact resume).
-        generator=torch.Generator().manual_seed(_seed64(seed, rank)),
+        generator=torch.Generator().manual_seed(derive_seed(seed, rank)),
     )
     return Loader(dataloader, sampler, dataset, device, cache_bytes)

@@ -29,7 +29,7 @@ from vitcli.data import builtin
 from vitcli.data.hub import load_hub_split
 from vitcli.data.registry import DatasetSpec, list_datasets, lookup, unknown_dataset_error
 from vitcli.errors import VitError
-from vitcli.recipe import DataCfg
+from vitcli.data.specs import SourceSpec
 
 Role = Literal["train", "eval"]
 LABEL_NAMES = ("label", "fine_label", "labels", "cls")  # tried in order when the column is not given
@@ -52,7 +52,7 @@ class ImageSet:
         return len(self.dataset)
 
 
-def build(cfg: DataCfg, role: Role, *, img_size: Union[int, tuple[int, int]] = 224, seed: int = 0) -> ImageSet:
+def build(cfg: SourceSpec, role: Role, *, img_size: Union[int, tuple[int, int]] = 224, seed: int = 0) -> ImageSet:
     """The train or eval split a recipe's data section asks for, subset applied.
 
     Train subsets follow `seed`; eval subsets always use seed 0 so every run scores the same images.

@@ -22,7 +22,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from vitcli.recipe import DataCfg
+from vitcli.data.specs import TransformSpec
 
 
 _TENSOR_MODE = {"nearest": InterpolationMode.NEAREST_EXACT}
@@ -44,7 +44,7 @@ class TensorTransform:
     transforms: recipes using them run the PIL pipeline (data.pipeline: auto picks it).
     """
 
-    def __init__(self, cfg: DataCfg, img_size: tuple[int, int], train: bool):
+    def __init__(self, cfg: TransformSpec, img_size: tuple[int, int], train: bool):
         self.size = [int(s) for s in img_size]
         self.train = train
         self.mode = "L" if len(cfg.mean) == 1 else "RGB"

@@ -21,7 +21,7 @@ from torchvision import transforms
 
 from vitcli.data.tensor_transforms import TensorTransform
 from vitcli.errors import VitError
-from vitcli.recipe import DataCfg
+from vitcli.data.specs import MixSpec, TransformSpec
 
 
 class ToMode:
@@ -37,21 +37,14 @@ class ToMode:
         return f"ToMode({self.mode!r})"
 
 
-def uses_tensor_pipeline(cfg: DataCfg) -> bool:
-    """data.pipeline resolved: auto means tensor unless an augmentation only timm's PIL path has is on."""
-    if cfg.pipeline == "auto":
-        return not (cfg.randaugment or cfg.random_erasing)
-    return cfg.pipeline == "tensor"
-
-
-def build_transform(cfg: DataCfg, img_size: tuple[int, int], train: bool) -> Callable[[Image.Image], torch.Tensor]:
+def build_transform(cfg: TransformSpec, img_size: tuple[int, int], train: bool) -> Callable[[Image.Image], torch.Tensor]:
     """The recipe's transform: a TensorTransform (data.pipeline tensor) or timm's PIL Compose.
 
     Either is callable on a PIL image -> normalised float tensor (C, H, W), C = len(cfg.mean); the
     loader drives a TensorTransform in two halves (host: decode/crop in uint8; device: normalise).
     """
     size = tuple(int(s) for s in img_size) if not isinstance(img_size, int) else (img_size, img_size)
-    if uses_tensor_pipeline(cfg):
+    if cfg.tensor_pipeline:
         return TensorTransform(cfg, size, train)
     common = dict(interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std))
     try:
@@ -84,7 +77,7 @@ class _Mixup(Mixup):
         return x, mixup_target(target, self.num_classes, lam, self.label_smoothing, self.multi_label)
 
 
-def build_mixup(cfg: DataCfg, num_classes: int) -> Optional[Mixup]:
+def build_mixup(cfg: MixSpec, num_classes: int) -> Optional[Mixup]:
     """timm Mixup/CutMix (label smoothing folded into its soft targets), or None when both are off.
 
     Call it on each training batch on the device: `images, targets = mixup(images, labels)`. It draws from
@@ -98,7 +91,7 @@ def build_mixup(cfg: DataCfg, num_classes: int) -> Optional[Mixup]:
     )
 
 
-def build_train_loss(cfg: DataCfg) -> nn.Module:
+def build_train_loss(cfg: MixSpec) -> nn.Module:
     """Soft-target cross-entropy when mixing (targets are soft), else cross-entropy with label smoothing."""
     if cfg.mixup > 0 or cfg.cutmix > 0:
         return SoftTargetCrossEntropy()

@@ -18,21 +18,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from vitcli import data as vdata
 from vitcli.engine import fewshot as fs
-from vitcli.engine.evaluate import evaluate
 from vitcli.engine.report import PredictionLog, draw_confusion, print_eval, write_predictions
-from vitcli.engine.rundir import RECIPE_FILE, is_run, newest_run
+from vitcli.engine.resolve import resolve_checkpoint, resolve_dataset
 from vitcli.engine.runtime import autocast_dtype, pick_device
 from vitcli.errors import VitError
-from vitcli.models.load import LoadedCheckpoint, load_checkpoint, model_from_checkpoint
-from vitcli.recipe import DataCfg
+from vitcli.models import input_channels, input_size
+from vitcli.models.load import model_from_checkpoint
+from vitcli.objectives import evaluate
 
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
-
-__all__ = ["eval_cfg", "print_eval", "run_eval"]  # print_eval lives in engine.report
+__all__ = ["print_eval", "run_eval"]  # print_eval lives in engine.report
 
 
 def run_eval(
@@ -40,7 +37,7 @@ def run_eval(
     dataset: str | None,
     *,
     split: str | None = None,
-    res: int | None = None,
+    res: int | tuple[int, int] | None = None,
     batch_size: int = 256,
     data_dir: str | None = None,
     device: str = "auto",
@@ -89,15 +86,15 @@ def run_eval(
         raise VitError(f"the number of few-shot seeds must be at least 1, got {fewshot_seeds}")
     if batch_size < 1:
         raise VitError(f"--batch-size must be positive, got {batch_size}")
-    ck, run_dir = _resolve_checkpoint(ckpt, Path(runs_root), say)
-    dataset, data_dir = _resolve_dataset(dataset, data_dir, ck, run_dir)
+    ck, run_dir = resolve_checkpoint(ckpt, Path(runs_root), say)
+    dataset, data_dir = resolve_dataset(dataset, data_dir, ck, run_dir)
     dev = pick_device(device)
     amp = autocast_dtype("auto", dev)
 
     model, ck = model_from_checkpoint(ck, img_size=res)
     for note in ck.notes:
         say(note)
-    img_size = _img_size(model)
+    img_size = input_size(model)
     eval_set = vdata.load_split(dataset, split, role="eval", data_dir=data_dir, img_size=img_size, seed=0,
                                 subset=subset)
     head_fits = model.num_classes == eval_set.num_classes
@@ -115,17 +112,14 @@ def run_eval(
         say(f"{what} and '{eval_set.name}' has {eval_set.num_classes}: reporting few-shot accuracy only")
     _warn_class_names(ck.meta.get("class_names"), eval_set, say)
 
-    tf = vdata.build_transform(eval_cfg(ck.meta, _in_chans(model)), img_size, train=False)
+    tf = vdata.build_transform(vdata.TransformSpec.from_checkpoint(ck.meta, input_channels(model)), img_size, train=False)
     loader = _loader(eval_set, tf, batch_size, num_workers, seed, dev)
     model.to(dev)
     log = PredictionLog() if (predictions or confusion) else None
     capture = FeatureCapture(model) if shots else None
     on_batch = _callbacks(log, capture, progress, len(eval_set))
     try:
-        if head_fits:
-            metrics = evaluate(model, loader, eval_set.num_classes, dev, amp, on_batch=on_batch)
-        else:
-            metrics = _features_only(model, loader, dev, amp, on_batch)
+        metrics = evaluate(model, loader, eval_set.num_classes if head_fits else None, dev, amp, on_batch=on_batch)
     finally:
         if capture is not None:
             capture.close()
@@ -166,67 +160,6 @@ def _check_shots(fewshot: Iterable[int] | None) -> list[int]:
     if any(k < 1 for k in shots):
         raise VitError(f"--fewshot takes positive numbers of images per class (e.g. 1,5,10,25), got {shots}")
     return shots
-
-
-def _resolve_checkpoint(ckpt: str | Path | None, runs_root: Path, say) -> tuple[LoadedCheckpoint, Path | None]:
-    """The checkpoint to evaluate and the run directory it belongs to (None for a loose file)."""
-    if ckpt is None:
-        run = newest_run(runs_root)
-        if run is None:
-            raise VitError(f"no --ckpt given and there is no run under {runs_root}/ to take the best checkpoint "
-                           "from. Pass --ckpt: a run directory, a .safetensors/.pth/.npz file, a Hugging Face "
-                           "model directory, or timm:<model name>")
-        say(f"No --ckpt given: evaluating the newest run under {runs_root}/: {run}")
-        return load_checkpoint(run), run
-    ck = load_checkpoint(ckpt)
-    if isinstance(ck.source, Path):
-        for folder in [ck.source, *ck.source.parents][:5]:
-            if is_run(folder):
-                return ck, folder
-    return ck, None
-
-
-def _resolve_dataset(dataset: str | None, data_dir: str | None, ck: LoadedCheckpoint,
-                     run_dir: Path | None) -> tuple[str, str | None]:
-    """--dataset, else the checkpoint's own; --data-dir, else the run's (when it is the run's data set)."""
-    trained_on = ck.meta.get("dataset")
-    if dataset is None:
-        if not trained_on:
-            raise VitError(f"{ck.source} does not say which data set it was trained on; pass --dataset "
-                           "(a name such as cifar100, or a path)")
-        dataset = str(trained_on)
-    if data_dir is None and run_dir is not None and dataset == trained_on:
-        try:
-            saved = yaml.safe_load((run_dir / RECIPE_FILE).read_text()) or {}
-            data_dir = (saved.get("data") or {}).get("data_dir") or None
-        except (OSError, yaml.YAMLError, AttributeError):
-            data_dir = None
-    return dataset, data_dir
-
-
-def eval_cfg(meta: dict[str, Any], in_chans: int = 3) -> DataCfg:
-    """The eval-transform settings a checkpoint was trained with (defaults: mean = std = 0.5, bicubic,
-    crop_pct 0.875)."""
-    mean = meta.get("mean") or [0.5] * in_chans
-    std = meta.get("std") or [0.5] * in_chans
-    interpolation = meta.get("interpolation")
-    crop_pct = meta.get("crop_pct")
-    return DataCfg(
-        mean=[float(m) for m in mean],
-        std=[float(s) for s in std],
-        interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic",
-        crop_pct=float(crop_pct) if crop_pct else 0.875,
-    )
-
-
-def _img_size(model: torch.nn.Module) -> tuple[int, int]:
-    cfg = getattr(model, "config", None)
-    size = getattr(cfg, "img_size", None) or model.patch_embed.img_size
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def _in_chans(model: torch.nn.Module) -> int:
-    return int(getattr(getattr(model, "config", None), "in_chans", 3))
 
 
 def _warn_class_names(trained: list[str] | None, eval_set, say) -> None:
@@ -288,33 +221,11 @@ def _callbacks(log, capture, progress, total: int):
     return on_batch if (calls or progress) else None
 
 
-@torch.no_grad()
-def _features_only(model, batches, device: torch.device, amp, on_batch) -> dict[str, Any]:
-    """Run the model over batches for the hooks only (its head does not fit the data set's classes)."""
-    import time
-    from contextlib import nullcontext
-
-    model.eval()
-    ctx = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
-    n, start = 0, time.perf_counter()
-    for images, labels in batches:
-        with ctx:
-            logits = model(images.to(device, non_blocking=True))
-        if on_batch is not None:
-            on_batch(logits, labels)
-        n += len(labels)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    return {"top1": None, "top5": None, "loss": None, "ece": None, "num_images": n, "per_class_accuracy": [],
-            "seconds": seconds, "images_per_second": n / seconds if seconds > 0 else 0.0}
-
-
 def _fewshot(model, tf, dataset: str, data_dir: str | None, eval_set, eval_feats: np.ndarray,
              eval_labels: np.ndarray, shots: list[int], seeds: list[int], l2: float, batch_size: int,
              num_workers: int, dev: torch.device, amp, say) -> dict[str, float]:
     """Few-shot linear accuracy on the evaluation features for each K (see engine.fewshot)."""
-    train = vdata.load_split(dataset, None, role="train", data_dir=data_dir, img_size=_img_size(model), seed=0)
+    train = vdata.load_split(dataset, None, role="train", data_dir=data_dir, img_size=input_size(model), seed=0)
     if train.split == eval_set.split.split("[")[0]:
         say(f"warning: the few-shot training images come from split '{train.split}', the split being evaluated")
     if train.num_classes != eval_set.num_classes:
@@ -330,8 +241,8 @@ def _fewshot(model, tf, dataset: str, data_dir: str | None, eval_set, eval_feats
                             train.name, f"{train.split}[few-shot]")
     capture = FeatureCapture(model)
     try:
-        _features_only(model, _loader(subset, tf, batch_size, num_workers, seeds[0], dev), dev, amp,
-                       capture.add_labels)
+        evaluate(model, _loader(subset, tf, batch_size, num_workers, seeds[0], dev), None, dev, amp,
+                 on_batch=capture.add_labels)
     finally:
         capture.close()
     feats, _ = capture.arrays()

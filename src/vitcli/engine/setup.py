@@ -1,10 +1,10 @@
-"""Turn a recipe into the things the loop uses: data sets, loaders, loss and the model."""
+"""Turn a recipe into what a run trains: its data sets, the model, the objective, checkpoint metadata."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,16 +12,20 @@ import torch
 from sklearn.model_selection import train_test_split as sklearn_split
 
 from vitcli import data as vdata
+from vitcli.data.registry import unknown_dataset_error
+from vitcli.errors import VitError
 from vitcli.models import create_model, model_info
 from vitcli.models.load import LoadedCheckpoint, meta_for_model, model_from_checkpoint
+from vitcli.models.registry import resolve_config
+from vitcli.objectives import Classification
 from vitcli.recipe import ModelCfg, Recipe
 
 
 @dataclass
 class RunData:
     name: str
-    train: Any  # vitcli.data.ImageSet
-    eval: Any
+    train: vdata.ImageSet
+    eval: vdata.ImageSet
     num_classes: int
     class_names: list[str]
     img_size: tuple[int, int]
@@ -29,7 +33,21 @@ class RunData:
     eval_transform: Any
     mixup: Any  # timm.data.Mixup or None
     criterion: torch.nn.Module
-    skipped_images: int = 0  # unreadable training images dropped so far (data.bad_images: skip)
+
+
+def precheck(recipe: Recipe) -> None:
+    """The cheap checks that catch most mistakes before a run directory is created: the model
+    resolves with its overrides, the init checkpoint and a local data set path exist, a data set
+    name is known. (Everything else is still checked when the run builds its data and model.)"""
+    m, d = recipe.model, recipe.data
+    if m.init_ckpt is None:
+        resolve_config(m.name, **model_overrides(m, m.num_classes or 1))
+    elif ":" not in m.init_ckpt and not Path(m.init_ckpt).expanduser().exists():
+        raise VitError(f"model.init_ckpt {m.init_ckpt} does not exist. Pass a run directory, a checkpoint file or timm:<name>.")
+    if vdata.lookup(d.dataset) is None and not Path(d.dataset).expanduser().exists():
+        raise unknown_dataset_error(d.dataset)
+    if d.data_dir is not None and not Path(d.data_dir).expanduser().exists():
+        raise VitError(f"data.data_dir {d.data_dir} does not exist. Point it at a local copy of {d.dataset} (an image folder or a save_to_disk directory).")
 
 
 def model_img_size(cfg: ModelCfg, init: LoadedCheckpoint | None = None) -> tuple[int, int]:
@@ -47,14 +65,14 @@ def model_img_size(cfg: ModelCfg, init: LoadedCheckpoint | None = None) -> tuple
 
 def build_data(recipe: Recipe, init: LoadedCheckpoint | None = None) -> RunData:
     d, seed = recipe.data, recipe.train.seed
+    source, transform, mixing = vdata.SourceSpec.of(d), vdata.TransformSpec.of(d), vdata.MixSpec.of(d)
     img_size = model_img_size(recipe.model, init)
-    train = vdata.build(d, "train", img_size=img_size, seed=seed)
+    train = vdata.build(source, "train", img_size=img_size, seed=seed)
     if d.holdout is not None:
         train, evals = split_holdout(train, d.holdout)
     else:
-        evals = vdata.build(d, "eval", img_size=img_size, seed=seed)
+        evals = vdata.build(source, "eval", img_size=img_size, seed=seed)
     num_classes = recipe.model.num_classes or train.num_classes
-    mixup = vdata.build_mixup(d, num_classes)
     return RunData(
         name=train.name,
         train=train,
@@ -62,10 +80,10 @@ def build_data(recipe: Recipe, init: LoadedCheckpoint | None = None) -> RunData:
         num_classes=num_classes,
         class_names=list(train.class_names),
         img_size=img_size,
-        train_transform=vdata.build_transform(d, img_size, train=True),
-        eval_transform=vdata.build_transform(d, img_size, train=False),
-        mixup=mixup,
-        criterion=vdata.build_train_loss(d),
+        train_transform=vdata.build_transform(transform, img_size, train=True),
+        eval_transform=vdata.build_transform(transform, img_size, train=False),
+        mixup=vdata.build_mixup(mixing, num_classes),
+        criterion=vdata.build_train_loss(mixing),
     )
 
 
@@ -104,6 +122,11 @@ def build_model(cfg: ModelCfg, num_classes: int, init: LoadedCheckpoint | None =
     return model
 
 
+def build_objective(model: torch.nn.Module, data: RunData) -> Classification:
+    """The recipe's training objective around the model (today the paper's: supervised classification)."""
+    return Classification(model, data.criterion, data.num_classes)
+
+
 def checkpoint_meta(model: torch.nn.Module, recipe: Recipe, data: RunData, step: int, top1: float | None) -> dict[str, Any]:
     """What a checkpoint needs to rebuild and feed its model without the run directory."""
     return meta_for_model(model, {
@@ -117,96 +140,3 @@ def checkpoint_meta(model: torch.nn.Module, recipe: Recipe, data: RunData, step:
         "step": step,
         "top1": top1,
     })
-
-
-def train_batches(data: RunData, recipe: Recipe, plan, *, start_step: int, device: torch.device,
-                  rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless micro-batches on the device, epoch after epoch, from `start_step` on; Mixup/CutMix applied.
-
-    Each epoch yields exactly steps_per_epoch x accum micro-batches, so steps never straddle epochs.
-    With several processes the loader's batch is one micro-step of all ranks (micro_batch x
-    world_size images, in the same global order as with one process) and this rank takes its slice.
-    """
-    epoch, pos = divmod(start_step, plan.steps_per_epoch)
-    per_epoch = plan.steps_per_epoch * plan.accum
-    loader = vdata.make_loader(
-        data.train,
-        data.train_transform,
-        plan.micro_batch * world_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=recipe.data.num_workers,
-        seed=recipe.train.seed,
-        epoch=epoch,
-        start_batch=pos * plan.accum,
-        rank=rank,
-        world_size=world_size,
-        bad_images=recipe.data.bad_images,
-        pin_memory=device.type == "cuda",
-        device=device,
-    )
-    taken = pos * plan.accum
-    while True:
-        for images, labels in loader:  # delivered on `device`
-            if data.mixup is not None:
-                images, labels = data.mixup(images, labels)
-            data.skipped_images = loader.skipped
-            yield images, labels
-            taken += 1
-            if taken == per_epoch:
-                break
-        epoch, taken = epoch + 1, 0
-        loader.set_epoch(epoch)
-
-
-EVAL_CACHE_BYTES = 256 * 2**20  # finished eval batches kept between evaluations (where they are delivered)
-
-
-def eval_batches(data: RunData, recipe: Recipe, device: torch.device, batch_size: int | None = None, *,
-                 rank: int = 0, world_size: int = 1, lockstep: bool = False):
-    """Evaluation batches of `batch_size` images per process (default: twice the micro-batch), re-iterable.
-
-    Build it once per run: its first full pass is kept in memory when it fits in EVAL_CACHE_BYTES
-    (evaluation transforms are deterministic), so later evaluations of a small set skip decoding.
-
-    With several processes each global batch is split across ranks without padding or repeats, so
-    the all-reduced sums count every image exactly once. `lockstep` (FSDP, whose forward is a
-    collective) makes every rank yield the same number of batches: a rank whose share ran out runs a
-    one-image dummy batch with no labels, which evaluate() does not count.
-    """
-    micro = recipe.train.micro_batch_size or recipe.train.batch_size // world_size
-    per_rank = batch_size or min(micro * 2, 1024)
-    loader = vdata.make_loader(
-        data.eval,
-        data.eval_transform,
-        per_rank * world_size,
-        shuffle=False,
-        drop_last=False,
-        num_workers=recipe.data.num_workers,
-        seed=recipe.train.seed,
-        rank=rank,
-        world_size=world_size,
-        bad_images=recipe.data.bad_images,
-        pin_memory=device.type == "cuda",
-        device=device,
-        cache_bytes=EVAL_CACHE_BYTES,
-    )
-    if not lockstep:
-        return loader
-    dummy = (torch.zeros(1, recipe.model.in_chans, *data.img_size), torch.zeros(0, dtype=torch.int64))
-    return Lockstep(loader, dummy)
-
-
-class Lockstep:
-    """Re-iterable: the loader's batches, then dummies up to the longest rank's batch count."""
-
-    def __init__(self, loader: vdata.Loader, dummy: tuple[torch.Tensor, torch.Tensor]):
-        self.loader, self.dummy = loader, dummy
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = 0
-        for batch in self.loader:
-            yield batch
-            n += 1
-        for _ in range(n, self.loader.batches_per_epoch):
-            yield self.dummy

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from vitcli import data as vdata
-from vitcli.engine.evalrun import _img_size, _in_chans, _resolve_checkpoint, _resolve_dataset, eval_cfg
+from vitcli.engine.resolve import resolve_checkpoint, resolve_dataset
 from vitcli.engine.runtime import pick_device
 from vitcli.errors import VitError
 from vitcli.inspect import features as ft
 from vitcli.inspect import figures as fg
+from vitcli.models import input_channels, input_size
 from vitcli.models.load import model_from_checkpoint
 
 FILES = {
@@ -76,7 +77,7 @@ def run_inspect(
         raise VitError(f"--show must be 0 or more, got {show}")
     if batch_size < 1:
         raise VitError(f"--batch-size must be positive, got {batch_size}")
-    ck, run_dir = _resolve_checkpoint(ckpt, Path(runs_root), say)
+    ck, run_dir = resolve_checkpoint(ckpt, Path(runs_root), say)
     model, ck = model_from_checkpoint(ck)
     for note in ck.notes:
         say(note)
@@ -88,7 +89,7 @@ def run_inspect(
     grid = tuple(model.patch_embed.grid_size)
     result: dict[str, Any] = {
         "checkpoint": str(ck.source), "model": ck.meta.get("model"), "out": str(out),
-        "img_size": list(_img_size(model)), "grid": list(grid), "figures": {}, "notes": [],
+        "img_size": list(input_size(model)), "grid": list(grid), "figures": {}, "notes": [],
     }
 
     # Fig. 7 left: the patch-embedding filters.
@@ -113,7 +114,7 @@ def run_inspect(
         result["notes"].append("no attention figures: the checkpoint does not say which data set it was trained "
                                "on; pass --dataset to draw them")
     else:
-        dataset, data_dir = _resolve_dataset(dataset, data_dir, ck, run_dir)
+        dataset, data_dir = resolve_dataset(dataset, data_dir, ck, run_dir)
         result.update(_attention_figures(model, ck, dataset, split, data_dir, out, num_images, show, batch_size,
                                          pick_device(device), name))
         result["figures"].update(result.pop("_figures"))
@@ -154,10 +155,10 @@ def _plain(x):
 @torch.no_grad()
 def _attention_figures(model, ck, dataset: str, split, data_dir, out: Path, num_images: int, show: int,
                        batch_size: int, dev: torch.device, name: str) -> dict[str, Any]:
-    img_size = _img_size(model)
+    img_size = input_size(model)
     images = vdata.load_split(dataset, split, role="eval", data_dir=data_dir, img_size=img_size, seed=0,
                               subset=num_images)
-    cfg = eval_cfg(ck.meta, _in_chans(model))
+    cfg = vdata.TransformSpec.from_checkpoint(ck.meta, input_channels(model))
     tf = vdata.build_transform(cfg, img_size, train=False)
     loader = vdata.make_loader(images, tf, batch_size, shuffle=False, drop_last=False, num_workers=0, seed=0,
                                pin_memory=False)

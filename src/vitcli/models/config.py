@@ -152,3 +152,13 @@ def check(cfg: ModelConfig) -> None:
         h, w = cfg.img_size
         raise VitError(f"model.img_size {h}x{w} is not a multiple of the patch size {cfg.patch_size}; "
                        f"choose sides divisible by {cfg.patch_size}")
+
+
+def input_size(model: Any) -> tuple[int, int]:
+    """(height, width) of the images a model built by create_model takes."""
+    size = getattr(getattr(model, "config", None), "img_size", None) or model.patch_embed.img_size
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def input_channels(model: Any) -> int:
+    return int(getattr(getattr(model, "config", None), "in_chans", 3))

@@ -16,21 +16,21 @@ import json
 import math
 import os
 import pickle
-import socket
-import threading
 import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from torch import nn
 
 from vitcli.errors import VitError
+from vitcli.io.checkpoint import read_weights, save_weights
+from vitcli.io.hub import offline_reason
+from vitcli.io.rundir import CHECKPOINTS, LINKS, WEIGHTS, has_weights, linked_checkpoint, step_dirs
 from vitcli.models import convert
 from vitcli.models.posemb import MODES, resample_pos_embed, resize_patch_embed
 
@@ -87,8 +87,6 @@ def load_checkpoint(spec: str | Path) -> LoadedCheckpoint:
     meta: dict[str, Any] = {}
     hints: dict[str, Any] = {}
     if name.endswith(".safetensors"):
-        from vitcli.engine.checkpoint import read_weights
-
         tensors, meta = read_weights(path)
     elif name.endswith(TORCH_SUFFIXES):
         tensors, hints = _read_torch(path, notes)
@@ -122,17 +120,15 @@ def load_checkpoint(spec: str | Path) -> LoadedCheckpoint:
 
 def _file_in_dir(path: Path, notes: list[str]) -> Path:
     """The weights file a directory stands for: run dir -> checkpoints/best (else last) -> model.safetensors."""
-    from vitcli.engine.checkpoint import WEIGHTS, step_dirs
-
-    ckpts = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    if ckpts is not path or (path / "best").exists() or (path / "last").exists() or path.name == "checkpoints":
-        for which in ("best", "last"):
-            link = ckpts / which
-            if (link / WEIGHTS).is_file():
-                notes.append(f"using the {which} checkpoint of {path} ({link.resolve().name})")
-                return link / WEIGHTS
+    ckpts = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    if ckpts is not path or any((path / link).exists() for link in LINKS) or path.name == CHECKPOINTS:
+        found = linked_checkpoint(path, has_weights)
+        if found is not None:
+            which, step_dir = found
+            notes.append(f"using the {which} checkpoint of {path} ({step_dir.resolve().name})")
+            return step_dir / WEIGHTS
         steps = sorted(step_dirs(ckpts), key=lambda c: c.step)
-        if steps and (steps[-1].path / WEIGHTS).is_file():
+        if steps and has_weights(steps[-1].path):
             notes.append(f"{path} has no best/last link; using the newest step directory {steps[-1].path.name}")
             return steps[-1].path / WEIGHTS
         if ckpts is not path:
@@ -272,33 +268,10 @@ def _timm_hints(folder: Path) -> dict[str, Any]:
 # timm:<name> (network)
 
 
-def hub_offline_reason(timeout: float = 2.0) -> str | None:
-    """Why the Hugging Face Hub cannot be reached now (None when it can): HF_HUB_OFFLINE, or no TCP
-    connection to the hub within `timeout` seconds (DNS included)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return "HF_HUB_OFFLINE is set"
-    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
-    result: list[BaseException | None] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            result.append(None)
-        except OSError as e:
-            result.append(e)
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout)
-    if not result:
-        return f"no answer from {host}:443 within {timeout:g} s"
-    return f"cannot connect to {host}:443 ({result[0]})" if result[0] is not None else None
-
-
 def _load_timm(name: str) -> LoadedCheckpoint:
     if not name:
         raise VitError("timm: needs a model name, e.g. timm:vit_base_patch16_224.augreg2_in21k_ft_in1k")
-    reason = hub_offline_reason()
+    reason = offline_reason()
     if reason:
         raise VitError(
             f"timm:{name} downloads weights from the Hugging Face Hub, but this machine is offline ({reason}). "
@@ -582,8 +555,6 @@ def save_state_dict(path: str | Path, state_dict: Mapping[str, torch.Tensor], me
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     name = path.name.lower()
     if name.endswith(".safetensors"):
-        from vitcli.engine.checkpoint import save_weights
-
         save_weights(path, tensors, dict(meta))
     elif name.endswith(TORCH_SUFFIXES):
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -1,4 +1,4 @@
-"""The one evaluation function: training's periodic evaluation and `vit eval` both call it."""
+"""The one evaluation loop: training's periodic evaluation, `vit eval` and its few-shot feature pass call it."""
 
 from __future__ import annotations
 
@@ -68,21 +68,24 @@ class EvalAccumulator:
 def evaluate(
     model: torch.nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    num_classes: int,
+    num_classes: int | None,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
     on_batch=None,
 ) -> dict:
     """Top-1/top-5, mean cross-entropy, ECE, per-class accuracy and images/s over `batches`.
 
-    `on_batch(logits, labels)`, when given, sees every batch (e.g. to write predictions). A batch
-    with no labels is run through the model but not counted: under FSDP every rank must run the
-    same number of forwards, and a rank whose share of the images ran out runs a dummy one.
+    `on_batch(logits, labels)`, when given, sees every batch (e.g. to write predictions or keep
+    features). `num_classes` None: the model's head does not score this data (features only); the
+    batches run for `on_batch` alone and the scores are None. A batch with no labels is run through
+    the model but not counted: under FSDP every rank must run the same number of forwards, and a rank
+    whose share of the images ran out runs a dummy one.
     """
     was_training = model.training
     model.eval()
-    acc = EvalAccumulator(num_classes, device)
+    acc = EvalAccumulator(num_classes, device) if num_classes is not None else None
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    seen = 0
     start = time.perf_counter()
     for images, labels in batches:
         images = images.to(device, non_blocking=True)
@@ -91,15 +94,21 @@ def evaluate(
             logits = model(images)
         if len(labels) == 0:
             continue
-        acc.update(logits, labels)
+        if acc is not None:
+            acc.update(logits, labels)
+        seen += len(labels)
         if on_batch is not None:
             on_batch(logits, labels)
-    acc.all_reduce()
+    if acc is not None:
+        acc.all_reduce()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     model.train(was_training)
-    out = acc.result()
+    if acc is not None:
+        out = acc.result()
+    else:
+        out = {"top1": None, "top5": None, "loss": None, "ece": None, "num_images": seen, "per_class_accuracy": []}
     out["seconds"] = seconds
     out["images_per_second"] = out["num_images"] / seconds if seconds > 0 else 0.0
     return out

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +32,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vitcli.errors import VitError
+from vitcli.io.rundir import STATE, WEIGHTS, StepDir, is_sharded, step_dir_name, step_dirs
 
-WEIGHTS = "model.safetensors"
-STATE = "state.pt"
 META_KEY = "vitcli"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
-class Checkpoint:
-    path: Path  # the step directory
+class LoadedStep:
+    """A step directory whose files all load: its weights ({} when sharded), metadata and training state."""
+
+    path: Path
     step: int
+    weights: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    state: dict[str, Any]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -84,7 +86,7 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str
 
 def staging_dir(root: Path, step: int) -> Path:
     """A temporary step directory with a name every rank can compute (for sharded checkpoints)."""
-    return root / f".tmp-step-{step:08d}-shared"
+    return root / f".tmp-{step_dir_name(step)}-shared"
 
 
 def save_checkpoint(
@@ -97,15 +99,15 @@ def save_checkpoint(
     is_best: bool,
     keep: int,
     staged: Path | None = None,
-) -> Checkpoint:
+) -> StepDir:
     """Write step-N/ (weights + state) atomically, point `last` (and `best`) at it, prune old ones.
 
     `weights` None writes no model.safetensors; `staged` is a temporary directory other processes
     already wrote into (e.g. sharded state), which becomes the step directory.
     """
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = staged or root / f".tmp-step-{step:08d}-{os.getpid()}"
+    final = root / step_dir_name(step)
+    tmp = staged or root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
     if staged is None:
         shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -132,7 +134,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise _disk_full_hint(e, root) from e
     _prune(root, keep)
-    return Checkpoint(final, step)
+    return StepDir(final, step)
 
 
 def _point(root: Path, name: str, target: Path) -> None:
@@ -150,17 +152,6 @@ def _prune(root: Path, keep: int) -> None:
     extra = [c for c in steps if c.path.resolve() not in pinned]
     for c in extra[keep:]:
         shutil.rmtree(c.path, ignore_errors=True)
-
-
-def step_dirs(root: Path) -> list[Checkpoint]:
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and not p.is_symlink():
-            found.append(Checkpoint(p, int(m.group(1))))
-    return found
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -189,22 +180,22 @@ def read_state(path: Path) -> dict[str, Any]:
         raise VitError(f"Training state {path} cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from e
 
 
-def newest_loadable(root: Path, warn=print) -> tuple[Checkpoint, dict[str, torch.Tensor], dict[str, Any], dict[str, Any]] | None:
+def newest_loadable(root: Path, warn=print) -> LoadedStep | None:
     """The newest step directory whose weights and state both load; broken ones are reported."""
-    for ckpt in sorted(step_dirs(root), key=lambda c: c.step, reverse=True):
+    for found in sorted(step_dirs(root), key=lambda c: c.step, reverse=True):
         try:
-            state = read_state(ckpt.path / STATE)
+            state = read_state(found.path / STATE)
             if state.get("sharded"):  # weights and optimizer live in sharded/ (read by the trainer)
-                if not (ckpt.path / "sharded" / ".metadata").is_file():
+                if not is_sharded(found.path):
                     raise VitError("its sharded/ folder is missing or incomplete")
                 weights, meta = {}, state.get("meta", {})
             else:
-                weights, meta = read_weights(ckpt.path / WEIGHTS)
+                weights, meta = read_weights(found.path / WEIGHTS)
         except VitError as e:
-            warn(f"Skipping checkpoint {ckpt.path.name}: {e}")
+            warn(f"Skipping checkpoint {found.path.name}: {e}")
             continue
-        if state.get("step") != ckpt.step:
-            warn(f"Skipping checkpoint {ckpt.path.name}: its state says step {state.get('step')}.")
+        if state.get("step") != found.step:
+            warn(f"Skipping checkpoint {found.path.name}: its state says step {state.get('step')}.")
             continue
-        return ckpt, weights, meta, state
+        return LoadedStep(found.path, found.step, weights, meta, state)
     return None

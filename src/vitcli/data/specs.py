@@ -1,0 +1,87 @@
+"""The small typed settings the data layer takes (not the whole recipe).
+
+    source = SourceSpec.of(recipe.data)          # which images: data set, splits, subsets
+    transform = TransformSpec.of(recipe.data)    # crops, flips, RandAugment, normalisation, pipeline
+    mixing = MixSpec.of(recipe.data)             # Mixup / CutMix / label smoothing
+    TransformSpec.from_checkpoint(meta)          # the eval transform a checkpoint was trained with
+
+`of(obj)` copies the same-named fields from any object (a recipe's data section has them all); the
+defaults equal the recipe's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, TypeVar
+
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+S = TypeVar("S")
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+class _FromFields:
+    @classmethod
+    def of(cls: type[S], source: Any) -> S:
+        """This spec's fields, read by name from `source` (e.g. a recipe's DataCfg)."""
+        return cls(**{f.name: _frozen(getattr(source, f.name)) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class SourceSpec(_FromFields):
+    """Which images: a registry name or path, a local copy of a named set, splits and subsets."""
+
+    dataset: str = "digits"
+    data_dir: Optional[str] = None
+    train_split: Optional[str] = None  # None: the set's own
+    eval_split: Optional[str] = None
+    train_subset: Optional[int] = None  # a seeded random choice of this many images
+    eval_subset: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class TransformSpec(_FromFields):
+    """Train augmentation (RandomResizedCrop, flip, RandAugment, random erasing), the eval resize and
+    centre crop, the normalisation (one mean/std per channel: 1 for greyscale models) and the pipeline."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 4 / 3)
+    hflip: float = 0.5
+    randaugment: Optional[str] = None
+    random_erasing: float = 0.0
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    pipeline: Literal["auto", "pil", "tensor"] = "auto"
+
+    @property
+    def tensor_pipeline(self) -> bool:
+        """auto means tensor unless an augmentation only timm's PIL path has is on."""
+        if self.pipeline == "auto":
+            return not (self.randaugment or self.random_erasing)
+        return self.pipeline == "tensor"
+
+    @classmethod
+    def from_checkpoint(cls, meta: dict[str, Any], in_chans: int = 3) -> TransformSpec:
+        """The eval settings a checkpoint was trained with (defaults: mean = std = 0.5, bicubic, crop_pct 0.875)."""
+        interpolation = meta.get("interpolation")
+        crop_pct = meta.get("crop_pct")
+        return cls(
+            mean=tuple(float(m) for m in meta.get("mean") or [0.5] * in_chans),
+            std=tuple(float(s) for s in meta.get("std") or [0.5] * in_chans),
+            interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic",
+            crop_pct=float(crop_pct) if crop_pct else 0.875,
+        )
+
+
+@dataclass(frozen=True)
+class MixSpec(_FromFields):
+    """Mixup / CutMix alphas (0: off) and label smoothing (folded into the soft targets when mixing)."""
+
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    label_smoothing: float = 0.0

@@ -1,0 +1,117 @@
+"""The run's two batch sources: an endless training stream and a re-iterable evaluation loader."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from vitcli import data as vdata
+from vitcli.engine.plan import StepPlan
+from vitcli.engine.setup import RunData
+from vitcli.recipe import Recipe
+
+EVAL_CACHE_BYTES = 256 * 2**20  # finished eval batches kept between evaluations (where they are delivered)
+
+
+class TrainStream:
+    """Endless micro-batches on the device, epoch after epoch, from `start_step` on; Mixup/CutMix applied.
+
+    Each epoch yields exactly steps_per_epoch x accum micro-batches, so steps never straddle epochs.
+    With several processes the loader's batch is one micro-step of all ranks (micro_batch x
+    world_size images, in the same global order as with one process) and this rank takes its slice.
+    `skipped` counts the unreadable training images dropped so far (data.bad_images: skip).
+    """
+
+    def __init__(self, data: RunData, recipe: Recipe, plan: StepPlan, *, start_step: int, device: torch.device,
+                 rank: int = 0, world_size: int = 1):
+        epoch, pos = divmod(start_step, plan.steps_per_epoch)
+        self.per_epoch = plan.steps_per_epoch * plan.accum
+        self.mixup = data.mixup
+        self.loader = vdata.make_loader(
+            data.train,
+            data.train_transform,
+            plan.micro_batch * world_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=recipe.data.num_workers,
+            seed=recipe.train.seed,
+            epoch=epoch,
+            start_batch=pos * plan.accum,
+            rank=rank,
+            world_size=world_size,
+            bad_images=recipe.data.bad_images,
+            pin_memory=device.type == "cuda",
+            device=device,
+        )
+        self._batches = self._epochs(epoch, taken=pos * plan.accum)
+
+    @property
+    def skipped(self) -> int:
+        return self.loader.skipped
+
+    def __iter__(self) -> TrainStream:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(self._batches)
+
+    def _epochs(self, epoch: int, taken: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            for images, labels in self.loader:  # delivered on the device
+                if self.mixup is not None:
+                    images, labels = self.mixup(images, labels)
+                yield images, labels
+                taken += 1
+                if taken == self.per_epoch:
+                    break
+            epoch, taken = epoch + 1, 0
+            self.loader.set_epoch(epoch)
+
+
+def eval_batches(data: RunData, recipe: Recipe, device: torch.device, batch_size: int, *,
+                 rank: int = 0, world_size: int = 1, lockstep: bool = False):
+    """Evaluation batches of `batch_size` images per process, re-iterable.
+
+    Build it once per run: its first full pass is kept in memory when it fits in EVAL_CACHE_BYTES
+    (evaluation transforms are deterministic), so later evaluations of a small set skip decoding.
+
+    With several processes each global batch is split across ranks without padding or repeats, so
+    the all-reduced sums count every image exactly once. `lockstep` (FSDP, whose forward is a
+    collective) makes every rank yield the same number of batches: a rank whose share ran out runs a
+    one-image dummy batch with no labels, which evaluate() does not count.
+    """
+    loader = vdata.make_loader(
+        data.eval,
+        data.eval_transform,
+        batch_size * world_size,
+        shuffle=False,
+        drop_last=False,
+        num_workers=recipe.data.num_workers,
+        seed=recipe.train.seed,
+        rank=rank,
+        world_size=world_size,
+        bad_images=recipe.data.bad_images,
+        pin_memory=device.type == "cuda",
+        device=device,
+        cache_bytes=EVAL_CACHE_BYTES,
+    )
+    if not lockstep:
+        return loader
+    dummy = (torch.zeros(1, recipe.model.in_chans, *data.img_size), torch.zeros(0, dtype=torch.int64))
+    return Lockstep(loader, dummy)
+
+
+class Lockstep:
+    """Re-iterable: the loader's batches, then dummies up to the longest rank's batch count."""
+
+    def __init__(self, loader: vdata.Loader, dummy: tuple[torch.Tensor, torch.Tensor]):
+        self.loader, self.dummy = loader, dummy
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = 0
+        for batch in self.loader:
+            yield batch
+            n += 1
+        for _ in range(n, self.loader.batches_per_epoch):
+            yield self.dummy
