@@ -18,6 +18,8 @@ from rich.table import Table
 
 from vitcli.engine.signals import STOPPED_EXIT_CODE, StopRequested
 from vitcli.errors import VitError
+from vitcli.errors import path_error
+from vitcli.io.paths import writable_file
 
 app = typer.Typer(
     name="vit",
@@ -121,10 +123,12 @@ def finetune(
     from vitcli.io.rundir import default_run_dir
 
     overrides = _overrides(set_, device=device, keep=keep, layer_decay=layer_decay, linear_probe=linear_probe)
-    r, init = build_finetune_recipe(ckpt, res=_parse_res(res), dataset=dataset, recipe_path=recipe, overrides=overrides)
-    for note in init.notes:
+    plan = build_finetune_recipe(ckpt, res=_parse_res(res), dataset=dataset, recipe_path=recipe, overrides=overrides)
+    for note in plan.init.notes:
         console.print(f"[dim]{note}[/]")
-    summary = run_finetune(r, out or default_run_dir(r.name), lr_sweep=_parse_floats(lr_sweep, "--lr-sweep"), resume=resume, force=force, console=console, init=init)
+    console.print(f"Fine-tuning with {plan.source}.", highlight=False)
+    r = plan.recipe
+    summary = run_finetune(r, out or default_run_dir(r.name), lr_sweep=_parse_floats(lr_sweep, "--lr-sweep"), resume=resume, force=force, console=console, init=plan.init)
     _print_summary(summary)
 
 
@@ -147,6 +151,7 @@ def interpolate_pos(
         raise VitError(f"--out {out} exists. Choose another path or pass --force to overwrite it.")
     if out.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
         raise VitError(f"--out {out} must end in .safetensors (recommended) or .pth.")
+    writable_file(out, "--out")  # before reading and resampling, not after
     size = _parse_res(res)
     src = load_checkpoint(ckpt)
     old_args = src.meta["model_args"]
@@ -158,7 +163,7 @@ def interpolate_pos(
         p = args["patch_size"]
         return f"{h // p}x{w // p} (image {h}x{w}, patch {p})"
 
-    save_state_dict(out, new.state_dict, new.meta)
+    save_state_dict(out, new.state_dict, new.meta, what="--out")
     console.print(f"position grid {grid(old_args)} -> {grid(new_args)}, {mode}; wrote {out}")
 
 
@@ -166,7 +171,7 @@ def interpolate_pos(
 def eval_cmd(
     ckpt: Optional[str] = typer.Option(None, "--ckpt", help="Checkpoint (any format finetune accepts); default: the best of the newest run under runs/."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set name or path (default: the checkpoint's)."),
-    split: Optional[str] = typer.Option(None, "--split", help="Split to evaluate (default: the set's test/validation split)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to evaluate (default: the set's test/validation split; a folder of class folders: all of it, or train[10%] for the part training held out)."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local copy of a named set (image folder or save_to_disk)."),
     res: Optional[str] = typer.Option(None, "--res", help="Evaluate at this resolution, 384 or 384x512 (position embeddings interpolated)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per batch."),
@@ -176,6 +181,7 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     num_workers: int = typer.Option(2, "--num-workers", min=0, help="Loader processes."),
+    bad_images: str = typer.Option("error", "--bad-images", help="error: stop at an unreadable image, naming it | skip: drop it and count it."),
 ) -> None:
     """Evaluate a checkpoint: top-1/top-5, loss, calibration, per-class accuracy, few-shot."""
     from vitcli.engine.evalrun import print_eval, run_eval
@@ -191,7 +197,8 @@ def eval_cmd(
     shown = err_console if as_json else console
     say = lambda message: shown.print(message, markup=False, highlight=False)  # noqa: E731
     result = run_eval(ckpt, dataset, split=split, res=_parse_res(res), batch_size=batch_size, data_dir=data_dir, device=device,
-                      fewshot=shots, predictions=predictions, confusion=confusion, num_workers=num_workers, say=say)
+                      fewshot=shots, predictions=predictions, confusion=confusion, num_workers=num_workers,
+                      bad_images=bad_images, say=say)
     if as_json:
         print(json.dumps(result))
     else:
@@ -325,6 +332,11 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RANK", "0") == "0":  # every rank stopped at the same step; one says so
             err_console.print(f"Stopped at step {e.step}; checkpoint saved in {e.run_dir}. Resume with the same command plus --out {e.run_dir} --resume.")
         sys.exit(STOPPED_EXIT_CODE)
+    except OSError as e:  # a path no check caught (a disk filling up mid-run, permissions changed)
+        if debug or e.filename is None:
+            raise
+        err_console.print(f"[bold red]error:[/] {path_error(e, e.filename)}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         if debug:
             raise

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import errno
+import os
 from collections.abc import Iterable
 
 
@@ -27,3 +29,38 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' Did you mean: a, b?' or '' when nothing is close."""
     hits = closest(word, choices)
     return f" Did you mean: {', '.join(hits)}?" if hits else ""
+
+
+_REASONS = {
+    errno.ENOSPC: ("the disk is full", "Free disk space or choose a path on another disk"),
+    errno.EDQUOT: ("the disk quota is used up", "Free space or choose a path on another disk"),
+    errno.EACCES: ("permission denied", "Choose a folder you can write to, or fix its permissions"),
+    errno.EPERM: ("the operation is not permitted", "Choose a folder you can write to, or fix its permissions"),
+    errno.EROFS: ("the file system is read-only", "Choose a path on a writable disk"),
+    errno.ENOTDIR: ("part of the path is a file, not a folder", "Choose another path"),
+    errno.EEXIST: ("part of the path is a file, not a folder", "Choose another path"),
+    errno.EISDIR: ("it is a folder, not a file", "Pass a file name"),
+    errno.ENOENT: ("a folder on the way does not exist", "Check the path"),
+    errno.ENAMETOOLONG: ("the name is too long", "Choose a shorter path"),
+}
+
+
+_READ_FIXES = {
+    errno.ENOENT: "Check the path",
+    errno.EACCES: "Fix its permissions or pass another path",
+    errno.EPERM: "Fix its permissions or pass another path",
+    errno.EISDIR: "Pass a file, not a folder",
+}
+
+
+def named(what: str, path: str | os.PathLike) -> str:
+    return f"{what} {path}" if what else str(path)
+
+
+def path_error(e: OSError, path: str | os.PathLike, what: str = "", *, reading: bool = False) -> VitError:
+    """One clear message for an OSError on `path` (what: the option or file kind, e.g. '--out')."""
+    reason, fix = _REASONS.get(e.errno, (e.strerror or str(e), "Choose another path"))
+    if reading:
+        reason = "it does not exist" if e.errno == errno.ENOENT else reason
+        fix = _READ_FIXES.get(e.errno, "Pass another path")
+    return VitError(f"{named(what, path)}: cannot {'read' if reading else 'write'} ({reason}). {fix}.")

@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from vitcli.errors import VitError, did_you_mean
+from vitcli.errors import VitError, did_you_mean, path_error
 
 
 @dataclass
@@ -131,9 +131,13 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def save(self, path: str | Path) -> None:
+    def to_yaml(self) -> str:
+        """The fully resolved recipe as YAML text (what a run directory's recipe.yaml holds)."""
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        Path(path).write_text(f"# fully resolved recipe written by vitcli\n{text}")
+        return f"# fully resolved recipe written by vitcli\n{text}"
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
 
 
 SECTIONS = {f.name: f for f in dataclasses.fields(Recipe)}
@@ -150,8 +154,14 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise VitError(f"Recipe file '{path}' does not exist. Pass the path of a YAML recipe, e.g. recipes/quickstart.yaml.")
-        raw = parse_yaml(path.read_text(), str(path))
+            problem = "is a folder; pass" if path.is_dir() else "does not exist. Pass"
+            raise VitError(f"Recipe file '{path}' {problem} the path of a YAML recipe, e.g. recipes/quickstart.yaml.")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise (path_error(e, path, "recipe", reading=True) if isinstance(e, OSError)
+                   else VitError(f"recipe {path} is not a text file ({e}). Pass a YAML recipe.")) from e
+        raw = parse_yaml(text, str(path))
         name = path.stem
     return recipe_from_dict(raw, overrides, default_name=name)
 

@@ -50,7 +50,7 @@ def bench_data(
         raise VitError(f"--pipeline {pipeline!r}: choose auto, pil or tensor.")
     cfg = vdata.TransformSpec(pipeline=pipeline)  # the recipe defaults' training transforms
     say(f"loading the training split of {dataset}")
-    image_set = vdata.build(vdata.SourceSpec(dataset=dataset, data_dir=data_dir), "train", img_size=img_size)
+    image_set = vdata.build(vdata.SourceSpec(dataset=dataset, data_dir=data_dir), "train", img_size=img_size, say=say)
     if batch_size > len(image_set):
         raise VitError(f"--batch-size {batch_size} is larger than the {len(image_set)} training images of {dataset}; lower it.")
     transform = vdata.build_transform(cfg, img_size, train=True)

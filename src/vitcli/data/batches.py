@@ -46,8 +46,8 @@ def unreadable(name: str, split: str, index: int, path: Optional[str], e: Except
 
 
 FIX = (
-    " Replace or delete that file, or set data.bad_images: skip (--set data.bad_images=skip) to drop "
-    "unreadable images; the trainer then logs how many it dropped."
+    " Replace or delete that file, or drop unreadable images and count them: data.bad_images: skip "
+    "(vit pretrain / finetune: --set data.bad_images=skip; vit eval: --bad-images skip)."
 )
 
 

@@ -12,14 +12,16 @@ trainer never care where the data came from. Sources:
 - a path to a `Dataset.save_to_disk` / `DatasetDict.save_to_disk` directory.
 
 A local source with a single split (a folder with class sub-folders only, or one saved Dataset) has no
-evaluation images, so we carve a fixed 10% of it, stratified by class when every class has enough
-images (random otherwise), always with seed 0 so every run trains and scores on the same images.
+evaluation images, so training carves a fixed 10% of it (split names `train[90%]` / `train[10%]`),
+stratified by class when every class has enough images (random otherwise), always with seed 0 so every
+run trains and scores on the same images. `vit eval` scores such a folder whole (`carve=False`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Literal, Optional, Union
 
 import datasets
@@ -27,6 +29,7 @@ import numpy as np
 
 from vitcli.data import builtin
 from vitcli.data.hub import load_hub_split
+from vitcli.data.indexing import index_folder
 from vitcli.data.registry import DatasetSpec, list_datasets, lookup, unknown_dataset_error
 from vitcli.errors import VitError
 from vitcli.data.specs import SourceSpec
@@ -36,6 +39,7 @@ LABEL_NAMES = ("label", "fine_label", "labels", "cls")  # tried in order when th
 EVAL_SPLITS = ("test", "validation", "val", "valid", "eval")
 CARVE_FRACTION = 0.1
 CARVE_SEED = 0
+CARVED = {"train": "90%", "eval": "10%"}  # the split names of the two sides, e.g. train[10%]
 
 
 @dataclass
@@ -52,7 +56,8 @@ class ImageSet:
         return len(self.dataset)
 
 
-def build(cfg: SourceSpec, role: Role, *, img_size: Union[int, tuple[int, int]] = 224, seed: int = 0) -> ImageSet:
+def build(cfg: SourceSpec, role: Role, *, img_size: Union[int, tuple[int, int]] = 224, seed: int = 0,
+          say: Optional[Callable[[str], object]] = None) -> ImageSet:
     """The train or eval split a recipe's data section asks for, subset applied.
 
     Train subsets follow `seed`; eval subsets always use seed 0 so every run scores the same images.
@@ -61,7 +66,7 @@ def build(cfg: SourceSpec, role: Role, *, img_size: Union[int, tuple[int, int]] 
     subset = cfg.train_subset if role == "train" else cfg.eval_subset
     return load_split(
         cfg.dataset, split, role=role, data_dir=cfg.data_dir, img_size=img_size,
-        seed=seed if role == "train" else 0, subset=subset,
+        seed=seed if role == "train" else 0, subset=subset, say=say,
     )
 
 
@@ -74,6 +79,8 @@ def load_split(
     img_size: Union[int, tuple[int, int]] = 224,
     seed: int = 0,
     subset: Optional[int] = None,
+    carve: bool = True,
+    say: Optional[Callable[[str], object]] = None,
 ) -> ImageSet:
     """Load one split of a named set or local path.
 
@@ -85,6 +92,10 @@ def load_split(
         img_size: image size of the `synthetic` set (ignored otherwise).
         seed: seeds `synthetic` images and the subset.
         subset: keep only this many images (a seeded random choice, kept in data-set order).
+        carve: a source with a single split (a folder of class folders) and no `split` asked for: True
+            splits it 90% / 10% for training (role picks the side); False takes it whole (`vit eval`
+            scores every image of a folder). `split` "NAME[90%]" / "NAME[10%]" asks for a side by name.
+        say: where the one-line note about indexing a local folder goes (None: nowhere).
     """
     if role not in ("train", "eval"):
         raise ValueError(f"role must be 'train' or 'eval', not {role!r}")
@@ -94,14 +105,14 @@ def load_split(
         split = split or ("train" if role == "train" else spec.eval_split)
         splits = _builtin_splits(spec, split, img_size, seed)
     elif path is not None:
-        splits = _local_splits(path, spec)
+        splits = _local_splits(path, spec, say)
     else:
         assert spec is not None
         name = split or (spec.train_split if role == "train" else spec.eval_split)
         splits = {name: load_hub_split(spec, name)}
         split = name
     splits, class_names = _standardise(splits, spec, label)
-    ds, split_name = _pick_split(splits, split, role, spec, label)
+    ds, split_name = _pick_split(splits, split, role, spec, label, carve)
     if len(ds) == 0:
         raise VitError(f"Split '{split_name}' of data set '{label}' is empty. Point data.dataset at a set with images.")
     image_set = ImageSet(ds, len(class_names), class_names, label, split_name)
@@ -162,7 +173,7 @@ def _builtin_splits(spec: DatasetSpec, split: str, img_size, seed: int) -> dict:
     return {split: builtin.synthetic_split(split, size, seed, spec.num_classes or 1000)}
 
 
-def _local_splits(path: Path, spec: Optional[DatasetSpec]) -> dict[str, datasets.Dataset]:
+def _local_splits(path: Path, spec: Optional[DatasetSpec], say=None) -> dict[str, datasets.Dataset]:
     """All splits of a local image folder, Hub snapshot or save_to_disk directory."""
     if not path.is_dir():
         raise VitError(
@@ -178,14 +189,7 @@ def _local_splits(path: Path, spec: Optional[DatasetSpec]) -> dict[str, datasets
         return {loaded.split and str(loaded.split) or "train": loaded}
     # A README with configs (a Hub snapshot) needs the config name; a plain folder must not get one.
     config = spec.config if spec is not None and (path / "README.md").exists() else None
-    try:
-        loaded = datasets.load_dataset(str(path), config)
-    except Exception as e:  # noqa: BLE001
-        raise VitError(
-            f"No images could be read from '{path}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            "Expected one sub-folder of images per class (optionally inside train/ and test/ or val/), "
-            "or a directory written by save_to_disk."
-        ) from e
+    loaded = index_folder(path, config, say)
     return dict(loaded)
 
 
@@ -258,13 +262,20 @@ def _detect_columns(features: datasets.Features, spec: Optional[DatasetSpec], la
 
 
 def _pick_split(
-    splits: dict[str, datasets.Dataset], split: Optional[str], role: Role, spec: Optional[DatasetSpec], label: str
+    splits: dict[str, datasets.Dataset], split: Optional[str], role: Role, spec: Optional[DatasetSpec], label: str,
+    carve: bool = True,
 ) -> tuple[datasets.Dataset, str]:
-    if split is not None:
-        return _join(splits, split, label), split
     if len(splits) == 1:  # one split only (e.g. a folder of class folders): carve the eval images from it
         (only_name, only), = splits.items()
-        return _carve(only, role), f"{only_name}[{'90%' if role == 'train' else '10%'}]"
+        sides = {f"{only_name}[{CARVED['train']}]": "train", f"{only_name}[{CARVED['eval']}]": "eval"}
+        if split in sides:
+            return _carve(only, sides[split]), split
+        if split is None and carve:
+            return _carve(only, role), f"{only_name}[{CARVED[role]}]"
+        if split is None:
+            return only, only_name
+    if split is not None:
+        return _join(splits, split, label), split
     default = None if spec is None else (spec.train_split if role == "train" else spec.eval_split)
     wanted = [default] if default else []
     wanted += ["train"] if role == "train" else list(EVAL_SPLITS)
@@ -281,7 +292,8 @@ def _join(splits: dict[str, datasets.Dataset], split: str, label: str) -> datase
     parts = split.split("+")
     missing = [p for p in parts if p not in splits]
     if missing:
-        raise VitError(f"Data set '{label}' has no split '{missing[0]}'. Available splits: {', '.join(splits)}.")
+        carved = f" (and its two carved parts {', '.join(f'{next(iter(splits))}[{c}]' for c in CARVED.values())})" if len(splits) == 1 else ""
+        raise VitError(f"Data set '{label}' has no split '{missing[0]}'. Available splits: {', '.join(splits)}{carved}.")
     chosen = [splits[p] for p in parts]
     return chosen[0] if len(chosen) == 1 else datasets.concatenate_datasets(chosen)
 

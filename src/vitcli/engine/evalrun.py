@@ -21,10 +21,11 @@ import torch
 
 from vitcli import data as vdata
 from vitcli.engine import fewshot as fs
-from vitcli.engine.report import PredictionLog, draw_confusion, print_eval, write_predictions
+from vitcli.engine.report import PredictionLog, draw_confusion, figure_path, print_eval, write_predictions
 from vitcli.engine.resolve import resolve_checkpoint, resolve_dataset
 from vitcli.engine.runtime import autocast_dtype, pick_device
 from vitcli.errors import VitError
+from vitcli.io.paths import writable_file
 from vitcli.models import input_channels, input_size
 from vitcli.models.load import model_from_checkpoint
 from vitcli.objectives import evaluate
@@ -50,6 +51,7 @@ def run_eval(
     subset: int | None = None,
     fewshot_seeds: int = 1,
     fewshot_l2: float = fs.DEFAULT_L2,
+    bad_images: str = "error",
     progress: Callable[[int, int], None] | None = None,
     say: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
@@ -59,7 +61,8 @@ def run_eval(
         ckpt: anything `load_checkpoint` accepts; None: the best checkpoint of the newest run under
             `runs_root`.
         dataset: registry name or path; None: the data set the checkpoint was trained on.
-        split: evaluation split; None: the data set's own test/validation split.
+        split: evaluation split; None: the data set's own test/validation split, or the whole of a folder
+            of class folders (its carved parts: "train[90%]", "train[10%]").
         res: evaluate at this resolution (position embeddings resampled); None: the checkpoint's.
         batch_size: images per forward pass.
         data_dir: a local copy of a named set with the Hub schema.
@@ -72,20 +75,25 @@ def run_eval(
         subset: evaluate on a seeded random choice of this many images only.
         fewshot_seeds: average few-shot accuracy over this many choices of the K images (big_vision: 3).
         fewshot_l2: ridge strength of the few-shot regression.
+        bad_images: "error" (stop, naming the unreadable image) or "skip" (drop it; counted).
         progress: called as progress(images_done, images_total) after every batch.
         say: where one-line notes go (which checkpoint was taken, what was adapted).
 
     Returns:
         top1, top5, loss, ece (fractions; None when the head does not fit the data set and only
         few-shot was asked), num_images, images_per_second, seconds, per_class_accuracy (None for classes
-        without images), class_names, checkpoint, model, dataset, split, img_size, device, and, when
-        asked, fewshot {str(K): accuracy}, fewshot_l2, fewshot_seeds, predictions, confusion (paths).
+        without images), class_names, checkpoint, model, dataset, split, img_size, device, skipped_images,
+        and, when asked, fewshot {str(K): accuracy}, fewshot_l2, fewshot_seeds, predictions, confusion (paths).
     """
     shots = _check_shots(fewshot)
     if fewshot_seeds < 1:
         raise VitError(f"the number of few-shot seeds must be at least 1, got {fewshot_seeds}")
     if batch_size < 1:
         raise VitError(f"--batch-size must be positive, got {batch_size}")
+    if bad_images not in ("error", "skip"):
+        raise VitError(f"--bad-images must be error or skip, got {bad_images!r}")
+    predictions = writable_file(predictions, "--predictions") if predictions else None  # before any work
+    confusion = figure_path(confusion, "--confusion") if confusion else None
     ck, run_dir = resolve_checkpoint(ckpt, Path(runs_root), say)
     dataset, data_dir = resolve_dataset(dataset, data_dir, ck, run_dir)
     dev = pick_device(device)
@@ -96,24 +104,12 @@ def run_eval(
         say(note)
     img_size = input_size(model)
     eval_set = vdata.load_split(dataset, split, role="eval", data_dir=data_dir, img_size=img_size, seed=0,
-                                subset=subset)
-    head_fits = model.num_classes == eval_set.num_classes
-    if not head_fits:
-        what = f"the checkpoint's head has {model.num_classes} classes" if model.num_classes else \
-            "the checkpoint has no classification head"
-        if not shots:
-            raise VitError(
-                f"{what} but data set '{eval_set.name}' has {eval_set.num_classes}, so it cannot be scored on "
-                f"it directly. Fine-tune it first (`vit finetune --ckpt {ck.source} --dataset {eval_set.name}`), "
-                "or measure its frozen features with few-shot linear evaluation (`--fewshot 1,5,10,25`)")
-        if predictions or confusion:
-            raise VitError(f"{what} but data set '{eval_set.name}' has {eval_set.num_classes}: there are no "
-                           "predictions to write; drop --predictions / --confusion (few-shot runs without them)")
-        say(f"{what} and '{eval_set.name}' has {eval_set.num_classes}: reporting few-shot accuracy only")
+                                subset=subset, carve=False, say=say)  # a folder of class folders: every image
+    head_fits = _head_fits(model, eval_set, ck, shots, bool(predictions or confusion), say)
     _warn_class_names(ck.meta.get("class_names"), eval_set, say)
 
     tf = vdata.build_transform(vdata.TransformSpec.from_checkpoint(ck.meta, input_channels(model)), img_size, train=False)
-    loader = _loader(eval_set, tf, batch_size, num_workers, seed, dev)
+    loader = _loader(eval_set, tf, batch_size, num_workers, seed, dev, bad_images)
     model.to(dev)
     log = PredictionLog() if (predictions or confusion) else None
     capture = FeatureCapture(model) if shots else None
@@ -134,7 +130,10 @@ def run_eval(
         **metrics,
         "per_class_accuracy": [None if a is None or a != a else float(a) for a in metrics["per_class_accuracy"]],
         "class_names": list(eval_set.class_names),
+        "skipped_images": loader.skipped,
     }
+    if loader.skipped:
+        say(f"skipped {loader.skipped} unreadable image(s) (--bad-images skip), e.g. {loader.skipped_examples[0]}")
     if predictions:
         result["predictions"] = str(write_predictions(predictions, log, eval_set.class_names))
     if confusion:
@@ -162,6 +161,24 @@ def _check_shots(fewshot: Iterable[int] | None) -> list[int]:
     return shots
 
 
+def _head_fits(model: torch.nn.Module, eval_set, ck, shots: list[int], writes: bool, say) -> bool:
+    """Whether the model's head scores this data set's classes; if not, only few-shot can be asked for."""
+    if model.num_classes == eval_set.num_classes:
+        return True
+    what = f"the checkpoint's head has {model.num_classes} classes" if model.num_classes else \
+        "the checkpoint has no classification head"
+    if not shots:
+        raise VitError(
+            f"{what} but data set '{eval_set.name}' has {eval_set.num_classes}, so it cannot be scored on "
+            f"it directly. Fine-tune it first (`vit finetune --ckpt {ck.source} --dataset {eval_set.name}`), "
+            "or measure its frozen features with few-shot linear evaluation (`--fewshot 1,5,10,25`)")
+    if writes:
+        raise VitError(f"{what} but data set '{eval_set.name}' has {eval_set.num_classes}: there are no "
+                       "predictions to write; drop --predictions / --confusion (few-shot runs without them)")
+    say(f"{what} and '{eval_set.name}' has {eval_set.num_classes}: reporting few-shot accuracy only")
+    return False
+
+
 def _warn_class_names(trained: list[str] | None, eval_set, say) -> None:
     names = list(eval_set.class_names)
     if trained and len(trained) == len(names) and list(trained) != names and \
@@ -170,9 +187,9 @@ def _warn_class_names(trained: list[str] | None, eval_set, say) -> None:
             f"(e.g. {trained[0]!r} vs {names[0]!r}); scores assume class i of the checkpoint is class i of the data")
 
 
-def _loader(image_set, tf, batch_size: int, num_workers: int, seed: int, dev: torch.device):
+def _loader(image_set, tf, batch_size: int, num_workers: int, seed: int, dev: torch.device, bad_images: str = "error"):
     return vdata.make_loader(image_set, tf, batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
-                             seed=seed, pin_memory=dev.type == "cuda", device=dev)
+                             seed=seed, pin_memory=dev.type == "cuda", device=dev, bad_images=bad_images)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -226,7 +243,7 @@ def _fewshot(model, tf, dataset: str, data_dir: str | None, eval_set, eval_feats
              num_workers: int, dev: torch.device, amp, say) -> dict[str, float]:
     """Few-shot linear accuracy on the evaluation features for each K (see engine.fewshot)."""
     train = vdata.load_split(dataset, None, role="train", data_dir=data_dir, img_size=input_size(model), seed=0)
-    if train.split == eval_set.split.split("[")[0]:
+    if train.split.split("[")[0] == eval_set.split.split("[")[0]:
         say(f"warning: the few-shot training images come from split '{train.split}', the split being evaluated")
     if train.num_classes != eval_set.num_classes:
         raise VitError(f"the training split of '{train.name}' has {train.num_classes} classes but the evaluation "

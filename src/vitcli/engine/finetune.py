@@ -1,39 +1,90 @@
 """Fine-tuning (paper §3.2): a pretrained checkpoint, a new zero head, a higher resolution.
 
 A fine-tuning run is a training run whose recipe names `model.init_ckpt`; this module only builds
-that recipe (the paper's defaults, or a recipe file) and runs the optional learning-rate sweep.
+that recipe and runs the optional learning-rate sweep. The recipe is, in order: --recipe; the shipped
+recipes/finetune_*.yaml for the data set (digits -> finetune_digits.yaml); else the paper's settings
+(Table 4: SGD, batch 512, 2,500 steps for sets it does not name) fitted to the set's size
+(`fitted_schedule`).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
+from vitcli import data as vdata
 from vitcli.data import lookup
 from vitcli.engine.trainer import train
 from vitcli.errors import VitError
 from vitcli.models.load import LoadedCheckpoint, load_checkpoint
-from vitcli.recipe import Recipe, load_recipe, recipe_from_dict
+from vitcli.recipe import Recipe, load_recipe, parse_yaml, recipe_from_dict
 
 # Paper Table 4: fine-tuning steps at batch 512 per data set (VTAB-style sets: 2500).
 PAPER_STEPS = {"imagenet-1k": 20_000, "cifar10": 10_000, "cifar100": 10_000, "oxford-iiit-pet": 500, "oxford-flowers102": 500}
 OTHER_STEPS = 2_500
+PAPER_BATCH = 512
+# Fitting the paper's schedule to a set of N training images (sets without a shipped recipe only):
+MAX_EPOCHS = 50  # at most 50 epochs (the paper's named sets run 8-125; its VTAB count is 1,280 on 1,000 images)
+MIN_BATCHES_PER_EPOCH = 10  # batch halved from 512 until N holds 10 batches ...
+MIN_BATCH = 16  # ... but not below 16
+MICRO_BATCH = 64  # images per forward pass; accumulated to the batch
 # The paper's learning-rate grid; held-out fractions it used for choosing from it (Appendix B.1.1).
 PAPER_LR_GRID = (0.001, 0.003, 0.01, 0.03)
+RECIPES = Path(__file__).resolve().parents[3] / "recipes"  # the shipped recipes of a source checkout
 
 
-def paper_finetune_recipe(dataset: str) -> dict:
-    """SGD momentum 0.9, no weight decay, cosine decay after a short warmup, clip 1, batch 512."""
+@dataclass
+class FinetunePlan:
+    """Where a fine-tuning recipe came from, to say so at the start."""
+
+    recipe: Recipe
+    init: LoadedCheckpoint
+    source: str  # one line: the recipe file, or the rule that fitted the paper's defaults
+
+
+def fitted_schedule(num_train: int, dataset: str) -> dict:
+    """The paper's batch and step count for `dataset`, fitted to `num_train` images: the batch is
+    halved from 512 until the set holds MIN_BATCHES_PER_EPOCH batches (not below MIN_BATCH), and the
+    steps are capped at MAX_EPOCHS epochs. Sets of 5,120+ images keep batch 512; large ones the
+    paper's steps."""
     spec = lookup(dataset)
     steps = PAPER_STEPS.get(spec.name if spec else "", OTHER_STEPS)
+    batch = PAPER_BATCH
+    while batch > MIN_BATCH and batch * MIN_BATCHES_PER_EPOCH > num_train:
+        batch //= 2
+    batch = max(1, min(batch, num_train))
+    steps = max(1, min(steps, MAX_EPOCHS * (num_train // batch)))  # an epoch is num_train // batch steps (drop_last)
+    return {
+        "schedule": {"warmup_steps": min(500, steps // 10), "decay": "cosine"},
+        "train": {"steps": steps, "batch_size": batch, "micro_batch_size": min(MICRO_BATCH, batch),
+                  "eval_every": max(1, steps // 10)},
+    }
+
+
+def paper_finetune_recipe(num_train: int, dataset: str) -> dict:
+    """SGD momentum 0.9, no weight decay, cosine decay after a short warmup, clip 1; batch and steps
+    as `fitted_schedule` says."""
+    fitted = fitted_schedule(num_train, dataset)
     return {
         "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "clip_grad_norm": 1.0},
-        "schedule": {"warmup_steps": min(500, steps // 10), "decay": "cosine"},
-        "train": {"steps": steps, "batch_size": 512, "micro_batch_size": 64, "eval_every": max(1, steps // 10)},
+        **fitted,
         "data": {"crop_scale": [0.08, 1.0], "hflip": 0.5},
     }
+
+
+def shipped_recipe(dataset: str) -> Path | None:
+    """recipes/finetune_*.yaml whose data.dataset is this set (digits -> finetune_digits.yaml), if any."""
+    spec = lookup(dataset)
+    if spec is None or not RECIPES.is_dir():
+        return None
+    for path in sorted(RECIPES.glob("finetune_*.yaml")):
+        named = (parse_yaml(path.read_text(), str(path)).get("data") or {}).get("dataset")
+        if isinstance(named, str) and lookup(named) == spec:
+            return path
+    return None
 
 
 def build_finetune_recipe(
@@ -43,8 +94,9 @@ def build_finetune_recipe(
     dataset: str | None,
     recipe_path: Path | None,
     overrides: list[str],
-) -> tuple[Recipe, LoadedCheckpoint]:
-    """The recipe of a fine-tuning run: checkpoint, data set and resolution filled in."""
+) -> FinetunePlan:
+    """The recipe of a fine-tuning run, checkpoint, data set and resolution filled in: `recipe_path`,
+    else the shipped recipe for the data set, else the paper's settings fitted to its size."""
     init = load_checkpoint(ckpt)
     meta = init.meta
     dataset = dataset or meta.get("dataset")
@@ -58,12 +110,24 @@ def build_finetune_recipe(
     for key in ("mean", "std"):  # feed the model the normalisation it was trained with
         if meta.get(key) is not None:
             fixed.append(f"data.{key}={list(meta[key])}")
+    recipe_path = recipe_path or shipped_recipe(dataset)
     if recipe_path is not None:
-        recipe = load_recipe(recipe_path, fixed + overrides)
-    else:
-        name = f"finetune_{Path(str(dataset)).name}"
-        recipe = recipe_from_dict({"name": name, **paper_finetune_recipe(dataset)}, fixed + overrides)
-    return recipe, init
+        source = f"recipe {recipe_path}" + ("" if recipe_path.parent != RECIPES else f" (shipped for {dataset})")
+        return FinetunePlan(load_recipe(recipe_path, fixed + overrides), init, source)
+    name = f"finetune_{Path(str(dataset)).name}"
+    data_only = recipe_from_dict({"name": name, "train": {"steps": 1}}, fixed + [o for o in overrides if o.startswith("data.")])
+    num_train = len(vdata.build(vdata.SourceSpec.of(data_only.data), "train"))
+    defaults = paper_finetune_recipe(num_train, dataset)
+    if any(o.startswith("train.batch_size=") for o in overrides) and not any(o.startswith("train.micro_batch_size=") for o in overrides):
+        defaults["train"]["micro_batch_size"] = None  # the user's batch, in one pass unless they say otherwise
+    recipe = recipe_from_dict({"name": name, **defaults}, fixed + overrides)
+    fit = defaults["train"]
+    source = (f"the paper's settings (SGD momentum 0.9, cosine decay, clip 1) fitted to {num_train:,} training images: "
+              f"batch {fit['batch_size']}, {fit['steps']:,} steps (the batch halved from {PAPER_BATCH} until the set holds "
+              f"{MIN_BATCHES_PER_EPOCH} batches, at most {MAX_EPOCHS} epochs)")
+    if any(o.startswith(("train.", "schedule.")) for o in overrides):
+        source += "; your --set values on top"
+    return FinetunePlan(recipe, init, source)
 
 
 def finetune(recipe: Recipe, run_dir: Path, *, lr_sweep: list[float] | None, resume: bool, force: bool, console: Console,

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from vitcli.errors import VitError
+from vitcli.io.paths import atomic_write, writable_file
 
 TICK_LABELS_UP_TO = 30  # more classes: the confusion matrix is drawn without class names
 ANNOTATE_UP_TO = 12  # up to this many classes each cell shows its count
@@ -51,14 +52,13 @@ class PredictionLog:
         return torch.cat(self._conf).numpy() if self._conf else np.zeros(0, dtype=np.float32)
 
 
-def _writable(path: Path, what: str) -> Path:
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise VitError(f"{what} {path} is a directory; pass a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise VitError(f"cannot create the folder for {what} {path}: {e.strerror or e}") from e
+def figure_path(path: Path, what: str) -> Path:
+    """A picture destination checked before any work: writable, and a format matplotlib writes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = writable_file(path, what)
+    if path.suffix.lower().lstrip(".") not in FigureCanvasAgg.get_supported_filetypes():
+        raise VitError(f"{what} {path}: unknown image format {path.suffix or '(none)'}; use a .png file name")
     return path
 
 
@@ -66,14 +66,14 @@ def write_predictions(path: Path, log: PredictionLog, class_names: list[str] | N
     """One CSV row per image, in evaluation order:
     index, label, prediction, correct, confidence (softmax of the prediction), top5 (space-separated ids),
     plus label_name / prediction_name when the classes have names."""
-    path = _writable(path, "--predictions")
     labels, top, conf = log.labels, log.top, log.confidence
     named = bool(class_names)
     header = ["index", "label", "prediction", "correct", "confidence", "top5"]
     if named:
         header += ["label_name", "prediction_name"]
-    try:
-        with open(path, "w", newline="") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(header)
             for i, (y, t, c) in enumerate(zip(labels.tolist(), top.tolist(), conf.tolist())):
@@ -81,9 +81,8 @@ def write_predictions(path: Path, log: PredictionLog, class_names: list[str] | N
                 if named:
                     row += [class_names[y], class_names[t[0]]]
                 w.writerow(row)
-    except OSError as e:
-        raise VitError(f"could not write --predictions {path}: {e.strerror or e}") from e
-    return path
+
+    return atomic_write(writable_file(path, "--predictions"), write, "--predictions")
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int,
@@ -105,7 +104,7 @@ def draw_confusion(path: Path, labels: np.ndarray, predictions: np.ndarray, num_
         from matplotlib.figure import Figure
     except ImportError as e:
         raise VitError("--confusion needs matplotlib: pip install matplotlib") from e
-    path = _writable(path, "--confusion")
+    path = figure_path(path, "--confusion")
     counts, group = confusion_matrix(labels, predictions, num_classes)
     cells = len(counts)
     rows = counts.sum(axis=1, keepdims=True)
@@ -113,9 +112,7 @@ def draw_confusion(path: Path, labels: np.ndarray, predictions: np.ndarray, num_
 
     side = min(14.0, max(5.0, 0.3 * cells + 2.5)) if cells <= TICK_LABELS_UP_TO else 9.0
     fig = Figure(figsize=(side + 1.2, side))
-    canvas = FigureCanvasAgg(fig)
-    if path.suffix.lower().lstrip(".") not in canvas.get_supported_filetypes():
-        raise VitError(f"--confusion {path}: unknown image format {path.suffix or '(none)'}; use a .png file name")
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
@@ -138,11 +135,7 @@ def draw_confusion(path: Path, labels: np.ndarray, predictions: np.ndarray, num_
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as e:
-        raise VitError(f"could not write --confusion {path}: {e.strerror or e}") from e
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), "--confusion")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from vitcli.engine.setup import RunData, build_data, build_model, build_objectiv
 from vitcli.engine.state import TrainState
 from vitcli.engine.step import StepParts, StepResult, build_step
 from vitcli.io.checkpoint import LoadedStep, newest_loadable, read_state, read_weights, save_checkpoint, staging_dir
+from vitcli.io.paths import write_text
 from vitcli.io.rundir import CHECKPOINTS, SHARDED, STATE, SUMMARY_FILE, WEIGHTS
 from vitcli.io.sharded import consolidate_checkpoint, load_full_optimizer, load_sharded, save_sharded
 from vitcli.models.load import LoadedCheckpoint, load_checkpoint
@@ -89,7 +90,7 @@ class TrainingRun:
         text = f"loss {stats['loss']:.4f}  lr {lr:.2e}  {images_per_second:,.0f} img/s"
         self.progress.update(step, text)
         if not self.progress.live:
-            self.progress.line(f"step {step:>6}/{self.plan.total_steps}  {text}")
+            self.progress.line(f"step {step:>6}/{self.plan.total_steps}  {text}  {self.progress.estimate(step)}")
 
     def log_skipped(self, result: StepResult) -> None:
         step, bad = self.state.step, self.state.bad_in_a_row
@@ -143,7 +144,7 @@ class TrainingRun:
             "skipped_images": self.train_batches.skipped,
         }
         if self.env.is_main:
-            (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n", "the run's")
         cluster.barrier(self.env)
         return summary
 
@@ -165,7 +166,7 @@ def start_run(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: boo
     with cluster.main_first(env):  # downloads and cache preparation happen once
         if init is None and recipe.model.init_ckpt:
             init = load_checkpoint(recipe.model.init_ckpt)
-        data = build_data(recipe, init)
+        data = build_data(recipe, init, say)
     model = build_model(recipe.model, data.num_classes, init)
     if t.linear_probe:  # the paper's linear evaluation: a frozen backbone under a trained head
         for name, p in model.named_parameters():
@@ -195,8 +196,8 @@ def start_run(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: boo
     say(
         f"Training {recipe.model.name} on {data.name} ({len(data.train)} train / {len(data.eval)} eval images, "
         f"{data.num_classes} classes) on {env.describe()} {'fp32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.')}"
-        f"{f', {t.strategy}' if env.active else ''}: {plan.total_steps} steps of {t.batch_size} images ({per_step}), "
-        f"{plan.steps_per_epoch} steps/epoch, peak lr {recipe.optim.lr:g}."
+        f"{f', {t.strategy}' if env.active else ''}: {plan.total_steps} steps ({_epochs(plan.epoch(plan.total_steps))}) "
+        f"of {t.batch_size} images ({per_step}), {plan.steps_per_epoch} steps/epoch, peak lr {recipe.optim.lr:g}."
     )
     return TrainingRun(
         recipe, run_dir, env, data, plan, objective, parts, state,
@@ -261,6 +262,10 @@ def _restore_training(parts: StepParts, state: TrainState, found: LoadedStep, en
         parts.scaler.load_state_dict(saved["scaler"])
     state.load_state_dict(saved)
     restore_rank_rng(saved, env.rank, env.world_size, env.device, env.active, recipe.train.seed, say=say)
+
+
+def _epochs(n: float) -> str:
+    return f"{n:.4g} epoch{'' if n == 1 else 's'}"
 
 
 def _make_ema(model: torch.nn.Module, decay: float | None):

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from vitcli.errors import VitError
+from vitcli.io.paths import make_dirs, writable_dir, write_text
 from vitcli.io.rundir import RECIPE_FILE, is_run
 from vitcli.recipe import Recipe, load_recipe
 
@@ -22,8 +23,7 @@ def open_run_dir(run_dir: Path, recipe: Recipe, *, resume: bool, force: bool, sa
       or --force (delete it and start again);
     - anything else that is not empty is never overwritten.
     """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise VitError(f"--out {run_dir} is a file, not a directory. Choose another --out.")
+    writable_dir(run_dir, "--out")  # a file in the way, no permission, a read-only disk: before any work
     if force and run_dir.exists():
         if any(run_dir.iterdir()) and not is_run(run_dir):
             raise VitError(f"--out {run_dir} is not empty and is not a vitcli run; --force only replaces runs. Choose another --out.")
@@ -49,6 +49,6 @@ def open_run_dir(run_dir: Path, recipe: Recipe, *, resume: bool, force: bool, sa
 def create_run_dir(run_dir: Path, recipe: Recipe) -> None:
     """Create a new run's directory and its recipe.yaml: only after the data and model are known to
     build, so a mistake found on the way leaves nothing behind."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(run_dir, "--out")
     if not is_run(run_dir):
-        recipe.save(run_dir / RECIPE_FILE)
+        write_text(run_dir / RECIPE_FILE, recipe.to_yaml(), "--out")

@@ -63,11 +63,11 @@ def model_img_size(cfg: ModelCfg, init: LoadedCheckpoint | None = None) -> tuple
     return (int(size[0]), int(size[1]))
 
 
-def build_data(recipe: Recipe, init: LoadedCheckpoint | None = None) -> RunData:
+def build_data(recipe: Recipe, init: LoadedCheckpoint | None = None, say=None) -> RunData:
     d, seed = recipe.data, recipe.train.seed
     source, transform, mixing = vdata.SourceSpec.of(d), vdata.TransformSpec.of(d), vdata.MixSpec.of(d)
     img_size = model_img_size(recipe.model, init)
-    train = vdata.build(source, "train", img_size=img_size, seed=seed)
+    train = vdata.build(source, "train", img_size=img_size, seed=seed, say=say)
     if d.holdout is not None:
         train, evals = split_holdout(train, d.holdout)
     else:

@@ -59,7 +59,7 @@ def train(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = 
                     run.log_train(result, lr, images_since / max(now - tick, 1e-9))
                     tick, images_since = now, 0
                 else:
-                    run.progress.update(state.step, "")
+                    run.progress.update(state.step)
 
                 evaluated = itstime(state.step, plan.eval_every, plan.total_steps)
                 # No periodic checkpoint inside a run of non-finite steps: the last good one stays newest.

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from vitcli.errors import VitError
+from vitcli.io.paths import atomic_write
 
 
 def new_figure(width: float, height: float):
@@ -28,12 +29,7 @@ def save_figure(fig, path: Path, what: str = "figure", dpi: int = 120) -> Path:
     path = Path(path).expanduser()
     if path.suffix.lower().lstrip(".") not in fig.canvas.get_supported_filetypes():
         raise VitError(f"{what} {path}: unknown image format {path.suffix or '(none)'}; use a .png file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
-    except OSError as e:
-        raise VitError(f"could not write {what} {path}: {e.strerror or e}") from e
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi), what)
 
 
 def _as_image(x: np.ndarray) -> np.ndarray:

@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from vitcli.errors import VitError
+from vitcli.io.paths import writable_file
+from vitcli.io.rundir import METRICS_FILE
 from vitcli.inspect.figures import new_figure, save_figure
 
-METRICS = "metrics.jsonl"
+METRICS = METRICS_FILE
 DEFAULT_NAME = "curves.png"
 
 
@@ -154,4 +156,4 @@ def plot_command(run_dirs: list[str | Path], out: str | Path | None = None, titl
     out = Path(out)
     if out.is_dir():
         out = out / DEFAULT_NAME
-    return plot_runs(curves, out, title), curves
+    return plot_runs(curves, writable_file(out, "--out"), title), curves

@@ -24,6 +24,7 @@ from vitcli import data as vdata
 from vitcli.engine.resolve import resolve_checkpoint, resolve_dataset
 from vitcli.engine.runtime import pick_device
 from vitcli.errors import VitError
+from vitcli.io.paths import writable_dir, write_text
 from vitcli.inspect import features as ft
 from vitcli.inspect import figures as fg
 from vitcli.models import input_channels, input_size
@@ -82,9 +83,7 @@ def run_inspect(
     for note in ck.notes:
         say(note)
     model.eval()
-    out = Path(out) if out is not None else _default_out(ck.source, run_dir)
-    if out.exists() and not out.is_dir():
-        raise VitError(f"--out {out} is a file; pass a folder for the figures")
+    out = writable_dir(Path(out) if out is not None else _default_out(ck.source, run_dir), "--out")
     name = run_dir.name if run_dir is not None else Path(str(ck.source)).name
     grid = tuple(model.patch_embed.grid_size)
     result: dict[str, Any] = {
@@ -119,11 +118,7 @@ def run_inspect(
                                          pick_device(device), name))
         result["figures"].update(result.pop("_figures"))
 
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / SUMMARY).write_text(json.dumps(result, indent=1, default=_plain) + "\n")
-    except OSError as e:
-        raise VitError(f"could not write {out / SUMMARY}: {e.strerror or e}") from e
+    write_text(out / SUMMARY, json.dumps(result, indent=1, default=_plain) + "\n", "--out")
     result["summary"] = str(out / SUMMARY)
     return result
 

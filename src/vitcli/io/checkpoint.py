@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vitcli.errors import VitError
+from vitcli.io.paths import atomic_write
 from vitcli.io.rundir import STATE, WEIGHTS, StepDir, is_sharded, step_dir_name, step_dirs
 
 META_KEY = "vitcli"
@@ -69,19 +70,16 @@ def _disk_full_hint(err: OSError, where: Path) -> VitError:
     )
 
 
-def save_weights(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write a .safetensors file atomically, with `meta` as JSON in its header."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def save_weights(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any], what: str = "") -> None:
+    """Write a .safetensors file atomically (fsynced), with `meta` as JSON in its header."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
         _fsync_file(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _disk_full_hint(e, path) from e
+
+    atomic_write(path, write, what)
+    _fsync_dir(Path(path).expanduser().parent)
 
 
 def staging_dir(root: Path, step: int) -> Path:

@@ -15,6 +15,7 @@ import torch
 
 from vitcli.errors import VitError
 from vitcli.io.checkpoint import read_state, save_weights
+from vitcli.io.paths import writable_file
 from vitcli.io.rundir import SHARDED, STATE, WEIGHTS, is_sharded, linked_checkpoint
 
 
@@ -89,6 +90,7 @@ def consolidate_checkpoint(path: Path, out: Path | None = None) -> Path:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     step_dir = sharded_step_dir(path)
+    out = writable_file(Path(out) if out is not None else step_dir / WEIGHTS, "--out")  # before reading the shards
     state = read_state(step_dir / STATE) if (step_dir / STATE).is_file() else {}
     reader = FileSystemReader(str(step_dir / SHARDED))
     entries = reader.read_metadata().state_dict_metadata
@@ -99,6 +101,5 @@ def consolidate_checkpoint(path: Path, out: Path | None = None) -> Path:
     }
     with _one_process_ok():
         dcp.load(tensors, storage_reader=reader, no_dist=True)
-    out = Path(out) if out is not None else step_dir / WEIGHTS
-    save_weights(out, {k.removeprefix("model."): v for k, v in tensors.items()}, state.get("meta", {}))
+    save_weights(out, {k.removeprefix("model."): v for k, v in tensors.items()}, state.get("meta", {}), "--out")
     return out

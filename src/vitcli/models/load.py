@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pickle
 import warnings
 import zipfile
@@ -30,6 +29,7 @@ from torch import nn
 from vitcli.errors import VitError
 from vitcli.io.checkpoint import read_weights, save_weights
 from vitcli.io.hub import offline_reason
+from vitcli.io.paths import atomic_write, writable_file
 from vitcli.io.rundir import CHECKPOINTS, LINKS, WEIGHTS, has_weights, linked_checkpoint, step_dirs
 from vitcli.models import convert
 from vitcli.models.posemb import MODES, resample_pos_embed, resize_patch_embed
@@ -545,25 +545,17 @@ def _check_fits(model: nn.Module, sd: Mapping[str, torch.Tensor], source: Path |
 # Writing
 
 
-def save_state_dict(path: str | Path, state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
+def save_state_dict(path: str | Path, state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any], what: str = "") -> Path:
     """Write weights by suffix: .safetensors (atomic, `meta` in the header) or .pth/.pt/.bin (a plain
     name -> tensor dict for `torch.load`; the metadata is not kept, so prefer .safetensors)."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        raise VitError(f"{path} is a directory; pass a file name ending in .safetensors or .pth")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     name = path.name.lower()
-    if name.endswith(".safetensors"):
-        save_weights(path, tensors, dict(meta))
-    elif name.endswith(TORCH_SUFFIXES):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            torch.save(tensors, tmp)
-            os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise VitError(f"could not write {path}: {e.strerror or e}; free disk space or choose another path") from e
-    else:
+    if not name.endswith((".safetensors", *TORCH_SUFFIXES)):
         raise VitError(f"don't know how to write {path.name}: use a .safetensors (recommended) or .pth file name")
+    path = writable_file(path, what)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    if name.endswith(".safetensors"):
+        save_weights(path, tensors, dict(meta), what)
+    else:
+        atomic_write(path, lambda tmp: torch.save(tensors, tmp), what)
     return path
