@@ -189,3 +189,32 @@ def test_global_batch_plan_and_fsdp_refuses_ema():
         plan(3, None)
     with pytest.raises(VitError, match="fsdp"):
         recipe_from_dict({"train": {"steps": 1, "strategy": "fsdp", "ema_decay": 0.999}})
+
+
+MAE = ["--set", "objective.name=mae", "--set", "objective.decoder_dim=32", "--set", "objective.decoder_depth=1",
+       "--set", "objective.decoder_heads=4", "--set", "objective.fewshot=[1]"]
+
+
+@pytest.mark.slow
+def test_mae_trains_under_ddp_and_fsdp_and_reshards_its_decoder(recipe, tmp_path):
+    # DDP, 2 processes: both replicas end identical; the encoder and the decoder are checkpointed
+    run = tmp_path / "ddp"
+    script = tmp_path / "dump.py"
+    script.write_text(DUMP_WEIGHTS)
+    torchrun(str(script), str(tmp_path), "pretrain", str(recipe), "--out", str(run), *MAE)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0) and max_diff(rank0, weights(run, STEPS)) == 0.0
+    state = torch.load(run / "checkpoints" / f"step-{STEPS:08d}" / "state.pt", weights_only=True)
+    assert "decoder.pred.weight" in state["objective"]
+    assert {"loss", "fewshot_1"} <= set(events(run, "eval")[-1])
+
+    # FSDP: one process writes DCP shards of encoder + decoder; two processes resume them at step 4
+    fsdp = tmp_path / "fsdp"
+    assert run_cli("pretrain", str(recipe), "--out", str(fsdp), *MAE, *FSDP) == 0
+    forget_after(fsdp, 4)
+    proc = torchrun("-m", "vitcli", "pretrain", str(recipe), "--out", str(fsdp), *MAE, *FSDP)
+    assert "Resuming" in proc.stdout
+    out = tmp_path / "encoder.safetensors"
+    assert run_cli("consolidate", str(fsdp / "checkpoints" / f"step-{STEPS:08d}"), "--out", str(out)) == 0
+    encoder = load_file(str(out))
+    assert set(encoder) == set(weights(run, STEPS)) and not any(k.startswith(("decoder", "model.")) for k in encoder)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vitcli.engine.fewshot import (BIAS_CONSTANT, DEFAULT_L2, STD_EPS, augment, fewshot_accuracy, fewshot_results,
+from vitcli.objectives.fewshot import (BIAS_CONSTANT, DEFAULT_L2, STD_EPS, augment, fewshot_accuracy, fewshot_results,
                                    fit_fewshot, needed_images, select_shots, targets)
 
 

@@ -22,7 +22,7 @@ from vitcli.io import checkpoint as ckpt
 from vitcli.models.load import model_from_checkpoint
 from vitcli.recipe import load_recipe
 
-from test_pretrain import REPO, TINY, read_metrics, recipe_file, run_cli
+from test_pretrain import REPO, TINY, offline_env, read_metrics, recipe_file, run_cli
 
 SETS = [x for s in TINY for x in ("--set", s)]
 DIGITS = [*SETS, "--set", "data.dataset=digits", "--set", "data.train_subset=64", "--set", "data.eval_subset=20",
@@ -32,9 +32,7 @@ DIGITS = [*SETS, "--set", "data.dataset=digits", "--set", "data.train_subset=64"
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("pre")
-    with pytest.MonkeyPatch.context() as mp:  # module-scoped: conftest's per-test offline env is not active
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_DATASETS_OFFLINE", "1")
+    with offline_env():  # module-scoped: conftest's per-test offline env is not active
         assert run_cli("pretrain", str(recipe_file(tmp, "train: {steps: 2}\n")), "--out", str(tmp / "run"), *DIGITS) == 0
     return tmp / "run"
 
@@ -170,9 +168,7 @@ def writing_commands(pretrained: Path, folder: Path, sharded: Path, blocked: Pat
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("fsdp")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_DATASETS_OFFLINE", "1")
+    with offline_env():
         assert run_cli("pretrain", str(recipe_file(tmp, "train: {steps: 1}\n")), "--out", str(tmp / "run"), *DIGITS,
                        "--set", "train.strategy=fsdp") == 0
     return tmp / "run" / "checkpoints" / "step-00000001"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -46,6 +47,15 @@ def run_cli(*args: str) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     return 0
+
+
+@contextlib.contextmanager
+def offline_env():
+    """The per-test offline setting of conftest, for module-scoped fixtures (which run outside it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        yield mp
 
 
 def recipe_file(tmp_path: Path, body: str = "train: {steps: 6}\n") -> Path:

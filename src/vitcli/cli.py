@@ -69,10 +69,16 @@ def _overrides(set_: list[str] | None, *, device: str | None = None, keep: int |
 
 
 def _print_summary(summary: dict) -> None:
-    best = summary["best_top1"]
+    if summary.get("objective"):  # mpp / mae: the best by few-shot accuracy (else loss), and the last evaluation
+        final = summary["final"] or {}
+        scores = ", ".join(f"{k.replace('fewshot_', '')}-shot {v:.4f}" if k.startswith("fewshot_") else f"{k} {v:.4f}"
+                           for k, v in final.items() if k == "loss" or k.startswith("fewshot_"))
+        result = f"{summary['objective']}; final {scores or 'n/a'}"
+    else:
+        best, final = summary["best_top1"], summary["final_top1"]
+        result = f"best top-1 {best:.4f}, final top-1 {final:.4f}" if best is not None and final is not None else "no evaluation"
     console.print(
-        f"done: {summary['steps']} steps in {summary['wall_seconds']:.1f}s; "
-        f"best top-1 {best:.4f}, final top-1 {summary['final_top1']:.4f}\n"
+        f"done: {summary['steps']} steps in {summary['wall_seconds']:.1f}s; {result}\n"
         f"run: {summary['run_dir']}\nbest checkpoint: {summary['checkpoint']}"
     )
 
@@ -237,7 +243,7 @@ def plot_cmd(
 
     path, curves = plot_command(run_dirs, out, title)
     for c in curves:
-        best = f", best top-1 {100 * c.top1.max():.2f}%" if len(c.top1) else ""
+        best = f", best {c.metric_label} {100 * c.top1.max():.2f}%" if len(c.top1) else ""
         console.print(f"{c.name}: {len(c.train_step)} train and {len(c.eval_step)} eval records{best}", markup=False, highlight=False)
         for note in c.notes:
             console.print(note, style="dim", markup=False, highlight=False)
@@ -274,6 +280,7 @@ def bench(
     warmup: Optional[int] = typer.Option(None, "--warmup", min=0, help="Untimed steps first (default 10 on CUDA, 2 on CPU)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="The GPU's peak TFLOP/s for MFU, if it is not in the built-in table."),
+    objective: str = typer.Option("supervised", "--objective", help="supervised | mpp | mae: the training step's objective (masking included)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Time training or inference steps (images/s, step time, memory, FLOP/s, MFU), optionally against timm."""
@@ -283,7 +290,7 @@ def bench(
     say = lambda message: shown.print(f"[dim]{message}[/]", highlight=False)  # noqa: E731
     result = run_bench(model, data=data, mode=mode, batch_size=batch_size, img_size=_parse_res(res), dtype=dtype,
                        compile=compile_, compare=compare, device=device, steps=steps, warmup=warmup,
-                       num_workers=num_workers, pipeline=pipeline, peak_tflops=peak_tflops, say=say)
+                       num_workers=num_workers, pipeline=pipeline, peak_tflops=peak_tflops, objective=objective, say=say)
     if as_json:
         print(json.dumps(result))
     else:

@@ -1,6 +1,6 @@
 """Recipes: YAML files loaded once into typed, validated dataclasses.
 
-A recipe has five sections (model, data, optim, schedule, train) plus a name. Every field has a
+A recipe has six sections (model, objective, data, optim, schedule, train) plus a name. Every field has a
 default, so a recipe only states what differs. `--set section.key=value` overrides any field; the
 value is read as YAML (`--set optim.lr=3e-4`, `--set data.crop_scale=[0.5,1]`).
 """
@@ -40,6 +40,41 @@ class ModelCfg:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+
+
+@dataclass
+class ObjectiveCfg:
+    """What pretraining learns from. supervised: the paper's classification of labelled images. mpp: the
+    paper's masked patch prediction (§4.6, Appendix B.1.2). mae: masked autoencoder (He et al., 2022).
+    mpp and mae read no labels."""
+
+    name: Literal["supervised", "mpp", "mae"] = "supervised"
+    mask_ratio: Optional[float] = None  # share of patches masked (mae) or corrupted (mpp); None: mae 0.75, mpp 0.5
+    # mpp: what a corrupted patch's output token predicts: its mean colour (2^(bits x channels) classes,
+    # 512 for RGB at 3 bits), its 4x4 downsized colours (16 such predictions), or its pixels (L2).
+    mpp_target: Literal["mean_color", "downsized", "pixels"] = "mean_color"
+    mpp_bits: int = 3
+    mpp_replace: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # [mask] / another patch / unchanged
+    # mae: the light decoder that reconstructs the masked patches (MAE's ViT-B/16 default: 512 wide, 8 deep)
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True  # reconstruct per-patch normalised pixels
+    # Closed-form few-shot accuracy at every evaluation, where the data has labels; None: [10] for
+    # mpp / mae (watch the representation improve), none for supervised.
+    fewshot: Optional[list[int]] = None
+
+    @property
+    def self_supervised(self) -> bool:
+        return self.name != "supervised"
+
+    @property
+    def ratio(self) -> float:
+        return self.mask_ratio if self.mask_ratio is not None else {"mae": 0.75, "mpp": 0.5}.get(self.name, 0.0)
+
+    @property
+    def fewshot_shots(self) -> list[int]:
+        return list(self.fewshot) if self.fewshot is not None else ([10] if self.self_supervised else [])
 
 
 @dataclass
@@ -123,6 +158,7 @@ class TrainCfg:
 class Recipe:
     name: str = "recipe"
     model: ModelCfg = field(default_factory=ModelCfg)
+    objective: ObjectiveCfg = field(default_factory=ObjectiveCfg)
     data: DataCfg = field(default_factory=DataCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
@@ -307,7 +343,7 @@ def _check(ok: bool, where: str, message: str) -> None:
 
 
 def validate(r: Recipe) -> None:
-    m, d, o, s, t = r.model, r.data, r.optim, r.schedule, r.train
+    m, d, o, s, t, j = r.model, r.data, r.optim, r.schedule, r.train, r.objective
     _check(m.num_classes is None or m.num_classes >= 0, "model.num_classes", f"must be >= 0; got {m.num_classes}.")
     if isinstance(m.img_size, list):
         _check(len(m.img_size) == 2 and all(v > 0 for v in m.img_size), "model.img_size", f"must be one size or [height, width] > 0; got {m.img_size}.")
@@ -366,3 +402,20 @@ def validate(r: Recipe) -> None:
     _check(t.checkpoint_every is None or t.checkpoint_every > 0, "train.checkpoint_every", f"must be > 0; got {t.checkpoint_every}.")
     _check(t.keep >= 0, "train.keep", f"must be >= 0; got {t.keep}.")
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1; got {t.max_bad_steps}.")
+    validate_objective(j, r)
+
+
+def validate_objective(j: ObjectiveCfg, r: Recipe) -> None:
+    _check(j.mask_ratio is None or 0 < j.mask_ratio < 1, "objective.mask_ratio", f"must be in (0, 1); got {j.mask_ratio}.")
+    _check(1 <= j.mpp_bits <= 8, "objective.mpp_bits", f"must be 1 to 8 bits per channel; got {j.mpp_bits}.")
+    _check(len(j.mpp_replace) == 3 and all(v >= 0 for v in j.mpp_replace) and math.isclose(sum(j.mpp_replace), 1.0),
+           "objective.mpp_replace", f"is [mask, random patch, unchanged] shares summing to 1; got {j.mpp_replace}.")
+    _check(j.decoder_dim > 0 and j.decoder_depth > 0 and j.decoder_heads > 0, "objective.decoder_dim",
+           f"decoder_depth and decoder_heads must be > 0; got {j.decoder_dim}, {j.decoder_depth}, {j.decoder_heads}.")
+    _check(j.decoder_dim % j.decoder_heads == 0, "objective.decoder_dim",
+           f"({j.decoder_dim}) must be divisible by objective.decoder_heads ({j.decoder_heads}).")
+    _check(all(k >= 1 for k in j.fewshot or []), "objective.fewshot", f"takes images per class >= 1; got {j.fewshot}.")
+    if not j.self_supervised:
+        return
+    _check(not r.train.linear_probe, "train.linear_probe", f"trains a classification head; objective {j.name} has none.")
+    _check(r.data.mixup == 0 and r.data.cutmix == 0, "data.mixup", f"and data.cutmix mix labels; objective {j.name} reads none. Set them to 0.")

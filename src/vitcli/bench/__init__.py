@@ -37,6 +37,7 @@ def run_bench(
     data_dir: str | None = None,
     pipeline: str = "auto",
     peak_tflops: float | None = None,
+    objective: str = "supervised",
     say: Callable[[str], Any] = lambda message: None,
 ) -> dict[str, Any]:
     """Benchmark MODEL, the input pipeline of DATA, or both; one JSON-ready dict.
@@ -67,7 +68,8 @@ def run_bench(
     result: dict[str, Any] = {}
     if model is not None:
         result = bench_model(model, mode=mode, batch_size=batch_size, img_size=img_size, dtype=dtype, compile=compile,
-                             compare=compare, device=device, steps=steps, warmup=warmup, peak_tflops=peak_tflops, say=say)
+                             compare=compare, device=device, steps=steps, warmup=warmup, peak_tflops=peak_tflops,
+                             objective=objective, say=say)
     result["data"] = data_result
     if model is not None and data is not None:
         loader, step = result["data"]["images_per_second"], result["vitcli"]["images_per_second"]

@@ -27,6 +27,7 @@ from vitcli.errors import VitError
 from vitcli.models import resolve_config
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+OBJECTIVES = ("supervised", "mpp", "mae")
 ROUNDS = 5
 
 
@@ -67,11 +68,17 @@ def bench_model(
     steps: int | None = None,
     warmup: int | None = None,
     peak_tflops: float | None = None,
+    objective: str = "supervised",
     say: Callable[[str], Any] = lambda message: None,
 ) -> dict[str, Any]:
-    """Benchmark one model (and timm's equivalent with compare='timm'); a JSON-ready dict (see docs/benchmarks.md)."""
+    """Benchmark one model (and timm's equivalent with compare='timm'); a JSON-ready dict (see docs/benchmarks.md).
+    `objective` mpp / mae times their training step on the same encoder."""
     if mode not in MODES:
         raise VitError(f"--mode must be train or infer, got {mode!r}.")
+    if objective not in OBJECTIVES:
+        raise VitError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}.")
+    if objective != "supervised" and (mode != "train" or compare is not None):
+        raise VitError(f"--objective {objective} times a training step of vitcli's encoder: use --mode train without --compare.")
     dev = pick_device(device)
     amp_dtype = resolve_dtype(dtype, dev)
     d = defaults(dev, compile)
@@ -84,7 +91,7 @@ def bench_model(
     contestants: list[tuple[ModelUnderTest, Contestant, dict[str, Any], memory.CudaPeak | None]] = []
     for label, name, module in build_models(cfg, compare=compare):
         mut = prepare(label, name, module, cfg, mode=mode, batch_size=batch_size, device=dev, amp_dtype=amp_dtype,
-                      compile=compile)
+                      compile=compile, objective=objective)
         say(f"{label}: {name}, {mut.params / 1e6:.1f}M parameters; warming up ({warmup} steps{', compiling' if compile else ''})")
         facts: dict[str, Any] = {"name": name, "params": mut.params}
         t0 = time.perf_counter()
@@ -115,6 +122,7 @@ def bench_model(
     result: dict[str, Any] = {
         "model": cfg.name,
         "mode": mode,
+        "objective": objective,
         "device": dev.type,
         "device_name": name,
         "dtype": "bf16" if amp_dtype == torch.bfloat16 else "fp32",

@@ -1,7 +1,7 @@
 """The models under test and the one step each is timed on.
 
-train: the trainer's own step (engine.step.train_step on the supervised objective): autocast forward ->
-       cross-entropy -> backward -> unscale -> global-norm clip at 1.0 -> AdamW step (timm's, fused, no
+train: the trainer's own step (engine.step.train_step on the objective: supervised cross-entropy, or
+       mpp / mae, whose masking the step includes): autocast forward -> loss -> backward -> unscale -> global-norm clip at 1.0 -> AdamW step (timm's, fused, no
        decay on norms, biases and embeddings; engine.step.build_step) -> zero_grad, with bf16 autocast
        when asked. So the bench times exactly what `vit pretrain` runs per step.
 infer: forward under `torch.inference_mode` (and autocast), model in eval mode.
@@ -25,10 +25,10 @@ from torch import nn
 
 from vitcli.engine.step import build_step, train_step
 from vitcli.errors import VitError
-from vitcli.objectives import Classification
+from vitcli.objectives import Classification, build_objective
 from vitcli.models import create_model
 from vitcli.models.config import ModelConfig
-from vitcli.recipe import OptimCfg
+from vitcli.recipe import ObjectiveCfg, OptimCfg
 
 MODES = ("train", "infer")
 
@@ -107,8 +107,18 @@ def build_models(cfg: ModelConfig, *, compare: str | None, seed: int = 0) -> lis
     return out
 
 
+def bench_objective(name: str, model: nn.Module, num_classes: int) -> nn.Module:
+    """The objective a bench step trains: supervised classification, or mpp / mae with their defaults
+    (MAE's decoder 512 wide and 8 deep; for an encoder narrower than 512: its own width and heads, 2 deep)."""
+    if name == "supervised":
+        return Classification(model, nn.CrossEntropyLoss(), num_classes)
+    width = model.embed_dim
+    decoder = {} if width >= 512 else {"decoder_dim": width, "decoder_heads": model.blocks[0].attn.num_heads, "decoder_depth": 2}
+    return build_objective(ObjectiveCfg(name=name, **decoder), model)
+
+
 def prepare(label: str, name: str, model: nn.Module, cfg: ModelConfig, *, mode: str, batch_size: int, device: torch.device,
-            amp_dtype: torch.dtype | None, compile: bool, seed: int = 0) -> ModelUnderTest:
+            amp_dtype: torch.dtype | None, compile: bool, seed: int = 0, objective: str = "supervised") -> ModelUnderTest:
     """Move the model to device and build its step; inputs are a fixed random batch on the device."""
     if mode not in MODES:
         raise VitError(f"--mode must be train or infer, got {mode!r}.")
@@ -133,9 +143,9 @@ def prepare(label: str, name: str, model: nn.Module, cfg: ModelConfig, *, mode: 
     model.train()
     # The trainer's own step and optimizer settings (timm's AdamW, decay-free norms/biases/embeddings, fused).
     optim = OptimCfg(name="adamw", lr=1e-4, weight_decay=0.05, clip_grad_norm=1.0)
-    objective = Classification(model, nn.CrossEntropyLoss(), max(cfg.num_classes, 1))
-    timed = build_step(objective, optim, device, amp_dtype=amp_dtype, compile=compile)
-    eager = dataclasses.replace(timed, module=objective)  # the same optimizer, uncompiled
+    trained = bench_objective(objective, model, max(cfg.num_classes, 1)).to(device)
+    timed = build_step(trained, optim, device, amp_dtype=amp_dtype, compile=compile)
+    eager = dataclasses.replace(timed, module=trained)  # the same optimizer, uncompiled
     batches = itertools.repeat((images, labels))
 
     def make_train(parts):
@@ -143,4 +153,6 @@ def prepare(label: str, name: str, model: nn.Module, cfg: ModelConfig, *, mode: 
             train_step(parts, batches, optim.lr, 1)
         return step
 
-    return ModelUnderTest(label, name, model, timed.optimizer, (images, labels), make_train(timed), make_train(eager))
+    # the trained module: the model, and for mpp / mae the objective's own parts (decoder, head)
+    return ModelUnderTest(label, name, trained if objective != "supervised" else model, timed.optimizer, (images, labels),
+                          make_train(timed), make_train(eager))

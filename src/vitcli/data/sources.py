@@ -57,7 +57,7 @@ class ImageSet:
 
 
 def build(cfg: SourceSpec, role: Role, *, img_size: Union[int, tuple[int, int]] = 224, seed: int = 0,
-          say: Optional[Callable[[str], object]] = None) -> ImageSet:
+          labels: bool = True, say: Optional[Callable[[str], object]] = None) -> ImageSet:
     """The train or eval split a recipe's data section asks for, subset applied.
 
     Train subsets follow `seed`; eval subsets always use seed 0 so every run scores the same images.
@@ -66,7 +66,7 @@ def build(cfg: SourceSpec, role: Role, *, img_size: Union[int, tuple[int, int]] 
     subset = cfg.train_subset if role == "train" else cfg.eval_subset
     return load_split(
         cfg.dataset, split, role=role, data_dir=cfg.data_dir, img_size=img_size,
-        seed=seed if role == "train" else 0, subset=subset, say=say,
+        seed=seed if role == "train" else 0, subset=subset, labels=labels, say=say,
     )
 
 
@@ -80,6 +80,7 @@ def load_split(
     seed: int = 0,
     subset: Optional[int] = None,
     carve: bool = True,
+    labels: bool = True,
     say: Optional[Callable[[str], object]] = None,
 ) -> ImageSet:
     """Load one split of a named set or local path.
@@ -95,6 +96,7 @@ def load_split(
         carve: a source with a single split (a folder of class folders) and no `split` asked for: True
             splits it 90% / 10% for training (role picks the side); False takes it whole (`vit eval`
             scores every image of a folder). `split` "NAME[90%]" / "NAME[10%]" asks for a side by name.
+        labels: False accepts a set without labels (self-supervised pretraining): num_classes 0.
         say: where the one-line note about indexing a local folder goes (None: nowhere).
     """
     if role not in ("train", "eval"):
@@ -111,7 +113,7 @@ def load_split(
         name = split or (spec.train_split if role == "train" else spec.eval_split)
         splits = {name: load_hub_split(spec, name)}
         split = name
-    splits, class_names = _standardise(splits, spec, label)
+    splits, class_names = _standardise(splits, spec, label, labels)
     ds, split_name = _pick_split(splits, split, role, spec, label, carve)
     if len(ds) == 0:
         raise VitError(f"Split '{split_name}' of data set '{label}' is empty. Point data.dataset at a set with images.")
@@ -197,10 +199,15 @@ def _local_splits(path: Path, spec: Optional[DatasetSpec], say=None) -> dict[str
 # Columns: exactly `image` and `label`
 
 
-def _standardise(splits: dict, spec: Optional[DatasetSpec], label: str) -> tuple[dict, list[str]]:
-    """Rename each split's image / label columns to image / label, drop the rest; class names."""
+def _standardise(splits: dict, spec: Optional[DatasetSpec], label: str, labels: bool = True) -> tuple[dict, list[str]]:
+    """Rename each split's image / label columns to image / label, drop the rest; class names.
+
+    labels False (self-supervised objectives): a set without a label column gets label 0 everywhere
+    and no class names (num_classes 0); a set with one keeps it (few-shot evaluation uses it)."""
     first = next(iter(splits.values()))
-    image_col, label_col = _detect_columns(first.features, spec, label)
+    image_col, label_col = _detect_columns(first.features, spec, label, required=labels)
+    if label_col is None:
+        return {name: _unlabelled(ds, image_col) for name, ds in splits.items()}, []
     out = {}
     for name, ds in splits.items():
         missing = {image_col, label_col} - set(ds.column_names)
@@ -228,7 +235,15 @@ def _standardise(splits: dict, spec: Optional[DatasetSpec], label: str) -> tuple
     raise VitError(f"Column '{label_col}' of '{label}' holds {feature}; class labels must be integers or strings.")
 
 
-def _detect_columns(features: datasets.Features, spec: Optional[DatasetSpec], label: str) -> tuple[str, str]:
+def _unlabelled(ds: datasets.Dataset, image_col: str) -> datasets.Dataset:
+    ds = ds.select_columns([image_col]).rename_columns({image_col: "image"} if image_col != "image" else {})
+    if not (isinstance(ds.features["image"], datasets.Image) and ds.features["image"].decode):
+        ds = ds.cast_column("image", datasets.Image())
+    return ds.add_column("label", [0] * len(ds), feature=datasets.Value("int64"))
+
+
+def _detect_columns(features: datasets.Features, spec: Optional[DatasetSpec], label: str,
+                    required: bool = True) -> tuple[str, Optional[str]]:
     images = [c for c, f in features.items() if isinstance(f, datasets.Image)]
     if spec is not None and spec.image_column in images:
         image_col = spec.image_column
@@ -246,6 +261,8 @@ def _detect_columns(features: datasets.Features, spec: Optional[DatasetSpec], la
         return image_col, found[0]
     if len(class_labels) == 1:
         return image_col, class_labels[0]
+    if not required:
+        return image_col, None
     if len(features) == 1:
         raise VitError(
             f"'{label}' has images but no labels. Put the images in one sub-folder per class "

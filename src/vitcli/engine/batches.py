@@ -6,9 +6,13 @@ from collections.abc import Iterator
 
 import torch
 
+import numpy as np
+
 from vitcli import data as vdata
 from vitcli.engine.plan import StepPlan
 from vitcli.engine.setup import RunData
+from vitcli.objectives import FewshotSet
+from vitcli.objectives.fewshot import needed_images
 from vitcli.recipe import Recipe
 
 EVAL_CACHE_BYTES = 256 * 2**20  # finished eval batches kept between evaluations (where they are delivered)
@@ -115,3 +119,20 @@ class Lockstep:
             n += 1
         for _ in range(n, self.loader.batches_per_epoch):
             yield self.dummy
+
+
+FEWSHOT_SEEDS = [0]  # the K-shot images are a fixed choice, so evaluations compare
+
+
+def fewshot_set(data: RunData, recipe: Recipe, device: torch.device, batch_size: int) -> FewshotSet | None:
+    """The training images few-shot evaluation fits on, with the eval transform; None without labels or shots."""
+    shots = recipe.objective.fewshot_shots
+    if not shots or data.train.num_classes == 0:
+        return None
+    labels = np.asarray(data.train.dataset.select_columns(["label"]).with_format("numpy")["label"], dtype=np.int64)
+    index = needed_images(labels, data.train.num_classes, shots, FEWSHOT_SEEDS)
+    chosen = vdata.ImageSet(data.train.dataset.select(index, keep_in_memory=True), data.train.num_classes,
+                            data.train.class_names, data.train.name, f"{data.train.split}[few-shot]")
+    loader = vdata.make_loader(chosen, data.eval_transform, batch_size, shuffle=False, drop_last=False, num_workers=0,
+                               seed=0, bad_images=recipe.data.bad_images, device=device, cache_bytes=EVAL_CACHE_BYTES)
+    return FewshotSet(loader, index, labels, data.train.num_classes, shots, FEWSHOT_SEEDS)

@@ -7,7 +7,7 @@
 Steps: find the checkpoint (newest run's best when none is given) -> build its model at the asked
 resolution (position embeddings resampled) -> load the evaluation split -> the eval transform the
 checkpoint was trained with (normalisation, interpolation, crop_pct from its metadata) -> `evaluate`
--> optional predictions CSV / confusion matrix -> optional few-shot linear evaluation (engine.fewshot).
+-> optional predictions CSV / confusion matrix -> optional few-shot linear evaluation (objectives.fewshot).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from vitcli import data as vdata
-from vitcli.engine import fewshot as fs
+from vitcli.objectives import fewshot as fs
 from vitcli.engine.report import PredictionLog, draw_confusion, figure_path, print_eval, write_predictions
 from vitcli.engine.resolve import resolve_checkpoint, resolve_dataset
 from vitcli.engine.runtime import autocast_dtype, pick_device
@@ -241,7 +241,7 @@ def _callbacks(log, capture, progress, total: int):
 def _fewshot(model, tf, dataset: str, data_dir: str | None, eval_set, eval_feats: np.ndarray,
              eval_labels: np.ndarray, shots: list[int], seeds: list[int], l2: float, batch_size: int,
              num_workers: int, dev: torch.device, amp, say) -> dict[str, float]:
-    """Few-shot linear accuracy on the evaluation features for each K (see engine.fewshot)."""
+    """Few-shot linear accuracy on the evaluation features for each K (see objectives.fewshot)."""
     train = vdata.load_split(dataset, None, role="train", data_dir=data_dir, img_size=input_size(model), seed=0)
     if train.split.split("[")[0] == eval_set.split.split("[")[0]:
         say(f"warning: the few-shot training images come from split '{train.split}', the split being evaluated")

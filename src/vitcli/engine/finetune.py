@@ -34,6 +34,7 @@ MICRO_BATCH = 64  # images per forward pass; accumulated to the batch
 # The paper's learning-rate grid; held-out fractions it used for choosing from it (Appendix B.1.1).
 PAPER_LR_GRID = (0.001, 0.003, 0.01, 0.03)
 RECIPES = Path(__file__).resolve().parents[3] / "recipes"  # the shipped recipes of a source checkout
+MAE_LAYER_DECAY, MAE_LAYER_DECAY_DEEP = 0.65, 0.75  # MAE's FINETUNE.md: ViT-B 0.65, ViT-L/H 0.75
 
 
 @dataclass
@@ -111,9 +112,10 @@ def build_finetune_recipe(
         if meta.get(key) is not None:
             fixed.append(f"data.{key}={list(meta[key])}")
     recipe_path = recipe_path or shipped_recipe(dataset)
+    fixed += _mae_defaults(meta, recipe_path, overrides)
     if recipe_path is not None:
         source = f"recipe {recipe_path}" + ("" if recipe_path.parent != RECIPES else f" (shipped for {dataset})")
-        return FinetunePlan(load_recipe(recipe_path, fixed + overrides), init, source)
+        return FinetunePlan(load_recipe(recipe_path, fixed + overrides), init, _with_mae_note(source, meta))
     name = f"finetune_{Path(str(dataset)).name}"
     data_only = recipe_from_dict({"name": name, "train": {"steps": 1}}, fixed + [o for o in overrides if o.startswith("data.")])
     num_train = len(vdata.build(vdata.SourceSpec.of(data_only.data), "train"))
@@ -127,7 +129,33 @@ def build_finetune_recipe(
               f"{MIN_BATCHES_PER_EPOCH} batches, at most {MAX_EPOCHS} epochs)")
     if any(o.startswith(("train.", "schedule.")) for o in overrides):
         source += "; your --set values on top"
-    return FinetunePlan(recipe, init, source)
+    return FinetunePlan(recipe, init, _with_mae_note(source, meta))
+
+
+def mae_layer_decay(depth: int) -> float:
+    """MAE's fine-tuning layer decay: 0.65 for ViT-B and smaller, 0.75 for ViT-L/H (24+ blocks)."""
+    return MAE_LAYER_DECAY_DEEP if depth >= 24 else MAE_LAYER_DECAY
+
+
+def _mae_defaults(meta: dict, recipe_path: Path | None, overrides: list[str]) -> list[str]:
+    """MAE's fine-tuning settings where they differ from the paper's, for an MAE checkpoint: layer-wise lr
+    decay and average pooling of the patch tokens, unless the recipe file or --set says otherwise."""
+    if meta.get("objective") != "mae":
+        return []
+    stated = parse_yaml(recipe_path.read_text(), str(recipe_path)) if recipe_path is not None else {}
+    given = {o.split("=", 1)[0] for o in overrides}
+    out = []
+    if "optim.layer_decay" not in given and "layer_decay" not in (stated.get("optim") or {}):
+        out.append(f"optim.layer_decay={mae_layer_decay(int(meta['model_args'].get('depth') or 12))}")
+    if "model.global_pool" not in given and "global_pool" not in (stated.get("model") or {}):
+        out.append("model.global_pool=avg")
+    return out
+
+
+def _with_mae_note(source: str, meta: dict) -> str:
+    if meta.get("objective") != "mae":
+        return source
+    return source + "; MAE's fine-tuning defaults on top (layer-wise lr decay, average pooling)"
 
 
 def finetune(recipe: Recipe, run_dir: Path, *, lr_sweep: list[float] | None, resume: bool, force: bool, console: Console,

@@ -2,9 +2,9 @@
 
 - DDP: gradients all-reduced once per optimizer step; `accumulating` skips the sync on the other
   micro-steps.
-- FSDP2: `fully_shard` on every encoder block, then on the model, then on any trainable module of the
-  objective's own; the parameters become DTensor shards in place, so their names (and checkpoints)
-  do not change.
+- FSDP2: `fully_shard` on every encoder block, then on the model, then (mpp / mae) on the objective
+  with its own parameters; the parameters become DTensor shards in place, so their names (and
+  checkpoints) do not change.
 - Activation checkpointing: every block recomputes its activations in backward.
 """
 
@@ -39,15 +39,19 @@ def wrap(objective: torch.nn.Module, strategy: str, env: DistEnv, *, activation_
         return objective, None
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         mesh = init_device_mesh(env.device.type, (env.world_size,))
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
+        own = [p for name, p in objective.named_parameters() if not name.startswith("model.")]
+        if own:  # mpp / mae call the encoder's parts, not its forward: each gathers its shards on its own
+            fully_shard(model.patch_embed, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        for name, part in objective.named_children():  # the objective's own trainable modules
-            if name != "model" and any(p.requires_grad for p in part.parameters()):
-                fully_shard(part, mesh=mesh)
+        if own:  # the decoder, [mask] token and head are sharded with the objective as the root
+            for method in ("encode_patches", "forward_features", "forward_head"):
+                register_fsdp_forward_method(model, method)
+            fully_shard(objective, mesh=mesh)
         return objective, None
     if env.world_size == 1:
         return objective, None

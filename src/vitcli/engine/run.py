@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 
 from vitcli.engine import cluster
-from vitcli.engine.batches import TrainStream, eval_batches
+from vitcli.engine.batches import TrainStream, eval_batches, fewshot_set
 from vitcli.engine.cluster import DistEnv
 from vitcli.engine.logger import ProgressDisplay, RunLogger
 from vitcli.engine.plan import StepPlan
@@ -108,14 +108,16 @@ class TrainingRun:
                  "scaler": parts.scaler.state_dict() if parts.scaler.is_enabled() else None, "world_size": env.world_size}
         meta = checkpoint_meta(self.eval_model, self.recipe, self.data, state.step, score)
         weights, staged = None, None
-        if self.sharded:  # every rank writes its shards of model + optimizer; state.pt says where they are
+        if self.sharded:  # every rank writes its shards of model (+ objective) + optimizer; state.pt says where
             staged = staging_dir(root, state.step)
             cluster.on_main(env, lambda: shutil.rmtree(staged, ignore_errors=True))
-            save_sharded(staged / SHARDED, parts.model, parts.optimizer, distributed=env.active)
+            save_sharded(staged / SHARDED, self.objective.optimized(), parts.optimizer, distributed=env.active)
             saved.update(sharded=True, meta=meta)
         elif env.is_main:  # replicas are identical: rank 0's copy is the run's
             saved.update(optimizer=parts.optimizer.state_dict(),
                          model=parts.model.state_dict() if parts.ema is not None else None)
+            if hasattr(self.objective, "own_state"):  # decoder, [mask] token, head: resumed, never fine-tuned
+                saved["objective"] = self.objective.own_state()
             weights = self.eval_model.state_dict()
         if env.is_main:
             written = save_checkpoint(root, state.step, weights, meta, saved, is_best=is_best, keep=self.recipe.train.keep,
@@ -132,10 +134,11 @@ class TrainingRun:
         last, best = self.state.last_eval, self.checkpoints / "best"
         if self.sharded and self.env.is_main and best.is_dir() and not (best / WEIGHTS).exists():
             consolidate_checkpoint(best.resolve())  # so `vit eval` / `vit finetune` read the best weights
+        supervised = not self.recipe.objective.self_supervised
         summary = {
-            "best_top1": self.state.best,
-            "final_top1": last["top1"] if last else None,
-            "final_top5": last["top5"] if last else None,
+            "best_top1": self.state.best if supervised else None,  # None: no evaluation yet
+            "final_top1": last["top1"] if last and supervised else None,
+            "final_top5": last["top5"] if last and supervised else None,
             "steps": self.state.step,
             "epochs": self.plan.epoch(self.state.step),
             "wall_seconds": round(self.state.wall_seconds(), 2),
@@ -143,6 +146,10 @@ class TrainingRun:
             "run_dir": str(self.run_dir),
             "skipped_images": self.train_batches.skipped,
         }
+        if not supervised:  # mpp / mae: the best evaluation by few-shot accuracy (else loss), and the last one
+            summary.update(objective=self.recipe.objective.name, best_metric=self.objective.best_metric,
+                           best_score=self.state.best,
+                           final={k: last[k] for k in self.objective.eval_metrics} if last else None)
         if self.env.is_main:
             write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n", "the run's")
         cluster.barrier(self.env)
@@ -173,6 +180,8 @@ def start_run(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: boo
             p.requires_grad_(name.startswith("head."))
     model.to(env.device)
     plan = StepPlan.make(t, len(data.train), env.world_size)
+    fewshot = fewshot_set(data, recipe, env.device, plan.eval_batch)
+    objective = build_objective(model, data, recipe, fewshot).to(env.device)
     if not resuming:
         cluster.on_main(env, lambda: create_run_dir(run_dir, recipe))
     ema = _make_ema(model, t.ema_decay)
@@ -182,13 +191,12 @@ def start_run(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: boo
     if resuming and found is None:
         say(f"No loadable checkpoint in {run_dir / CHECKPOINTS}; starting {run_dir} from step 0.")
     if found is not None:  # full weights go in before the model is wrapped (sharded ones after)
-        _load_weights(model, ema, found)
-    objective = build_objective(model, data).to(env.device)
+        _load_weights(model, ema, objective, found)
     amp_dtype = autocast_dtype(t.precision, env.device)
     parts = build_step(objective, recipe.optim, env.device, amp_dtype=amp_dtype, accum=plan.accum, env=env,
                        strategy=t.strategy, activation_checkpointing=t.activation_checkpointing, compile=t.compile, ema=ema)
     if found is not None:
-        _restore_training(parts, state, found, env, recipe, say)
+        _restore_training(parts, objective.optimized(), state, found, env, recipe, say)
         say(f"Resuming {run_dir} from {found.path.name} (step {state.step}/{plan.total_steps}).")
     model.train()
 
@@ -240,22 +248,27 @@ def _pick_checkpoint(env: DistEnv, root: Path, say) -> LoadedStep | None:
     return LoadedStep(Path(path), state["step"], weights, state.get("meta", {}), state)
 
 
-def _load_weights(model: torch.nn.Module, ema, found: LoadedStep) -> None:
-    """The checkpoint's full weights (raw ones from state.pt under EMA; the EMA's from model.safetensors)."""
+def _load_weights(model: torch.nn.Module, ema, objective: torch.nn.Module, found: LoadedStep) -> None:
+    """The checkpoint's full weights (raw ones from state.pt under EMA; the EMA's from model.safetensors),
+    and the objective's own (decoder, [mask] token, head)."""
     if found.state.get("sharded"):
         return  # read after wrapping, with the optimizer (_restore_training)
     model.load_state_dict(found.state["model"] if found.state.get("model") is not None else found.weights)
     if ema is not None:
         ema.module.load_state_dict(found.weights)
+    if found.state.get("objective") is not None:
+        objective.load_own_state(found.state["objective"])
 
 
-def _restore_training(parts: StepParts, state: TrainState, found: LoadedStep, env: DistEnv, recipe: Recipe, say) -> None:
-    """Optimizer (and sharded weights), scaler, counters and RNG streams of the checkpoint."""
+def _restore_training(parts: StepParts, optimized: torch.nn.Module, state: TrainState, found: LoadedStep, env: DistEnv,
+                      recipe: Recipe, say) -> None:
+    """Optimizer (and sharded weights), scaler, counters and RNG streams of the checkpoint. `optimized`:
+    the module the optimizer updates (the model; for mpp / mae the objective with it)."""
     saved = found.state
     if saved.get("sharded"):
-        load_sharded(found.path / SHARDED, parts.model, parts.optimizer, distributed=env.active)
+        load_sharded(found.path / SHARDED, optimized, parts.optimizer, distributed=env.active)
     elif env.active and recipe.train.strategy == "fsdp":
-        load_full_optimizer(parts.model, parts.optimizer, saved["optimizer"])
+        load_full_optimizer(optimized, parts.optimizer, saved["optimizer"])
     else:
         parts.optimizer.load_state_dict(saved["optimizer"])
     if saved.get("scaler"):

@@ -17,7 +17,8 @@ from vitcli.errors import VitError
 from vitcli.models import create_model, model_info
 from vitcli.models.load import LoadedCheckpoint, meta_for_model, model_from_checkpoint
 from vitcli.models.registry import resolve_config
-from vitcli.objectives import Classification
+from vitcli import objectives
+from vitcli.objectives import FewshotSet
 from vitcli.recipe import ModelCfg, Recipe
 
 
@@ -67,12 +68,14 @@ def build_data(recipe: Recipe, init: LoadedCheckpoint | None = None, say=None) -
     d, seed = recipe.data, recipe.train.seed
     source, transform, mixing = vdata.SourceSpec.of(d), vdata.TransformSpec.of(d), vdata.MixSpec.of(d)
     img_size = model_img_size(recipe.model, init)
-    train = vdata.build(source, "train", img_size=img_size, seed=seed, say=say)
+    labels = not recipe.objective.self_supervised  # mpp / mae read sets without labels too
+    train = vdata.build(source, "train", img_size=img_size, seed=seed, labels=labels, say=say)
     if d.holdout is not None:
         train, evals = split_holdout(train, d.holdout)
     else:
-        evals = vdata.build(source, "eval", img_size=img_size, seed=seed)
-    num_classes = recipe.model.num_classes or train.num_classes
+        evals = vdata.build(source, "eval", img_size=img_size, seed=seed, labels=labels)
+    # a self-supervised encoder has no head; its checkpoints hold the ViT alone
+    num_classes = 0 if recipe.objective.self_supervised else recipe.model.num_classes or train.num_classes
     return RunData(
         name=train.name,
         train=train,
@@ -116,19 +119,24 @@ def build_model(cfg: ModelCfg, num_classes: int, init: LoadedCheckpoint | None =
     resolution/patch size with its head replaced by a zero-initialised one (paper §3.2)."""
     if init is None:
         return create_model(cfg.name, **model_overrides(cfg, num_classes))
-    regularisers = {k: getattr(cfg, k) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")}
-    model, _ = model_from_checkpoint(init, img_size=cfg.img_size and tuple(model_img_size(cfg)), patch_size=cfg.patch_size, model_args=regularisers)
+    args = {k: getattr(cfg, k) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")}
+    if cfg.global_pool == "avg":  # asked for (e.g. MAE's fine-tuning); "token", the default, keeps the checkpoint's
+        args["global_pool"] = "avg"
+    model, _ = model_from_checkpoint(init, img_size=cfg.img_size and tuple(model_img_size(cfg)), patch_size=cfg.patch_size, model_args=args)
     model.reset_classifier(num_classes)
     return model
 
 
-def build_objective(model: torch.nn.Module, data: RunData) -> Classification:
-    """The recipe's training objective around the model (today the paper's: supervised classification)."""
-    return Classification(model, data.criterion, data.num_classes)
+def build_objective(model: torch.nn.Module, data: RunData, recipe: Recipe, fewshot: FewshotSet | None = None) -> torch.nn.Module:
+    """The recipe's training objective around the model: supervised classification, mpp or mae."""
+    return objectives.build_objective(recipe.objective, model, criterion=data.criterion, num_classes=data.num_classes,
+                                      mean=tuple(recipe.data.mean), std=tuple(recipe.data.std), fewshot=fewshot)
 
 
-def checkpoint_meta(model: torch.nn.Module, recipe: Recipe, data: RunData, step: int, top1: float | None) -> dict[str, Any]:
-    """What a checkpoint needs to rebuild and feed its model without the run directory."""
+def checkpoint_meta(model: torch.nn.Module, recipe: Recipe, data: RunData, step: int, score: float | None) -> dict[str, Any]:
+    """What a checkpoint needs to rebuild and feed its model without the run directory. `score`: this
+    step's evaluation (top-1 for supervised training; for mpp / mae few-shot accuracy or minus the loss)."""
+    supervised = not recipe.objective.self_supervised
     return meta_for_model(model, {
         "mean": recipe.data.mean,
         "std": recipe.data.std,
@@ -137,6 +145,8 @@ def checkpoint_meta(model: torch.nn.Module, recipe: Recipe, data: RunData, step:
         "dataset": recipe.data.dataset,
         "data_dir": recipe.data.data_dir,
         "class_names": data.class_names,
+        "objective": recipe.objective.name,
         "step": step,
-        "top1": top1,
+        "top1": score if supervised else None,
+        **({} if supervised else {"score": score}),
     })

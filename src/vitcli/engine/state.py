@@ -10,7 +10,7 @@ from typing import Any
 @dataclass
 class TrainState:
     step: int = 0  # optimizer updates taken (skipped non-finite ones included)
-    best: float = -1.0  # the best evaluation score so far (the objective's best_metric)
+    best: float | None = None  # the best evaluation score so far (higher is better; see the objective's score)
     bad_in_a_row: int = 0  # consecutive steps with a non-finite loss or gradient
     wall_before: float = 0.0  # seconds this run spent in earlier processes (before a resume)
     last_eval: dict[str, Any] | None = None  # this process's latest evaluation
@@ -21,7 +21,7 @@ class TrainState:
 
     def is_new_best(self, score: float | None) -> bool:
         """Whether score beats every earlier one; if so it becomes the best."""
-        if score is None or score <= self.best:
+        if score is None or (self.best is not None and score <= self.best):
             return False
         self.best = score
         return True

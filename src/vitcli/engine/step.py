@@ -48,7 +48,7 @@ def build_step(objective: torch.nn.Module, optim: OptimCfg, device: torch.device
     module, ddp = objective, None
     if env is not None:
         module, ddp = wrap(objective, strategy, env, activation_checkpointing=activation_checkpointing)
-    optimizer = build_optimizer(model, optim, device)
+    optimizer = build_optimizer(objective.optimized(), optim, device)  # the model, plus the objective's own parts
     sharded = env is not None and env.active and strategy == "fsdp"
     scaler = grad_scaler(device, amp_dtype == torch.float16, sharded=sharded)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -33,7 +33,6 @@ def train(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = 
     """Run (or continue) one training run in run_dir and return its summary (summary.json)."""
     run = start_run(recipe, run_dir, resume=resume, force=force, console=console, init=init)
     state, plan, t = run.state, run.plan, run.recipe.train
-    best_metric = run.objective.best_metric
     tick, images_since = time.perf_counter(), 0  # images/s between log lines
     try:
         with graceful_stop() as signals:  # SIGTERM / first Ctrl-C: checkpoint at the end of this step, then stop
@@ -64,7 +63,7 @@ def train(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = 
                 evaluated = itstime(state.step, plan.eval_every, plan.total_steps)
                 # No periodic checkpoint inside a run of non-finite steps: the last good one stays newest.
                 checkpoint_due = itstime(state.step, t.checkpoint_every, plan.total_steps, last=False) and state.bad_in_a_row == 0
-                score = run.evaluate()[best_metric] if evaluated else None
+                score = run.objective.score(run.evaluate()) if evaluated else None
                 if evaluated or checkpoint_due or result.stop:
                     run.save(score)
                 if result.stop:

@@ -158,3 +158,21 @@ def draw_rollout(path: Path, images: np.ndarray, maps: np.ndarray, captions: lis
     fig.suptitle(title or "Attention rollout", fontsize=10)
     fig.tight_layout(rect=(0.02, 0, 1, 1))
     return save_figure(fig, path)
+
+
+def draw_reconstruction(path: Path, originals: np.ndarray, masked: np.ndarray, reconstructed: np.ndarray,
+                        title: str = "") -> Path:
+    """MAE's Fig. 2: a column per image; rows original, masked (grey patches), reconstruction."""
+    n = len(originals)
+    fig = new_figure(1.6 * n + 0.4, 5.2)
+    for row, (label, images) in enumerate((("original", originals), ("masked", masked), ("reconstruction", reconstructed))):
+        for i in range(n):
+            ax = fig.add_subplot(3, n, row * n + i + 1)
+            ax.imshow(images[i], cmap="gray" if images[i].ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel(label, fontsize=8)
+    fig.suptitle(title or "MAE reconstruction", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -35,9 +35,14 @@ class RunCurves:
     loss: np.ndarray
     lr: np.ndarray
     eval_step: np.ndarray
-    top1: np.ndarray
+    top1: np.ndarray  # the evaluation accuracy: top-1, or for mpp / mae runs few-shot accuracy (see metric)
     bad_lines: int = 0
     notes: list[str] = field(default_factory=list)
+    metric: str = "top1"  # "top1", or "fewshot_K" (the largest K a self-supervised run logged)
+
+    @property
+    def metric_label(self) -> str:
+        return "top-1" if self.metric == "top1" else f"{self.metric.removeprefix('fewshot_')}-shot"
 
 
 def _series(records: dict[int, dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -78,15 +83,24 @@ def read_curves(run_dir: str | Path, name: str | None = None) -> RunCurves:
             evals[step] = event
     train_step, loss = _series(train, "loss")
     lr = np.asarray([float(train[s].get("lr", np.nan)) for s in train_step.tolist()], dtype=np.float64)
-    eval_step, top1 = _series(evals, "top1")
+    metric = _accuracy_key(evals)
+    eval_step, top1 = _series(evals, metric)
     if not len(train_step) and not len(eval_step):
         raise VitError(f"{path} holds no train or eval records yet (no loss, lr or top1 to plot); "
                        "wait for the run to log its first steps")
     curves = RunCurves(name or (run_dir.name if run_dir.is_dir() else run_dir.parent.name), run_dir, train_step,
-                       loss, lr, eval_step, top1, bad)
+                       loss, lr, eval_step, top1, bad, metric=metric)
     if bad:
         curves.notes.append(f"{path}: skipped {bad} unreadable line(s)")
     return curves
+
+
+def _accuracy_key(evals: dict[int, dict]) -> str:
+    """top1, else the largest few-shot K logged (a self-supervised run's evaluations)."""
+    keys = {k for e in evals.values() for k in e}
+    if "top1" in keys or not any(k.startswith("fewshot_") for k in keys):
+        return "top1"
+    return max((k for k in keys if k.startswith("fewshot_")), key=lambda k: int(k.removeprefix("fewshot_")))
 
 
 def run_labels(paths: list[Path]) -> list[str]:
@@ -101,7 +115,7 @@ def run_labels(paths: list[Path]) -> list[str]:
 
 
 def plot_runs(curves: list[RunCurves], out: str | Path, title: str = "") -> Path:
-    """Draw loss, learning rate and eval top-1 (%) against steps, one colour per run, into `out`."""
+    """Draw loss, learning rate and eval top-1 (or few-shot accuracy) (%) against steps, one colour per run, into `out`."""
     return save_figure(curves_figure(curves, title), out, "--out")
 
 
@@ -114,7 +128,8 @@ def curves_figure(curves: list[RunCurves], title: str = ""):
     import matplotlib
 
     colours = matplotlib.colormaps["tab10" if len(curves) <= 10 else "tab20"]
-    panels = (("training loss", "loss"), ("learning rate", "lr"), ("eval top-1 (%)", "top1"))
+    accuracy = " / ".join(sorted({c.metric_label for c in curves if len(c.eval_step)} or {"top-1"}))
+    panels = (("training loss", "loss"), ("learning rate", "lr"), (f"eval {accuracy} (%)", "top1"))
     for i, c in enumerate(curves):
         colour = colours(i % colours.N)
         if len(c.train_step):

@@ -27,6 +27,7 @@ from vitcli.errors import VitError
 from vitcli.io.paths import writable_dir, write_text
 from vitcli.inspect import features as ft
 from vitcli.inspect import figures as fg
+from vitcli.inspect.reconstruct import load_mae, reconstructions
 from vitcli.models import input_channels, input_size
 from vitcli.models.load import model_from_checkpoint
 
@@ -36,6 +37,7 @@ FILES = {
     "distance": "fig7_right_attention_distance.png",
     "rollout": "fig6_attention_rollout.png",
 }
+RECONSTRUCTION = "mae_fig2_reconstruction.png"  # MAE runs only
 SUMMARY = "inspect.json"
 
 
@@ -114,8 +116,9 @@ def run_inspect(
                                "on; pass --dataset to draw them")
     else:
         dataset, data_dir = resolve_dataset(dataset, data_dir, ck, run_dir)
+        mae = load_mae(ck, run_dir, model)
         result.update(_attention_figures(model, ck, dataset, split, data_dir, out, num_images, show, batch_size,
-                                         pick_device(device), name))
+                                         pick_device(device), name, mae))
         result["figures"].update(result.pop("_figures"))
 
     write_text(out / SUMMARY, json.dumps(result, indent=1, default=_plain) + "\n", "--out")
@@ -149,7 +152,7 @@ def _plain(x):
 
 @torch.no_grad()
 def _attention_figures(model, ck, dataset: str, split, data_dir, out: Path, num_images: int, show: int,
-                       batch_size: int, dev: torch.device, name: str) -> dict[str, Any]:
+                       batch_size: int, dev: torch.device, name: str, mae=None) -> dict[str, Any]:
     img_size = input_size(model)
     images = vdata.load_split(dataset, split, role="eval", data_dir=data_dir, img_size=img_size, seed=0,
                               subset=num_images)
@@ -188,6 +191,11 @@ def _attention_figures(model, ck, dataset: str, split, data_dir, out: Path, num_
         figures["rollout"] = str(fg.draw_rollout(out / FILES["rollout"], pictures, maps, captions,
                                                  f"{name}: attention rollout"))
         result["rollout_patch_mass"] = maps.reshape(len(maps), -1).sum(axis=1).tolist()
+        if mae is not None:  # an MAE run: its decoder fills in 75% masked patches (MAE's Fig. 2)
+            originals, masked, rebuilt = reconstructions(mae, torch.stack(shown), cfg.mean, cfg.std)
+            figures["reconstruction"] = str(fg.draw_reconstruction(
+                out / RECONSTRUCTION, originals, masked, rebuilt,
+                f"{name}: MAE reconstruction at mask ratio {mae.mask_ratio:g}"))
     result["_figures"] = figures
     return result
 
@@ -207,7 +215,8 @@ def print_inspect(result: dict[str, Any], console=None) -> None:
 
     console = console or Console()
     titles = {"filters": "Fig. 7 left, patch-embedding filters (PCA)", "position": "Fig. 7 centre, position embeddings",
-              "distance": "Fig. 7 right, mean attention distance", "rollout": "Fig. 6, attention rollout"}
+              "distance": "Fig. 7 right, mean attention distance", "rollout": "Fig. 6, attention rollout",
+              "reconstruction": "MAE Fig. 2, reconstruction"}
     for key, title in titles.items():
         if key in result["figures"]:
             console.print(f"{title}: {escape(result['figures'][key])}", highlight=False, soft_wrap=True)

@@ -101,5 +101,8 @@ def consolidate_checkpoint(path: Path, out: Path | None = None) -> Path:
     }
     with _one_process_ok():
         dcp.load(tensors, storage_reader=reader, no_dist=True)
-    save_weights(out, {k.removeprefix("model."): v for k, v in tensors.items()}, state.get("meta", {}), "--out")
+    weights = {k.removeprefix("model."): v for k, v in tensors.items()}
+    if any(k.startswith("model.") for k in weights):  # an mpp / mae objective's shards: keep its encoder
+        weights = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+    save_weights(out, weights, state.get("meta", {}), "--out")
     return out

@@ -436,6 +436,13 @@ def adapt_checkpoint(ck: LoadedCheckpoint | str | Path, *, img_size: int | tuple
         notes.append("dropped the pre-logits layer and the head behind it")
 
     dst = resolve_config(name, **{**args, **new})
+    pool_before = ck.meta.get("model_args", {}).get("global_pool", "token")
+    if dst.global_pool != pool_before and any(k.startswith(("norm.", "fc_norm.")) for k in sd):
+        # token pooling normalises all tokens (norm), average pooling the pooled vector (fc_norm): the
+        # trained LayerNorm moves to the other slot (MAE re-initialises it; the trained one is a closer start)
+        old, new_name = ("norm.", "fc_norm.") if dst.global_pool == "avg" else ("fc_norm.", "norm.")
+        sd = {(new_name + k[len(old):] if k.startswith(old) else k): v for k, v in sd.items()}
+        notes.append(f"global pooling {pool_before} -> {dst.global_pool}: the final LayerNorm is now {new_name.rstrip('.')}")
     if not src.hybrid and dst.patch_size != src.patch_size and "patch_embed.proj.weight" in sd:
         sd["patch_embed.proj.weight"] = resize_patch_embed(sd["patch_embed.proj.weight"], dst.patch_size,
                                                            mode=interpolation)

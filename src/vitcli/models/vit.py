@@ -276,6 +276,22 @@ class VisionTransformer(nn.Module):
         x = self.pos_drop(x + self.pos_embed)
         return self.norm(self.blocks(x))
 
+    def encode_patches(self, patches: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embeddings (B, N, D), possibly altered (masked patch prediction), -> normalised tokens.
+
+        Each patch gets the position embedding of its grid cell; with `keep` (B, K) patch indices only
+        those patches enter the encoder (MAE), the class token always does. With every patch in grid
+        order this is forward_features on patch_embed's output.
+        """
+        prefix = self.num_prefix_tokens
+        x = patches + self.pos_embed[:, prefix:]
+        if keep is not None:
+            x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        if self.cls_token is not None:
+            cls = (self.cls_token + self.pos_embed[:, :prefix]).expand(x.shape[0], -1, -1)
+            x = torch.cat([cls, x], dim=1)
+        return self.norm(self.blocks(self.pos_drop(x)))
+
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens -> one vector per image: the class token, or the mean of the patch tokens."""
         if self.global_pool == "avg":

@@ -1,11 +1,54 @@
 """Training objectives: modules that turn a batch into `loss, metrics = objective(batch)`.
 
 An objective holds the model (and any trainable parts of its own) so the engine wraps it once with
-DDP/FSDP, and says what its evaluations report (`evaluate`, `eval_metrics`, `best_metric`). The
-engine knows nothing else about it. Today: `supervised` (Classification), the paper's.
+DDP/FSDP, and says what its evaluations report (`evaluate`, `eval_metrics`, `score`). The engine knows
+nothing else about it. `supervised` (Classification) is the paper's; `mpp` (the paper's masked patch
+prediction, §4.6) and `mae` (masked autoencoder) need no labels.
 """
 
-from vitcli.objectives.evaluate import ECE_BINS, EvalAccumulator, evaluate
-from vitcli.objectives.supervised import Classification
+from __future__ import annotations
 
-__all__ = ["ECE_BINS", "Classification", "EvalAccumulator", "evaluate"]
+from torch import nn
+
+from vitcli.errors import VitError
+from vitcli.objectives.evaluate import ECE_BINS, EvalAccumulator, evaluate
+from vitcli.objectives.fewshot import FewshotSet
+from vitcli.objectives.mae import MaskedAutoencoder
+from vitcli.objectives.mpp import MaskedPatchPrediction
+from vitcli.objectives.selfsup import SelfSupervised
+from vitcli.objectives.supervised import Classification
+from vitcli.recipe import ObjectiveCfg
+
+MAX_MPP_OUTPUTS = 2 ** 16
+
+__all__ = ["ECE_BINS", "Classification", "EvalAccumulator", "FewshotSet", "MaskedAutoencoder", "MaskedPatchPrediction",
+           "SelfSupervised", "build_objective", "evaluate"]
+
+
+def build_objective(cfg: ObjectiveCfg, model: nn.Module, *, criterion: nn.Module | None = None, num_classes: int = 0,
+                    mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5),
+                    fewshot: FewshotSet | None = None) -> nn.Module:
+    """The recipe's objective around `model`; VitError when the model cannot serve it."""
+    if cfg.name == "supervised":
+        return Classification(model, criterion if criterion is not None else nn.CrossEntropyLoss(), num_classes)
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or not hasattr(embed, "proj") or getattr(getattr(model, "config", None), "hybrid", False):
+        raise VitError(f"objective {cfg.name} masks patches of pixels, so it needs a plain ViT; "
+                       f"{getattr(model.config, 'name', 'this model')} embeds CNN features. Choose a vit_* model.")
+    patch = embed.patch_size[0]
+    if cfg.name == "mae":
+        if cfg.decoder_dim % 4:
+            raise VitError(f"'objective.decoder_dim' ({cfg.decoder_dim}) must be divisible by 4: the decoder's 2D "
+                           "sine-cosine position embeddings split it into 4 parts.")
+        return MaskedAutoencoder(model, mask_ratio=cfg.ratio, decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
+                                 decoder_heads=cfg.decoder_heads, norm_pix_loss=cfg.norm_pix_loss, fewshot=fewshot)
+    if cfg.mpp_target == "downsized" and patch % 4:
+        raise VitError(f"'objective.mpp_target' downsized predicts each patch's 4x4 downsized colours, which needs a "
+                       f"patch size divisible by 4; this model's patches are {patch}x{patch}. Use mean_color or "
+                       "pixels, or a model with patches of 4, 8, 16 ...")
+    classes = 2 ** (cfg.mpp_bits * embed.in_chans) * (16 if cfg.mpp_target == "downsized" else 1)
+    if cfg.mpp_target != "pixels" and classes > MAX_MPP_OUTPUTS:
+        raise VitError(f"'objective.mpp_bits' {cfg.mpp_bits} on {embed.in_chans} channels gives {classes:,} outputs per "
+                       f"patch (at most {MAX_MPP_OUTPUTS:,}); the paper's 3 bits give 512 colours.")
+    return MaskedPatchPrediction(model, mean=tuple(mean), std=tuple(std), mask_ratio=cfg.ratio, target=cfg.mpp_target,
+                                 bits=cfg.mpp_bits, replace=tuple(cfg.mpp_replace), fewshot=fewshot)

@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterable
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -62,6 +63,15 @@ class EvalAccumulator:
             "num_images": int(self.totals[3].item()),
             "per_class_accuracy": per_class.tolist(),
         }
+
+
+def gather_arrays(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Every process's arrays concatenated in rank order (the arrays themselves in one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return arrays
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, arrays)
+    return tuple(np.concatenate([g[i] for g in gathered if len(g[i])] or [arrays[i]]) for i in range(len(arrays)))
 
 
 @torch.no_grad()

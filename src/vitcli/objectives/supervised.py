@@ -41,3 +41,11 @@ class Classification(nn.Module):
     @staticmethod
     def describe(metrics: dict[str, Any]) -> str:
         return f"top1 {metrics['top1']:.4f}  top5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}"
+
+    def score(self, metrics: dict[str, Any]) -> float:
+        """Higher is better; picks the `best` checkpoint."""
+        return metrics[self.best_metric]
+
+    def optimized(self) -> nn.Module:
+        """The module whose parameters the optimizer updates (the objective adds none)."""
+        return self.model

@@ -17,9 +17,12 @@ evaluation split. As in big_vision's `fewshot_lsr` evaluator (the paper's code):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 BIAS_CONSTANT = 100.0
 DEFAULT_L2 = 2.0 ** 10
@@ -123,3 +126,50 @@ def fewshot_results(features: np.ndarray, index: np.ndarray, labels: np.ndarray,
                                          num_classes, l2))
         out[str(k)] = float(np.mean(accs))
     return out
+
+
+# ---- during training: the K-shot images of the training split, and the frozen features ----------
+
+
+@dataclass
+class FewshotSet:
+    """What few-shot evaluation during training fits on: the chosen training images (every K-shot choice
+    of every seed, eval transform) as re-iterable batches, their positions in the training split, and
+    the labels of the whole split (the choice is made among them)."""
+
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    index: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    shots: list[int]
+    seeds: list[int]
+
+
+@torch.no_grad()
+def features(model: torch.nn.Module, batches: Iterable, device: torch.device,
+             amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-logit features (the pooled, normalised representation a head would see) and labels."""
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    for images, y in batches:
+        if len(y) == 0:
+            continue
+        with amp:
+            f = model.forward_head(model.forward_features(images.to(device, non_blocking=True)), pre_logits=True)
+        feats.append(f.float().cpu())
+        labels.append(y.cpu())
+    model.train(was_training)
+    if not feats:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+
+
+def fewshot_metrics(model: torch.nn.Module, fewshot: FewshotSet, eval_feats: np.ndarray, eval_labels: np.ndarray,
+                    device: torch.device, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """{'fewshot_K': accuracy} of the frozen model for each K (see fewshot_results)."""
+    train_feats, _ = features(model, fewshot.batches, device, amp_dtype)
+    scores = fewshot_results(train_feats, fewshot.index, fewshot.labels, eval_feats, eval_labels,
+                             fewshot.num_classes, fewshot.shots, fewshot.seeds)
+    return {f"fewshot_{k}": v for k, v in scores.items()}

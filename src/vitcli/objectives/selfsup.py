@@ -1,0 +1,113 @@
+"""What the self-supervised objectives share: their evaluation and what they keep of their own.
+
+An evaluation reports the objective's loss on the evaluation split, with masks drawn from a fixed seed
+(comparable from one evaluation to the next, and the training RNG is not touched), and, where the data
+has labels, the closed-form few-shot accuracy of the frozen features (objectives.fewshot). The best
+checkpoint is the one with the best few-shot accuracy at the largest K, else the lowest loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitcli.objectives.evaluate import gather_arrays
+from vitcli.objectives.fewshot import FewshotSet, fewshot_metrics
+
+EVAL_SEED = 0
+
+
+class SelfSupervised(nn.Module):
+    """Base of mpp and mae: `model` is the ViT encoder; the other children are the objective's own."""
+
+    name = "self-supervised"
+
+    def __init__(self, model: nn.Module, fewshot: FewshotSet | None = None):
+        super().__init__()
+        self.model = model
+        self.fewshot = fewshot  # set by the engine when the data has labels
+
+    @property
+    def eval_metrics(self) -> tuple[str, ...]:
+        shots = self.fewshot.shots if self.fewshot is not None else []
+        return ("loss", "num_images", "images_per_second", *(f"fewshot_{k}" for k in shots))
+
+    @property
+    def best_metric(self) -> str:
+        return f"fewshot_{max(self.fewshot.shots)}" if self.fewshot is not None else "loss"
+
+    def score(self, metrics: dict[str, Any]) -> float:
+        """Higher is better: few-shot accuracy, else minus the loss."""
+        return metrics[self.best_metric] if self.fewshot is not None else -metrics["loss"]
+
+    def describe(self, metrics: dict[str, Any]) -> str:
+        shots = "".join(f"  {k.removeprefix('fewshot_')}-shot {v:.4f}" for k, v in metrics.items() if k.startswith("fewshot_"))
+        return f"loss {metrics['loss']:.4f}{shots}"
+
+    def optimized(self) -> nn.Module:
+        """The module whose parameters the optimizer updates: the encoder and the objective's own parts."""
+        return self
+
+    def own_state(self) -> dict[str, torch.Tensor]:
+        """The objective's own weights (decoder, [mask] embedding, prediction head): training state, not
+        part of the encoder a user fine-tunes."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
+
+    def load_own_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        own_missing = [k for k in missing if not k.startswith("model.")]
+        if own_missing or unexpected:
+            raise RuntimeError(f"{self.name} state does not fit: missing {own_missing}, unexpected {unexpected}")
+
+    def no_weight_decay(self) -> set[str]:
+        """Embeddings and tokens stay out of weight decay (read by timm.optim), as in the ViT itself."""
+        return {f"model.{k}" for k in self.model.no_weight_decay()} | {k for k, _ in self.named_parameters() if "token" in k}
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor], encoder: nn.Module | None = None,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The labels, if any, are ignored; each objective defines `loss(encoder, images, generator)`.
+        Evaluation comes through here too (FSDP gathers the objective's shards around forward)."""
+        return self.loss(self.model if encoder is None else encoder, batch[0], generator), {}
+
+    @torch.no_grad()
+    def evaluate(self, encoder: nn.Module, batches: Iterable, device: torch.device,
+                 amp_dtype: torch.dtype | None) -> dict[str, Any]:
+        """The objective's loss over the evaluation batches (fixed masks) and, with labels, few-shot accuracy
+        of `encoder` (the trained weights or their EMA)."""
+        import time
+
+        was = encoder.training, self.training
+        self.eval()
+        encoder.eval()
+        amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+        generator = torch.Generator(device=device).manual_seed(EVAL_SEED)
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # [loss x images, images]
+        feats, labels = [], []
+        start = time.perf_counter()
+        for images, y in batches:
+            if len(y) == 0:
+                continue
+            images = images.to(device, non_blocking=True)
+            with amp:
+                totals += torch.stack([self((images, y), encoder, generator)[0].double() * len(y),
+                                       torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+                if self.fewshot is not None:
+                    feats.append(encoder.forward_head(encoder.forward_features(images), pre_logits=True).float().cpu())
+                    labels.append(y.cpu())
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+        seconds = time.perf_counter() - start
+        out: dict[str, Any] = {"loss": float(totals[0] / totals[1].clamp(min=1)), "num_images": int(totals[1]),
+                               "seconds": seconds, "images_per_second": float(totals[1]) / seconds if seconds else 0.0}
+        if self.fewshot is not None:
+            eval_feats, eval_labels = gather_arrays(torch.cat(feats).numpy() if feats else np.zeros((0, 0), np.float32),
+                                                    torch.cat(labels).numpy() if labels else np.zeros(0, np.int64))
+            out.update(fewshot_metrics(encoder, self.fewshot, eval_feats, eval_labels, device, amp_dtype))
+        self.train(was[1])
+        encoder.train(was[0])
+        return out
