@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 torchcodec==0.17.0
-	$(BIN)/pip install -q -e '.[dev,tensorboard]'
+	$(BIN)/pip install -q -e '.[dev,tensorboard,export]'
 	touch $(STAMP)
 
 demo: install

@@ -14,7 +14,7 @@ PACKAGE = Path(vitcli.__file__).parent
 LAYERS = [
     {"__main__"},
     {"cli", "__init__"},
-    {"bench", "inspect"},
+    {"bench", "inspect", "predict", "export"},
     {"engine"},
     {"objectives"},
     {"models", "data"},

@@ -211,6 +211,65 @@ def eval_cmd(
         print_eval(result, console)
 
 
+@app.command("predict")
+def predict_cmd(
+    inputs: list[str] = typer.Argument(..., help="Images, folders of images (searched recursively) or quoted globs such as 'photos/*.jpg'."),
+    ckpt: Optional[str] = typer.Option(None, "--ckpt", help="A classifier checkpoint (any format eval accepts); default: the best of the newest run under runs/."),
+    topk: int = typer.Option(5, "--topk", min=1, help="Classes shown per image."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON array: [{path, top: [{label, index, probability}]}]."),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write one CSV row per image to this file."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    num_workers: int = typer.Option(0, "--num-workers", min=0, help="Loader processes."),
+) -> None:
+    """Classify images: each image's top-k classes and probabilities (exit code 4 if some could not be read)."""
+    from vitcli.predict import PARTIAL_EXIT_CODE, Predictions, predict
+    from vitcli.predict.output import CsvRows, JsonArray, progress_bar, text_line
+
+    csv_path = writable_file(csv_out, "--csv") if csv_out is not None else None  # before any work
+    info = Predictions()
+    say = lambda message: err_console.print(message, markup=False, highlight=False)  # noqa: E731
+    with progress_bar(err_console) as progress, JsonArray(sys.stdout, as_json) as json_rows, CsvRows(csv_path, topk) as csv_rows:
+        for row in predict(ckpt, inputs, topk=topk, batch_size=batch_size, device=device, num_workers=num_workers,
+                           info=info, progress=progress, say=say):
+            json_rows.add(row)
+            csv_rows.add(row)
+            if not as_json:
+                console.print(text_line(row), markup=False, highlight=False, soft_wrap=True)
+    if csv_path is not None:
+        say(f"wrote {csv_path}")
+    if info.skipped:
+        say(f"{len(info.skipped)} of {info.total} image(s) could not be read and were skipped: {', '.join(info.skipped[:10])}"
+            + (" ..." if len(info.skipped) > 10 else "") + (f" ({info.reasons[0]})" if info.reasons else ""))
+        sys.exit(PARTIAL_EXIT_CODE)
+
+
+@app.command("export")
+def export_cmd(
+    ckpt: Optional[str] = typer.Option(None, "--ckpt", help="A classifier checkpoint (any format finetune accepts); default: the best of the newest run under runs/."),
+    fmt: str = typer.Option(..., "--format", help="onnx | exported-program (torch.export .pt2) | hf (transformers folder) | timm (timm Hub-layout folder) | vitcli (.safetensors)."),
+    out: Path = typer.Option(..., "--out", help="Output file (onnx: .onnx, exported-program: .pt2, vitcli: .safetensors) or folder (hf, timm)."),
+    res: Optional[str] = typer.Option(None, "--res", help="Export at this resolution, 384 or 384x512 (position embeddings interpolated)."),
+    dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch", help="onnx / exported-program: any batch size (default) or only the verification batch's."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Export a classifier (onnx, torch.export, transformers, timm, vitcli) and verify it in that runtime."""
+    from vitcli.export import export
+
+    say = lambda message: err_console.print(message, markup=False, highlight=False)  # noqa: E731
+    report = export(ckpt, fmt, out, res=_parse_res(res), dynamic_batch=dynamic_batch, force=force, say=say)
+    if as_json:
+        print(json.dumps(report))
+    else:
+        console.print(f"wrote {report['out']} ({report['format']}, {report['img_size'][0]}x{report['img_size'][1]}, "
+                      f"{report['num_classes']} classes); largest logit difference to PyTorch on a random batch: "
+                      f"{report['max_abs_diff']:.2e}", markup=False, highlight=False)
+    if not report["verified"]:
+        raise VitError(f"the {fmt} export differs from the PyTorch model by {report['max_abs_diff']:.2e} (more than "
+                       "1e-4): it was written to --out but should not be trusted; please report this.")
+
+
 @app.command("inspect")
 def inspect_cmd(
     ckpt: Optional[str] = typer.Option(None, "--ckpt", help="Checkpoint (any format eval accepts); default: the best of the newest run under runs/."),

@@ -530,3 +530,22 @@ def few_keys(keys: Iterable[str], n: int = 5) -> str:
     keys = list(keys)
     more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
+
+
+def to_hf_transformers(state_dict: Mapping[str, torch.Tensor], hf_keys: Iterable[str]) -> Tensors:
+    """vitcli (= timm) tensors under the names of a transformers ViT state dict (`hf_keys`, as the
+    installed transformers names them): the inverse of from_hf_transformers, qkv split into q, k, v."""
+    out: Tensors = {}
+    for key in hf_keys:
+        k = key[4:] if key.startswith("vit.") else key
+        m = _HF_LAYER_RE.match(k)
+        if k in _HF_TOP:
+            out[key] = state_dict[_HF_TOP[k]]
+        elif m and m.group(2) in _HF_QKV:
+            fused = state_dict[f"blocks.{m.group(1)}.attn.qkv.{m.group(3)}"]
+            out[key] = fused.chunk(3, dim=0)[_HF_QKV[m.group(2)]]
+        elif m and m.group(2) in _HF_LAYER:
+            out[key] = state_dict[f"blocks.{m.group(1)}.{_HF_LAYER[m.group(2)]}.{m.group(3)}"]
+        else:
+            raise VitError(f"transformers ViT tensor {key} has no vitcli counterpart")
+    return out

@@ -1,0 +1,65 @@
+"""Pick the checkpoint's model, write it in the asked format, and measure the written file against it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitcli.engine.resolve import resolve_checkpoint
+from vitcli.errors import VitError
+from vitcli.export import formats
+from vitcli.io.paths import writable_dir, writable_file
+from vitcli.models import input_channels, input_size
+from vitcli.models.load import model_from_checkpoint
+
+FORMATS = {  # name: (writer, whether it writes a folder, default suffix)
+    "onnx": (formats.write_onnx, False, ".onnx"),
+    "exported-program": (formats.write_exported_program, False, ".pt2"),
+    "hf": (formats.write_hf, True, ""),
+    "timm": (formats.write_timm, True, ""),
+    "vitcli": (formats.write_vitcli, False, ".safetensors"),
+}
+VERIFY_BATCH = 3
+TOLERANCE = 1e-4  # fp32 logits
+
+
+def export(ckpt: str | Path | None, fmt: str, out: str | Path, *, res: tuple[int, int] | None = None,
+           dynamic_batch: bool = True, force: bool = False, runs_root: Path = Path("runs"),
+           say: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Write `ckpt` as `fmt` to `out` and verify it; returns format, out, img_size, classes and max_abs_diff."""
+    if fmt not in FORMATS:
+        raise VitError(f"--format {fmt!r} is not one vitcli writes; choose one of {', '.join(FORMATS)}.")
+    writer, folder, suffix = FORMATS[fmt]
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise VitError(f"--out {out} exists. Choose another path or pass --force to overwrite it.")
+    if folder:
+        writable_dir(out, "--out")
+    else:
+        if suffix and out.suffix != suffix:
+            raise VitError(f"--out {out}: a {fmt} export is one {suffix} file; name it e.g. model{suffix}.")
+        writable_file(out, "--out")
+    ck, _ = resolve_checkpoint(ckpt, Path(runs_root), say)
+    model, ck = model_from_checkpoint(ck, img_size=res)  # an image size the patches do not divide is refused here
+    if not model.num_classes:
+        raise VitError(f"{ck.source} has no classification head (a self-supervised encoder?): there are no class "
+                       "scores to export. Fine-tune it first: vit finetune --ckpt ... --dataset ...")
+    for note in ck.notes:
+        say(note)
+    model.eval()
+    channels, size = input_channels(model), input_size(model)
+    example = torch.randn(VERIFY_BATCH, channels, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(example)
+    load = writer(model, ck.meta, out, example, dynamic_batch=dynamic_batch)
+    with torch.no_grad():
+        diff = float((load(example).float() - expected.float()).abs().max())
+        if dynamic_batch and fmt in ("onnx", "exported-program"):  # another batch size through the dynamic axis
+            other = torch.randn(VERIFY_BATCH + 2, channels, *size, generator=torch.Generator().manual_seed(1))
+            diff = max(diff, float((load(other).float() - model(other).float()).abs().max()))
+    return {"format": fmt, "out": str(out), "checkpoint": str(ck.source), "model": ck.meta.get("model"),
+            "img_size": list(size), "num_classes": model.num_classes, "max_abs_diff": diff,
+            "verified": diff <= TOLERANCE}

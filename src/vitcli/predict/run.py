@@ -1,0 +1,106 @@
+"""Find the images, build the checkpoint's model and eval transform, and yield top-k predictions."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+from vitcli import data as vdata
+from vitcli.engine.resolve import resolve_checkpoint
+from vitcli.engine.runtime import autocast_dtype, pick_device
+from vitcli.errors import VitError
+from vitcli.models import input_channels, input_size
+from vitcli.models.load import model_from_checkpoint
+
+PARTIAL_EXIT_CODE = 4  # predictions written for the readable images; some could not be read (named on stderr)
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, int, float]]  # (label, class index, probability), most probable first
+
+
+@dataclass
+class Predictions:
+    """What `predict` found out beyond the rows: the checkpoint, the class names, the unreadable images."""
+
+    checkpoint: str = ""
+    img_size: tuple[int, int] = (0, 0)
+    total: int = 0
+    skipped: list[str] = field(default_factory=list)  # the unreadable images' paths
+    reasons: list[str] = field(default_factory=list)  # why, for the first few
+
+
+def find_images(inputs: list[str]) -> list[Path]:
+    """Image files named by paths, folders (searched recursively) and globs, in a stable order."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            found.append(path)
+        elif glob.has_magic(item):
+            matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(item), recursive=True) if Path(p).is_file())
+            if not matches:
+                raise VitError(f"no file matches {item!r}. Check the pattern (quote it so the shell does not expand it).")
+            found += matches
+        else:
+            raise VitError(f"{item} does not exist. Pass image files, folders of images or globs such as 'photos/*.jpg'.")
+    if not found:
+        raise VitError(f"no images found in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}).")
+    return found
+
+
+def predict(ckpt: str | Path | None, inputs: list[str], *, topk: int = 5, batch_size: int = 64, device: str = "auto",
+            num_workers: int = 0, runs_root: Path = Path("runs"), info: Predictions | None = None,
+            progress: Callable[[int, int], Any] | None = None, say: Callable[[str], Any] = print) -> Iterator[Prediction]:
+    """Yield one Prediction per readable image, batch by batch; `info` (when given) is filled in as it goes."""
+    if topk < 1:
+        raise VitError(f"--topk must be at least 1, got {topk}")
+    if batch_size < 1:
+        raise VitError(f"--batch-size must be positive, got {batch_size}")
+    info = info if info is not None else Predictions()
+    paths = find_images(inputs)
+    ck, _ = resolve_checkpoint(ckpt, Path(runs_root), say)
+    model, ck = model_from_checkpoint(ck)
+    if not model.num_classes:
+        raise VitError(f"{ck.source} has no classification head (a self-supervised encoder?), so it cannot predict "
+                       "classes. Fine-tune it first: vit finetune --ckpt ... --dataset ...")
+    names = ck.meta.get("class_names") or [str(i) for i in range(model.num_classes)]
+    dev = pick_device(device)
+    amp = autocast_dtype("auto", dev)
+    size = input_size(model)
+    info.checkpoint, info.img_size, info.total = str(ck.source), size, len(paths)
+    # the label column carries each image's position, so rows map back to paths after skips
+    files = datasets.Dataset.from_dict({"image": [str(p) for p in paths], "label": list(range(len(paths)))})
+    files = files.cast_column("image", datasets.Image())
+    image_set = vdata.ImageSet(files, len(paths), [p.name for p in paths], "images", "predict")
+    tf = vdata.build_transform(vdata.TransformSpec.from_checkpoint(ck.meta, input_channels(model)), size, train=False)
+    loader = vdata.make_loader(image_set, tf, batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
+                               bad_images="skip", pin_memory=dev.type == "cuda", device=dev)
+    model.to(dev).eval()
+    k = min(topk, model.num_classes)
+    predicted: set[int] = set()
+    with torch.no_grad():
+        for images, positions in loader:
+            with torch.autocast(dev.type, dtype=amp) if amp else nullcontext():
+                logits = model(images)
+            probs, classes = logits.float().softmax(dim=1).topk(k, dim=1)
+            for pos, p, c in zip(positions.tolist(), probs.tolist(), classes.tolist()):
+                predicted.add(pos)
+                yield Prediction(str(paths[pos]), [(names[i], i, q) for i, q in zip(c, p)])
+            if progress is not None:
+                progress(len(predicted) + loader.skipped, len(paths))
+    info.skipped = [str(p) for i, p in enumerate(paths) if i not in predicted]
+    info.reasons = list(loader.skipped_examples)
