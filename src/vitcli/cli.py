@@ -323,6 +323,32 @@ def consolidate_cmd(
     console.print(f"wrote {written}")
 
 
+@app.command("shards")
+def shards_cmd(
+    src: str = typer.Argument(..., help="Any data set vitcli reads: an image folder, a save_to_disk copy, a named set, digits."),
+    out: Path = typer.Argument(..., help="Folder for the tar shards and their index.json."),
+    split: Optional[list[str]] = typer.Option(None, "--split", help="Split to write (repeatable; default: the training and evaluation splits training reads)."),
+    shard_size: str = typer.Option("256MB", "--shard-size", help="Close a shard at about this size (e.g. 256MB, 1GB)."),
+    samples_per_shard: Optional[int] = typer.Option(None, "--samples-per-shard", min=1, help="Close a shard at this many samples instead."),
+    max_size: Optional[int] = typer.Option(None, "--max-size", min=8, help="Downsize images whose longer side exceeds this (re-encoded); default: stored as they are."),
+    shuffle: bool = typer.Option(True, "--shuffle/--no-shuffle", help="Write the training split in a seeded random order (default), as streaming needs."),
+    force: bool = typer.Option(False, "--force", help="Replace shards already in OUT."),
+) -> None:
+    """Write a data set as WebDataset tar shards with a JSON index (splits, counts, class names, sizes, checksums)."""
+    from vitcli.data.shard_writer import ShardPlan, parse_size, write_shards
+    from vitcli.io.paths import make_dirs, writable_dir
+
+    plan = ShardPlan(None if samples_per_shard else parse_size(shard_size), samples_per_shard, max_size, 0 if shuffle else None)
+    folder = make_dirs(writable_dir(out, "the shards"), "the shards")
+    old = [p for p in folder.iterdir() if p.suffix == ".tar" or p.name == "index.json"]
+    if old and not force:
+        raise VitError(f"{out} already holds shards ({len(old)} file(s)). Pass --force to replace them, or pick another folder.")
+    for p in old:
+        p.unlink()
+    result = write_shards(src, folder, plan, splits=split, say=console.print)
+    console.print(f"wrote {result['index']}")
+
+
 @app.command()
 def bench(
     model: Optional[str] = typer.Argument(None, help="Model name or alias, e.g. vit_s16 or ViT-B/16 (optional with --data)."),

@@ -79,7 +79,7 @@ class ObjectiveCfg:
 
 @dataclass
 class DataCfg:
-    dataset: str = "digits"  # registry name, image folder, or save_to_disk directory
+    dataset: str = "digits"  # registry name, image folder, save_to_disk directory, or tar shards (index or pattern)
     data_dir: Optional[str] = None  # local copy of a named set (folder or save_to_disk)
     train_split: Optional[str] = None  # None: the data set's own train split
     eval_split: Optional[str] = None  # None: the data set's own test/validation split
@@ -89,6 +89,10 @@ class DataCfg:
     # Hold out this fraction of the training split (seeded, stratified) and evaluate on it instead
     # of the eval split: for choosing hyper-parameters without touching the test set.
     holdout: Optional[float] = None
+    # tar shards (streamed): training samples, when the shards come by pattern without an index (sets
+    # the epoch length), and the shuffle buffer each loader worker keeps
+    num_samples: Optional[int] = None
+    shuffle_buffer: int = 1000
     # augmentation (timm.data)
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])
@@ -362,6 +366,8 @@ def validate(r: Recipe) -> None:
         v = getattr(d, key)
         _check(v is None or v > 0, f"data.{key}", f"must be > 0; got {v}.")
     _check(d.holdout is None or 0 < d.holdout < 1, "data.holdout", f"is a fraction in (0, 1); got {d.holdout}.")
+    _check(d.num_samples is None or d.num_samples > 0, "data.num_samples", f"must be > 0; got {d.num_samples}.")
+    _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1 (1: no shuffling within shards); got {d.shuffle_buffer}.")
     _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", f"must be [min, max] with 0 < min <= max <= 1; got {d.crop_scale}.")
     _check(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio", f"must be [min, max] with 0 < min <= max; got {d.crop_ratio}.")
     for key in ("hflip", "random_erasing"):

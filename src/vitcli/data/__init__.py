@@ -7,6 +7,8 @@
 
 from vitcli.data.loader import BatchDataset, EpochBatchSampler, Loader, make_loader
 from vitcli.data.registry import ALIASES, REGISTRY, DatasetSpec, get_spec, list_datasets, lookup
+from vitcli.data.shard_loader import ShardLoader, make_shard_loader
+from vitcli.data.shard_sets import ShardSet, first_images
 from vitcli.data.sources import ImageSet, build, load_split, take_subset
 from vitcli.data.tensor_transforms import TensorTransform
 from vitcli.data.specs import MixSpec, SourceSpec, TransformSpec
@@ -19,6 +21,8 @@ __all__ = [
     "DatasetSpec",
     "EpochBatchSampler",
     "ImageSet",
+    "ShardLoader",
+    "ShardSet",
     "MixSpec",
     "SourceSpec",
     "TransformSpec",
@@ -28,10 +32,12 @@ __all__ = [
     "build_mixup",
     "build_train_loss",
     "build_transform",
+    "first_images",
     "get_spec",
     "list_datasets",
     "load_split",
     "lookup",
     "make_loader",
+    "make_shard_loader",
     "take_subset",
 ]

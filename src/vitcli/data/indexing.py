@@ -34,7 +34,7 @@ def count_images(folder: Path) -> int:
 
 
 @contextlib.contextmanager
-def _quiet_bars() -> Iterator[None]:
+def quiet_bars() -> Iterator[None]:
     was = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
@@ -78,7 +78,7 @@ def index_folder(path: Path, config: Optional[str], say: Optional[Callable[[str]
     if say is not None:
         say(text)
     try:
-        with _quiet_bars(), _bar_when_slow(text):
+        with quiet_bars(), _bar_when_slow(text):
             return datasets.load_dataset(str(path), config)
     except OSError as e:
         if _in_cache(e.filename):

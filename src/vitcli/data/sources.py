@@ -31,6 +31,8 @@ from vitcli.data import builtin
 from vitcli.data.hub import load_hub_split
 from vitcli.data.indexing import index_folder
 from vitcli.data.registry import DatasetSpec, list_datasets, lookup, unknown_dataset_error
+from vitcli.data.shard_index import is_shard_source
+from vitcli.data.shard_sets import ShardSet, read_split, stream_split
 from vitcli.errors import VitError
 from vitcli.data.specs import SourceSpec
 
@@ -57,11 +59,17 @@ class ImageSet:
 
 
 def build(cfg: SourceSpec, role: Role, *, img_size: Union[int, tuple[int, int]] = 224, seed: int = 0,
-          labels: bool = True, say: Optional[Callable[[str], object]] = None) -> ImageSet:
+          labels: bool = True, say: Optional[Callable[[str], object]] = None) -> Union[ImageSet, ShardSet]:
     """The train or eval split a recipe's data section asks for, subset applied.
 
     Train subsets follow `seed`; eval subsets always use seed 0 so every run scores the same images.
+    The training split of tar shards streams (a ShardSet); every other split is an ImageSet.
     """
+    if role == "train" and is_shard_source(cfg.dataset):
+        if cfg.train_subset:
+            raise VitError("data.train_subset picks images of a map-style set; tar shards stream whole. "
+                           "Drop it, or write a smaller set of shards (vit shards SRC OUT).")
+        return stream_split(cfg.dataset, cfg.train_split, cfg.num_samples)
     split = cfg.train_split if role == "train" else cfg.eval_split
     subset = cfg.train_subset if role == "train" else cfg.eval_subset
     return load_split(
@@ -101,6 +109,10 @@ def load_split(
     """
     if role not in ("train", "eval"):
         raise ValueError(f"role must be 'train' or 'eval', not {role!r}")
+    if data_dir is None and is_shard_source(dataset):
+        ds, class_names, split_name = read_split(dataset, split, role, labels)
+        image_set = ImageSet(ds, len(class_names), class_names, dataset, split_name)
+        return take_subset(image_set, subset, seed) if subset else image_set
     spec, path = _resolve(dataset, data_dir)
     label = spec.name if spec else str(path)
     if spec is not None and spec.builtin:

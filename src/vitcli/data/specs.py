@@ -40,6 +40,7 @@ class SourceSpec(_FromFields):
     eval_split: Optional[str] = None
     train_subset: Optional[int] = None  # a seeded random choice of this many images
     eval_subset: Optional[int] = None
+    num_samples: Optional[int] = None  # training samples of tar shards named by pattern (no index)
 
 
 @dataclass(frozen=True)

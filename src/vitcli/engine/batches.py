@@ -28,10 +28,20 @@ class TrainStream:
     """
 
     def __init__(self, data: RunData, recipe: Recipe, plan: StepPlan, *, start_step: int, device: torch.device,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, saved: dict | None = None):
         epoch, pos = divmod(start_step, plan.steps_per_epoch)
         self.per_epoch = plan.steps_per_epoch * plan.accum
         self.mixup = data.mixup
+        self.restarted_epoch: int | None = None  # set when a shard stream could not resume exactly
+        if isinstance(data.train, vdata.ShardSet):
+            self.loader = vdata.make_shard_loader(
+                data.train, data.train_transform, plan.micro_batch, num_workers=recipe.data.num_workers,
+                seed=recipe.train.seed, epoch=epoch, buffer=recipe.data.shuffle_buffer, rank=rank, world_size=world_size,
+                bad_images=recipe.data.bad_images, device=device, pin_memory=device.type == "cuda")
+            if start_step and not (saved and self.loader.load_state_dict(saved)):
+                self.restarted_epoch = epoch  # saved by another number of readers (or before streams kept state)
+            self._batches = self._mixed(iter(self.loader))
+            return
         self.loader = vdata.make_loader(
             data.train,
             data.train_transform,
@@ -53,6 +63,14 @@ class TrainStream:
     @property
     def skipped(self) -> int:
         return self.loader.skipped
+
+    def state_dict(self) -> dict | None:
+        """This rank's stream position, for the checkpoint (None: a map-style set, whose position the step gives)."""
+        return self.loader.state_dict() if isinstance(self.loader, vdata.ShardLoader) else None
+
+    def _mixed(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in batches:  # a shard stream never ends: epochs follow each other inside it
+            yield self.mixup(images, labels) if self.mixup is not None else (images, labels)
 
     def __iter__(self) -> TrainStream:
         return self
@@ -127,12 +145,15 @@ FEWSHOT_SEEDS = [0]  # the K-shot images are a fixed choice, so evaluations comp
 def fewshot_set(data: RunData, recipe: Recipe, device: torch.device, batch_size: int) -> FewshotSet | None:
     """The training images few-shot evaluation fits on, with the eval transform; None without labels or shots."""
     shots = recipe.objective.fewshot_shots
-    if not shots or data.train.num_classes == 0:
+    num_classes = len(data.class_names)
+    if not shots or num_classes == 0:
         return None
-    labels = np.asarray(data.train.dataset.select_columns(["label"]).with_format("numpy")["label"], dtype=np.int64)
-    index = needed_images(labels, data.train.num_classes, shots, FEWSHOT_SEEDS)
-    chosen = vdata.ImageSet(data.train.dataset.select(index, keep_in_memory=True), data.train.num_classes,
-                            data.train.class_names, data.train.name, f"{data.train.split}[few-shot]")
+    # a streamed split: its first shards, read until every class has enough images
+    train = vdata.first_images(data.train, max(shots)) if isinstance(data.train, vdata.ShardSet) else data.train.dataset
+    labels = np.asarray(train.select_columns(["label"]).with_format("numpy")["label"], dtype=np.int64)
+    index = needed_images(labels, num_classes, shots, FEWSHOT_SEEDS)
+    chosen = vdata.ImageSet(train.select(index, keep_in_memory=True), num_classes,
+                            data.class_names, data.train.name, f"{data.train.split}[few-shot]")
     loader = vdata.make_loader(chosen, data.eval_transform, batch_size, shuffle=False, drop_last=False, num_workers=0,
                                seed=0, bad_images=recipe.data.bad_images, device=device, cache_bytes=EVAL_CACHE_BYTES)
     return FewshotSet(loader, index, labels, data.train.num_classes, shots, FEWSHOT_SEEDS)

@@ -30,7 +30,8 @@ class StepPlan:
         if t.batch_size % (micro * world_size):
             raise VitError(f"train.batch_size ({t.batch_size}) must be a multiple of micro_batch_size x processes ({micro} x {world_size}).")
         accum = t.batch_size // (micro * world_size)
-        steps_per_epoch = num_train // t.batch_size
+        # an unknown size (streamed shards by pattern, with train.steps): the run is one nominal epoch
+        steps_per_epoch = num_train // t.batch_size if num_train or t.steps is None else t.steps
         if steps_per_epoch == 0:
             raise VitError(f"train.batch_size ({t.batch_size}) is larger than the training set ({num_train} images). Lower it with --set train.batch_size=N.")
         total = t.steps if t.steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))

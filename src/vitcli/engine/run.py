@@ -104,7 +104,10 @@ class TrainingRun:
         env, state, parts, root = self.env, self.state, self.parts, self.checkpoints
         is_best = state.is_new_best(score)
         rngs = cluster.all_gather(env, rank_rng_state(env.device, env.active))
+        stream = self.train_batches.state_dict()  # a shard stream's position, per rank (None: map-style data)
+        streams = cluster.all_gather(env, stream) if stream is not None else None
         saved = {**state.state_dict(), "epoch": self.plan.epoch(state.step), "rng": rngs[0], "rng_per_rank": rngs,
+                 "data_per_rank": streams,
                  "scaler": parts.scaler.state_dict() if parts.scaler.is_enabled() else None, "world_size": env.world_size}
         meta = checkpoint_meta(self.eval_model, self.recipe, self.data, state.step, score)
         weights, staged = None, None
@@ -207,10 +210,14 @@ def start_run(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: boo
         f"{f', {t.strategy}' if env.active else ''}: {plan.total_steps} steps ({_epochs(plan.epoch(plan.total_steps))}) "
         f"of {t.batch_size} images ({per_step}), {plan.steps_per_epoch} steps/epoch, peak lr {recipe.optim.lr:g}."
     )
+    train_batches = TrainStream(data, recipe, plan, start_step=state.step, device=env.device, rank=env.rank,
+                                world_size=env.world_size, saved=_stream_state(found, env))
+    if train_batches.restarted_epoch is not None:
+        say(f"The checkpoint's shard stream position was saved with another number of readers (processes x loader "
+            f"workers); epoch {train_batches.restarted_epoch} restarts from its first shards.")
     return TrainingRun(
         recipe, run_dir, env, data, plan, objective, parts, state,
-        train_batches=TrainStream(data, recipe, plan, start_step=state.step, device=env.device, rank=env.rank,
-                                  world_size=env.world_size),
+        train_batches=train_batches,
         eval_batches=eval_batches(data, recipe, env.device, plan.eval_batch, rank=env.rank, world_size=env.world_size,
                                   lockstep=env.active and t.strategy == "fsdp"),
         logger=RunLogger(run_dir, resume_step=state.step, tensorboard=t.tensorboard, wandb_project=t.wandb,
@@ -275,6 +282,12 @@ def _restore_training(parts: StepParts, optimized: torch.nn.Module, state: Train
         parts.scaler.load_state_dict(saved["scaler"])
     state.load_state_dict(saved)
     restore_rank_rng(saved, env.rank, env.world_size, env.device, env.active, recipe.train.seed, say=say)
+
+
+def _stream_state(found: LoadedStep | None, env: DistEnv) -> dict | None:
+    """This rank's saved shard stream position (None: none saved, or saved by another number of processes)."""
+    streams = found.state.get("data_per_rank") if found is not None else None
+    return streams[env.rank] if streams and len(streams) == env.world_size else None
 
 
 def _epochs(n: float) -> str:

@@ -13,6 +13,8 @@ from sklearn.model_selection import train_test_split as sklearn_split
 
 from vitcli import data as vdata
 from vitcli.data.registry import unknown_dataset_error
+from vitcli.data.shard_index import is_shard_source
+from vitcli.data.shard_sets import check_shards
 from vitcli.errors import VitError
 from vitcli.models import create_model, model_info
 from vitcli.models.load import LoadedCheckpoint, meta_for_model, model_from_checkpoint
@@ -45,7 +47,9 @@ def precheck(recipe: Recipe) -> None:
         resolve_config(m.name, **model_overrides(m, m.num_classes or 1))
     elif ":" not in m.init_ckpt and not Path(m.init_ckpt).expanduser().exists():
         raise VitError(f"model.init_ckpt {m.init_ckpt} does not exist. Pass a run directory, a checkpoint file or timm:<name>.")
-    if vdata.lookup(d.dataset) is None and not Path(d.dataset).expanduser().exists():
+    if is_shard_source(d.dataset):
+        check_shards(d.dataset, d.train_split)
+    elif vdata.lookup(d.dataset) is None and not Path(d.dataset).expanduser().exists():
         raise unknown_dataset_error(d.dataset)
     if d.data_dir is not None and not Path(d.data_dir).expanduser().exists():
         raise VitError(f"data.data_dir {d.data_dir} does not exist. Point it at a local copy of {d.dataset} (an image folder or a save_to_disk directory).")
@@ -70,24 +74,38 @@ def build_data(recipe: Recipe, init: LoadedCheckpoint | None = None, say=None) -
     img_size = model_img_size(recipe.model, init)
     labels = not recipe.objective.self_supervised  # mpp / mae read sets without labels too
     train = vdata.build(source, "train", img_size=img_size, seed=seed, labels=labels, say=say)
+    streamed = isinstance(train, vdata.ShardSet)
+    if streamed:
+        _check_stream(train, recipe)
     if d.holdout is not None:
         train, evals = split_holdout(train, d.holdout)
     else:
         evals = vdata.build(source, "eval", img_size=img_size, seed=seed, labels=labels)
+    # shards named by pattern carry no class names: the evaluation split's labels say how many
+    class_names = list(train.class_names or (evals.class_names if streamed else []))
     # a self-supervised encoder has no head; its checkpoints hold the ViT alone
-    num_classes = 0 if recipe.objective.self_supervised else recipe.model.num_classes or train.num_classes
+    num_classes = 0 if recipe.objective.self_supervised else recipe.model.num_classes or len(class_names)
     return RunData(
         name=train.name,
         train=train,
         eval=evals,
         num_classes=num_classes,
-        class_names=list(train.class_names),
+        class_names=class_names,
         img_size=img_size,
         train_transform=vdata.build_transform(transform, img_size, train=True),
         eval_transform=vdata.build_transform(transform, img_size, train=False),
         mixup=vdata.build_mixup(mixing, num_classes),
         criterion=vdata.build_train_loss(mixing),
     )
+
+
+def _check_stream(train: vdata.ShardSet, recipe: Recipe) -> None:
+    if recipe.data.holdout is not None:
+        raise VitError("data.holdout carves a map-style training set; tar shards stream. Drop it and evaluate on the "
+                       "shards' evaluation split (data.eval_split).")
+    if not train.num_samples and recipe.train.steps is None:
+        raise VitError(f"The shards {train.name} come without a sample count, so an epoch has no length. "
+                       "Set data.num_samples=N (the training samples in them) or train.steps=N.")
 
 
 def split_holdout(train: vdata.ImageSet, fraction: float) -> tuple[vdata.ImageSet, vdata.ImageSet]:

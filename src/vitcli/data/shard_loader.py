@@ -1,0 +1,98 @@
+"""The main process's side of a shard stream: torchdata's StatefulDataLoader over a ShardStream.
+
+It yields (images, labels) on the device without end, and its `state_dict()` (per rank, taken at the
+last batch this rank consumed, whatever the workers had prefetched) goes into the checkpoint.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any, Callable, Optional
+
+import torch
+
+from vitcli.data.batches import BadImages, Batch, finish_batch
+from vitcli.data.shard_sets import ShardSet
+from vitcli.data.shard_stream import ShardStream
+from vitcli.data.tensor_transforms import TensorTransform
+from vitcli.errors import VitError
+from vitcli.rng import derive_seed
+
+# torchdata 0.11 calls a torch API deprecated since (torch.set_vital) each time a loader starts
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+
+
+def _keep_batch(batch: Batch) -> Batch:
+    return batch  # the stream already collates; module-level so worker processes can pickle it
+
+
+class ShardLoader:
+    """Endless (images, labels) on `device`; `skipped` counts samples dropped under bad_images: skip."""
+
+    def __init__(self, stream: ShardStream, num_workers: int, device: torch.device, pin_memory: bool):
+        from torchdata.stateful_dataloader import StatefulDataLoader
+        self.stream, self.device = stream, device
+        self.dataloader = StatefulDataLoader(
+            stream, batch_size=None, num_workers=num_workers, collate_fn=_keep_batch, pin_memory=pin_memory,
+            snapshot_every_n_steps=1,  # every batch carries its worker's state: resume at the exact batch
+            generator=torch.Generator().manual_seed(derive_seed(stream.seed, stream.rank)),
+        )
+        self.skipped = 0
+        self.skipped_examples: list[str] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"readers": self.stream.readers, "loader": self.dataloader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Restore the position; False (nothing restored) when it was saved with another number of readers."""
+        if state.get("readers") != self.stream.readers:
+            return False
+        self.dataloader.load_state_dict(state["loader"])
+        return True
+
+    def close(self) -> None:
+        iterator = getattr(self.dataloader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.dataloader._iterator = None
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        s = self.stream
+        for batch in self.dataloader:
+            self._count(batch.skipped)
+            if batch.error:
+                self.close()
+                raise VitError(batch.error)
+            try:
+                images, labels, skipped = finish_batch(batch, s.transform, s.bad_images, self.device, s.name, s.split)
+            except VitError:
+                self.close()
+                raise
+            self._count(skipped)
+            if images is not None:
+                yield images, labels
+
+    def _count(self, problems: list[str]) -> None:
+        self.skipped += len(problems)
+        self.skipped_examples.extend(problems[: max(0, 10 - len(self.skipped_examples))])
+
+
+def make_shard_loader(shards: ShardSet, transform: Callable, batch_size: int, *, num_workers: int = 0, seed: int = 0,
+                      epoch: int = 0, buffer: int = 1000, rank: int = 0, world_size: int = 1,
+                      bad_images: BadImages = "error", device: Optional[torch.device] = None,
+                      decode_on_device: Optional[bool] = None, pin_memory: Optional[bool] = None) -> ShardLoader:
+    """This rank's loader of `batch_size` images per batch (the global batch / world_size) from `shards`."""
+    device = torch.device(device or "cpu")
+    readers = world_size * max(1, num_workers)
+    if len(shards.urls) < readers:
+        raise VitError(
+            f"{len(shards.urls)} shard(s) cannot feed {readers} readers ({world_size} process(es) x {max(1, num_workers)} "
+            "loader worker(s)): every reader needs shards of its own. Write more, smaller shards "
+            "(vit shards --samples-per-shard N) or use fewer workers (data.num_workers)."
+        )
+    on_device = (device.type == "cuda" if decode_on_device is None else decode_on_device) and isinstance(transform, TensorTransform)
+    stream = ShardStream(shards.urls, transform, batch_size, seed=seed, epoch=epoch, buffer=buffer, rank=rank,
+                         world_size=world_size, num_workers=num_workers, bad_images=bad_images, decode_on_device=on_device,
+                         name=shards.name, split=shards.split, labels=shards.num_classes > 0)
+    return ShardLoader(stream, num_workers, device, torch.cuda.is_available() if pin_memory is None else pin_memory)

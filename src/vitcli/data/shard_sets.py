@@ -1,0 +1,126 @@
+"""Data sets in tar shards: the training split streams (a ShardSet); any other split is read whole.
+
+Evaluation stays map-style: an evaluation split (and any split `vit eval` or `vit shards` asks for) is
+read once from its shards into an Arrow table in the datasets cache, keyed by the shards' URLs, sizes and
+checksums, so evaluation, few-shot scoring and `vit eval` work on it as on any set. Evaluation splits
+are small beside training ones (ImageNet's 50,000 validation images: 6.4 GB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
+import datasets
+import numpy as np
+
+from vitcli.data.indexing import quiet_bars
+from vitcli.data.shard_index import ShardIndex, ShardSplit, load_index
+from vitcli.data.tarshards import ShardError, open_shard, read_samples
+from vitcli.errors import VitError
+
+EVAL_SPLITS = ("test", "validation", "val", "valid", "eval")
+FEWSHOT_MAX_SHARDS = 64  # how far few-shot evaluation reads into a streamed split for its K images a class
+
+
+@dataclass
+class ShardSet:
+    """A training split read as a stream of tar shards (see data.shard_stream)."""
+
+    urls: list[str]
+    num_samples: Optional[int]  # from the index or data.num_samples; None: unknown (train.steps sets the length)
+    num_classes: int
+    class_names: list[str]
+    name: str
+    split: str
+
+    def __len__(self) -> int:
+        return self.num_samples or 0
+
+
+def shard_split(index: ShardIndex, split: Optional[str], role: str) -> ShardSplit:
+    """The split asked for, or the index's training / first evaluation split."""
+    if split is None:
+        wanted = ["train"] if role == "train" else list(EVAL_SPLITS)
+        split = next((w for w in wanted if w in index.splits), None)
+        if split is None:
+            what = "training" if role == "train" else "evaluation"
+            raise VitError(f"The shards at {index.location} have no {what} split among {', '.join(index.splits) or 'none'}. "
+                           f"Pick one with --set data.{'train' if role == 'train' else 'eval'}_split=NAME.")
+    if split not in index.splits:
+        raise VitError(f"The shards at {index.location} have no split '{split}'. Available splits: {', '.join(index.splits)}.")
+    found = index.splits[split]
+    if not found.shards:
+        raise VitError(f"Split '{split}' of the shards at {index.location} has no shards. Write them again with `vit shards`.")
+    return found
+
+
+def stream_split(dataset: str, split: Optional[str], num_samples: Optional[int] = None) -> ShardSet:
+    """The training split of the shards `dataset` names, to stream."""
+    index = load_index(dataset)
+    found = shard_split(index, split, "train")
+    return ShardSet([s.url for s in found.shards], found.num_samples or num_samples, len(index.classes),
+                    list(index.classes), index.location, found.name)
+
+
+def check_shards(dataset: str, split: Optional[str]) -> None:
+    """Fail fast, before a run starts: the training split's index or pattern resolves and its first shard opens."""
+    found = shard_split(load_index(dataset), split, "train")
+    try:
+        open_shard(found.shards[0].url).close()
+    except ShardError as e:
+        raise VitError(str(e)) from e
+
+
+def read_split(dataset: str, split: Optional[str], role: str, labels: bool = True) -> tuple[datasets.Dataset, list[str], str]:
+    """(image/label Dataset, class names, split name): a split of the shards read whole into the cache."""
+    index = load_index(dataset)
+    if split is not None and (".tar" in split or "{" in split):  # an evaluation split given by its own pattern
+        index, split = load_index(split), "train"
+    found = shard_split(index, split, role)
+    ds = _table(found, index, labels)
+    names = list(index.classes) or [str(i) for i in range(int(max(ds["label"], default=-1)) + 1)]
+    return ds, names, found.name
+
+
+def _table(found: ShardSplit, index: ShardIndex, labels: bool) -> datasets.Dataset:
+    keys = [[s.url, s.bytes or 0, s.sha256 or ""] for s in found.shards]  # the cache key: new shards, new table
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    try:
+        with quiet_bars():
+            return datasets.Dataset.from_generator(_rows, features=features, gen_kwargs={"keys": keys, "labels": labels},
+                                                   split=datasets.NamedSplit(found.name))
+    except Exception as e:  # noqa: BLE001 -- datasets wraps the generator's errors; show ours
+        cause = e
+        while cause.__cause__ is not None and not isinstance(cause, (VitError, ShardError)):
+            cause = cause.__cause__
+        if isinstance(cause, (VitError, ShardError)):
+            raise VitError(f"{cause} Rewrite the shard (vit shards) or leave it out of the split.") from e
+        raise
+
+
+def _rows(keys: list[list], labels: bool):
+    for url, _, _ in keys:
+        for s in read_samples(url):
+            if s.problem or (labels and s.label is None):
+                raise VitError(f"Sample {s.key} of shard {url} cannot be used: {s.problem or 'it has no label (.cls or .json)'}.")
+            yield {"image": {"bytes": s.image, "path": f"{url}:{s.key}"}, "label": s.label if s.label is not None else 0}
+
+
+def first_images(shards: ShardSet, shots: int, say: Optional[Callable[[str], object]] = None) -> datasets.Dataset:
+    """Enough of a streamed split for K-shot evaluation: its shards read in order until every class has
+    `shots` images (at most FEWSHOT_MAX_SHARDS shards), as an image/label Dataset."""
+    rows: dict[str, list] = {"image": [], "label": []}
+    counts = np.zeros(max(1, shards.num_classes), dtype=np.int64)
+    for url in shards.urls[:FEWSHOT_MAX_SHARDS]:
+        for s in read_samples(url):
+            if s.problem or s.label is None or not 0 <= s.label < len(counts):
+                continue
+            rows["image"].append({"bytes": s.image, "path": f"{url}:{s.key}"})
+            rows["label"].append(s.label)
+            counts[s.label] += 1
+        if counts.min() >= shots:
+            break
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    return datasets.Dataset.from_dict(rows, features=features)

@@ -1,0 +1,138 @@
+"""`vit shards`: any data set vitcli reads, written to WebDataset tar shards with a JSON index.
+
+Images are stored as they are (the source's own JPEG / PNG bytes; no re-encode) unless `max_size` asks
+for smaller ones. A split's samples go to `SPLIT-000000.tar`, `SPLIT-000001.tar`, ..., each shard closed at
+`shard_bytes` or `samples_per_shard`. The training split is written in a seeded random order (an image
+folder lists its images class by class, and a stream shuffles only within its buffer: shards of one
+class each would train badly); other splits keep the data set's order. A sample's key is its row in the
+source split, so every sample can be traced back. every shard is written under a
+temporary name and renamed when whole, and the index comes last, so a folder with an index is complete.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import datasets
+import numpy as np
+from PIL import Image
+
+from vitcli.data.shard_index import write_index
+from vitcli.data.sources import ImageSet, load_split
+from vitcli.data.tarshards import ShardWriter, closed_size, tar_size
+from vitcli.errors import VitError, path_error
+
+PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif", "PPM": "ppm"}
+SPLIT_NAMES = {"train[90%]": "train", "train[10%]": "test"}  # a single-split folder's carved sides, as shard splits
+
+
+@dataclass
+class ShardPlan:
+    shard_bytes: Optional[int] = 256 * 10**6
+    samples_per_shard: Optional[int] = None
+    max_size: Optional[int] = None  # longest image side; larger images are downsized (re-encoded)
+    shuffle_seed: Optional[int] = 0  # the training split's write order; None: the data set's order
+
+
+def parse_size(text: str) -> int:
+    """'256MB' / '1GB' / '500k' / '1048576' -> bytes (decimal units, as `du --si` and object stores count)."""
+    units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}
+    t = text.strip().upper().replace(" ", "")
+    number = t.rstrip("KMGB")
+    try:
+        value = float(number) * units[t[len(number):]]
+    except (ValueError, KeyError):
+        raise VitError(f"--shard-size {text!r} is not a size. Write e.g. 256MB, 1GB or 500KB.") from None
+    if value < 10 * 1024:
+        raise VitError(f"--shard-size {text} is too small for a tar shard; use at least 10KB (256MB is typical).")
+    return int(value)
+
+
+def write_shards(src: str, out: Path, plan: ShardPlan, *, splits: Optional[list[str]] = None,
+                 say: Callable[[str], object] = print) -> dict:
+    """Write the splits of `src` (default: the ones training reads, train and eval) as shards in `out`."""
+    chosen = _splits(src, splits, say)
+    names = [name for name, _ in chosen]
+    written, classes = {}, chosen[0][1].class_names
+    for name, image_set in chosen:
+        shuffle = plan.shuffle_seed is not None and name == "train"
+        written[name] = _write_split(image_set, out, name, plan, shuffle)
+        total = sum(s["bytes"] for s in written[name])
+        say(f"{name}: {len(image_set):,} images -> {len(written[name])} shard(s), {total / 1e6:,.1f} MB")
+    index = write_index(str(out), src, list(classes), written)
+    return {"index": index, "splits": {n: {"samples": sum(s["samples"] for s in written[n]), "shards": len(written[n])}
+                                       for n in names}}
+
+
+def _splits(src: str, wanted: Optional[list[str]], say) -> list[tuple[str, ImageSet]]:
+    if wanted:
+        return [(w, load_split(src, w, carve=False, labels=False, say=say)) for w in wanted]
+    train = load_split(src, None, role="train", labels=False, say=say)
+    evals = load_split(src, None, role="eval", labels=False)
+    return [(SPLIT_NAMES.get(s.split, s.split), s) for s in (train, evals)]
+
+
+def _write_split(image_set: ImageSet, out: Path, split: str, plan: ShardPlan, shuffle: bool) -> list[dict]:
+    ds = image_set.dataset.cast_column("image", datasets.Image(decode=False))
+    order = np.random.default_rng(plan.shuffle_seed).permutation(len(ds)) if shuffle else np.arange(len(ds))
+    labelled = image_set.num_classes > 0
+    shards: list[dict] = []
+    writer: Optional[ShardWriter] = None
+    size = 0
+    try:
+        for i in order.tolist():
+            row = ds[i]
+            data, ext = _image_bytes(row["image"], image_set, i, plan.max_size)
+            member = tar_size([len(data)] + ([8] if labelled else []))
+            if writer is not None and _full(writer.samples, size + member, plan):
+                shards.append(_close(writer))
+                writer = None
+            if writer is None:
+                name = f"{split}-{len(shards):06d}.tar"
+                writer, size = ShardWriter(str(out / name)), 0
+            writer.add(f"{i:09d}", data, ext, int(row["label"]) if labelled else None)
+            size += member
+        if writer is not None:
+            shards.append(_close(writer))
+    except OSError as e:
+        if writer is not None:
+            writer.abort()
+        raise path_error(e, Path(e.filename or out), "the shards") from e
+    return shards
+
+
+def _full(samples: int, size_after: int, plan: ShardPlan) -> bool:
+    if plan.samples_per_shard is not None:
+        return samples >= plan.samples_per_shard
+    return closed_size(size_after) > plan.shard_bytes
+
+
+def _close(writer: ShardWriter) -> dict:
+    size, sha = writer.close()
+    return {"name": Path(writer.path).name, "samples": writer.samples, "bytes": size, "sha256": sha}
+
+
+def _image_bytes(cell: dict, image_set: ImageSet, i: int, max_size: Optional[int]) -> tuple[bytes, str]:
+    """The stored bytes of an image and its extension; downsized and re-encoded only above max_size."""
+    data, path = cell.get("bytes"), cell.get("path")
+    try:
+        if data is None:
+            data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format or "PNG"
+            if max_size and max(img.size) > max_size:
+                img.thumbnail((max_size, max_size), Image.BICUBIC)
+                buf = io.BytesIO()
+                keep = img if fmt in ("JPEG", "PNG", "WEBP") else img.convert("RGB")
+                keep.save(buf, format=fmt if fmt in ("JPEG", "PNG", "WEBP") else "PNG",
+                          **({"quality": 95} if fmt == "JPEG" else {}))
+                data, fmt = buf.getvalue(), fmt if fmt in ("JPEG", "PNG", "WEBP") else "PNG"
+    except Exception as e:  # noqa: BLE001 -- any decoder failure: name the image
+        where = f" ({path})" if path else ""
+        raise VitError(f"Image {i} of '{image_set.name}' split '{image_set.split}'{where} cannot be read: {e}. "
+                       "Replace or delete it, then run vit shards again.") from e
+    return data, PIL_EXT.get(fmt, fmt.lower())
