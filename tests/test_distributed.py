@@ -218,3 +218,22 @@ def test_mae_trains_under_ddp_and_fsdp_and_reshards_its_decoder(recipe, tmp_path
     assert run_cli("consolidate", str(fsdp / "checkpoints" / f"step-{STEPS:08d}"), "--out", str(out)) == 0
     encoder = load_file(str(out))
     assert set(encoder) == set(weights(run, STEPS)) and not any(k.startswith(("decoder", "model.")) for k in encoder)
+
+
+@pytest.mark.slow
+def test_ranks_stream_disjoint_shards_and_resume_each_at_its_next_sample(recipe, tmp_path):
+    shards = tmp_path / "shards"
+    assert run_cli("shards", "digits", str(shards), "--samples-per-shard", "50") == 0  # 29 training shards
+    stream = ["--set", f"data.dataset={shards}", "--set", "data.train_subset=null", "--set", "data.shuffle_buffer=20"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    torchrun("-m", "vitcli", "pretrain", str(recipe), "--out", str(full), *stream)
+    torchrun("-m", "vitcli", "pretrain", str(recipe), "--out", str(cut), *stream)
+    state = torch.load(cut / "checkpoints" / "step-00000004" / "state.pt", weights_only=True)
+    positions = [rank["loader"]["dataset_state"] for rank in state["data_per_rank"]]
+    assert [(p["reader"], p["readers"]) for p in positions] == [(0, 2), (1, 2)]  # one reader a rank, each its own
+    forget_after(cut, 4)
+    (cut / "checkpoints" / "last").unlink()
+    proc = torchrun("-m", "vitcli", "pretrain", str(recipe), "--out", str(cut), *stream)
+    assert "Resuming" in proc.stdout and "restarts" not in proc.stdout
+    assert max_diff(weights(cut, STEPS), weights(full, STEPS)) == 0.0  # the same batches after the resume
+    assert [e["loss"] for e in events(cut, "train")] == [e["loss"] for e in events(full, "train")]

@@ -321,3 +321,18 @@ def test_unusable_shard_sources_are_one_clear_message(tmp_path, capsys, dataset,
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert __import__("re").search(message, err), err
+
+
+def test_bench_data_streams_shards(digit_shards, capsys):
+    assert run_cli("bench", "--data", str(digit_shards), "--res", "8", "--num-workers", "2", "--steps", "3",
+                   "--batch-size", "32", "--json") == 0
+    d = json.loads(capsys.readouterr().out)["data"]
+    assert d["streamed"] is True and d["num_images"] == 1437 and d["images_per_second"] > 0 and d["num_workers"] == 2
+
+
+def test_buffer_draws_are_uniform_and_a_function_of_the_count():
+    from vitcli.data.shard_stream import draw
+
+    counts = np.bincount([draw(12345, j, 10) for j in range(100_000)], minlength=10)
+    assert counts.min() > 9_600 and counts.max() < 10_400  # 4 standard deviations of a fair 10-sided draw
+    assert [draw(7, j, 1000) for j in range(5)] == [draw(7, j, 1000) for j in range(5)]

@@ -1,7 +1,7 @@
 """`vit bench --data DATASET`: the input pipeline alone, in images/s.
 
 The training loader exactly as `vit pretrain` builds it (`vitcli.data.make_loader` over the training
-split, the recipe-default training transforms at the given resolution: decode, RandomResizedCrop, flip,
+split, or `make_shard_loader` streaming it when DATASET is tar shards, the recipe-default training transforms at the given resolution: decode, RandomResizedCrop, flip,
 normalise; collate), with the host-to-device copy and, for the tensor pipeline on CUDA, the nvJPEG
 decode and the crops on the GPU (synchronised). No model runs, so the figure is what the loader could
 feed at most. `pipeline` picks data.pipeline (auto | pil | tensor) to compare the two.
@@ -51,12 +51,16 @@ def bench_data(
     cfg = vdata.TransformSpec(pipeline=pipeline)  # the recipe defaults' training transforms
     say(f"loading the training split of {dataset}")
     image_set = vdata.build(vdata.SourceSpec(dataset=dataset, data_dir=data_dir), "train", img_size=img_size, say=say)
-    if batch_size > len(image_set):
+    if batch_size > len(image_set) and len(image_set):
         raise VitError(f"--batch-size {batch_size} is larger than the {len(image_set)} training images of {dataset}; lower it.")
     transform = vdata.build_transform(cfg, img_size, train=True)
-    loader = vdata.make_loader(image_set, transform, batch_size, shuffle=True, drop_last=True, num_workers=num_workers,
-                               device=dev)
-    batches = _batches(loader)
+    if isinstance(image_set, vdata.ShardSet):  # streamed: endless by itself
+        loader = vdata.make_shard_loader(image_set, transform, batch_size, num_workers=num_workers, device=dev)
+        batches, on_device = iter(loader), loader.stream.decode_on_device
+    else:
+        loader = vdata.make_loader(image_set, transform, batch_size, shuffle=True, drop_last=True,
+                                   num_workers=num_workers, device=dev)
+        batches, on_device = _batches(loader), loader.dataset.decode_on_device
 
     def next_batch() -> int:
         images, _ = next(batches)  # delivered on dev (copied, and decoded there when on_device)
@@ -93,6 +97,7 @@ def bench_data(
         "batch_ms_iqr": 1000 * s.iqr,
         "first_batch_seconds": round(first, 3),
         "pipeline": "tensor" if cfg.tensor_pipeline else "pil",
-        "decode_on_device": loader.dataset.decode_on_device,
+        "decode_on_device": on_device,
+        "streamed": isinstance(image_set, vdata.ShardSet),
         "transforms": repr(transform),
     }

@@ -170,7 +170,48 @@ def _keep_batch(batch: Batch) -> Batch:
     return batch  # __getitems__ already collated; module-level so worker processes can pickle it
 
 
-class Loader:
+class Delivery:
+    """What both loaders (map-style and shard stream) do in the main process with their DataLoader's
+    batches: finish them on the device, count the skipped images, raise a worker's error, and stop the
+    workers on the way out. Subclasses set `dataloader`, `device`, `skipped` and `skipped_examples`."""
+
+    dataloader: torch.utils.data.DataLoader
+    device: torch.device
+
+    def close(self) -> None:
+        """Stop the worker processes now; the next iteration starts new ones.
+
+        Without this, persistent workers live until the loader is garbage-collected, and when that
+        happens inside a reference cycle (e.g. via a stored traceback) their queues may be finalised
+        first, so shutdown waits ~5 s per worker. We call it before raising a bad-image error.
+        """
+        iterator = getattr(self.dataloader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.dataloader._iterator = None
+
+    def _delivered(self, transform: Callable, bad_images: BadImages, name: str, split: str
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.dataloader:
+            self._count(batch.skipped)
+            if batch.error:
+                self.close()
+                raise VitError(batch.error)
+            try:
+                images, labels, skipped = finish_batch(batch, transform, bad_images, self.device, name, split)
+            except VitError:
+                self.close()
+                raise
+            self._count(skipped)
+            if images is not None:  # a batch with no readable image at all is dropped (and counted)
+                yield images, labels
+
+    def _count(self, problems: list[str]) -> None:
+        self.skipped += len(problems)
+        self.skipped_examples.extend(problems[: max(0, 10 - len(self.skipped_examples))])
+
+
+class Loader(Delivery):
     """Iterate to get (images, labels); `skipped` counts images dropped as unreadable (bad_images=skip).
 
     `len(loader)` is the number of batches the next iteration yields (after a `start_batch` skip);
@@ -200,18 +241,6 @@ class Loader:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def close(self) -> None:
-        """Stop the worker processes now; the next iteration starts new ones.
-
-        Without this, persistent workers live until the loader is garbage-collected, and when that
-        happens inside a reference cycle (e.g. via a stored traceback) their queues may be finalised
-        first, so shutdown waits ~5 s per worker. We call it before raising a bad-image error.
-        """
-        iterator = getattr(self.dataloader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-        self.dataloader._iterator = None
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.cached is not None:
             yield from self.cached
@@ -232,20 +261,7 @@ class Loader:
 
     def _finished(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         ds = self.dataset
-        for batch in self.dataloader:
-            if batch.error:
-                self.close()
-                raise VitError(batch.error)
-            try:
-                images, labels, skipped = finish_batch(batch, ds.transform, ds.bad_images, self.device, ds.name, ds.split)
-            except VitError:
-                self.close()
-                raise
-            for problems in (batch.skipped, skipped):
-                self.skipped += len(problems)
-                self.skipped_examples.extend(problems[: max(0, 10 - len(self.skipped_examples))])
-            if images is not None:  # a batch with no readable image at all is dropped (and counted)
-                yield images, labels
+        return self._delivered(ds.transform, ds.bad_images, ds.name, ds.split)
 
 
 def make_loader(

@@ -12,7 +12,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from vitcli.data.batches import BadImages, Batch, finish_batch
+from vitcli.data.batches import BadImages, Batch
+from vitcli.data.loader import Delivery
 from vitcli.data.shard_sets import ShardSet
 from vitcli.data.shard_stream import ShardStream
 from vitcli.data.tensor_transforms import TensorTransform
@@ -27,7 +28,7 @@ def _keep_batch(batch: Batch) -> Batch:
     return batch  # the stream already collates; module-level so worker processes can pickle it
 
 
-class ShardLoader:
+class ShardLoader(Delivery):
     """Endless (images, labels) on `device`; `skipped` counts samples dropped under bad_images: skip."""
 
     def __init__(self, stream: ShardStream, num_workers: int, device: torch.device, pin_memory: bool):
@@ -51,31 +52,9 @@ class ShardLoader:
         self.dataloader.load_state_dict(state["loader"])
         return True
 
-    def close(self) -> None:
-        iterator = getattr(self.dataloader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-        self.dataloader._iterator = None
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         s = self.stream
-        for batch in self.dataloader:
-            self._count(batch.skipped)
-            if batch.error:
-                self.close()
-                raise VitError(batch.error)
-            try:
-                images, labels, skipped = finish_batch(batch, s.transform, s.bad_images, self.device, s.name, s.split)
-            except VitError:
-                self.close()
-                raise
-            self._count(skipped)
-            if images is not None:
-                yield images, labels
-
-    def _count(self, problems: list[str]) -> None:
-        self.skipped += len(problems)
-        self.skipped_examples.extend(problems[: max(0, 10 - len(self.skipped_examples))])
+        return self._delivered(s.transform, s.bad_images, s.name, s.split)
 
 
 def make_shard_loader(shards: ShardSet, transform: Callable, batch_size: int, *, num_workers: int = 0, seed: int = 0,

@@ -6,8 +6,8 @@ Who reads what. There are K = ranks x workers readers; reader k = rank x workers
   last. Each reader's epochs follow each other without a pause: a reader that runs out of its shards
   goes on with its shards of epoch e + 1.
 - Each reader passes its samples through a shuffle buffer of `buffer` samples: once it is full, every
-  sample read takes the place of one drawn uniformly from it, which is emitted. Draw j of reader k is
-  seeded from (seed, k, j). The buffer carries on across shards and epochs, as WebDataset's does.
+  sample read takes the place of one drawn uniformly from it, which is emitted. Draw j of reader k is a
+  hash of (seed, k, j). The buffer carries on across shards and epochs, as WebDataset's does.
 - A sample is augmented from (seed, the epoch it was read in, its shard's number in the split, its place
   in the shard): the same however it is batched, whichever worker or rank reads it, after a resume too.
 - A rank's loader takes its workers' batches in turn (torch's DataLoader), `batch_size` samples each.
@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import datasets
-import numpy as np
 import torch
 
 from vitcli.data.batches import FIX, BadImages, Batch
@@ -55,6 +54,15 @@ class Waiting:
 
     def ref(self) -> list[int]:
         return [self.epoch, self.shard, self.offset, self.place]
+
+
+def draw(base: int, j: int, n: int) -> int:
+    """Draw j of a reader's buffer: uniform in [0, n), a pure function of (base, j) (splitmix64), so a resumed
+    reader continues the same sequence from its draw count, at ~1 us rather than a seeded generator's ~80."""
+    z = (base + (j + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) % n
 
 
 def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
@@ -126,6 +134,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _shuffled(self, reader: int, state: dict, buffer: list[Waiting]) -> Iterator[tuple[Any, list[str]]]:
         """(sample to emit, problems met reading it) through the buffer; the state advances in place."""
+        base = derive_seed(self.seed, reader, 2)
         for fresh, problems in self._read(reader, state):
             if isinstance(fresh, str):
                 yield fresh, problems
@@ -135,7 +144,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                     buffer.append(fresh)
                 yield None, problems  # nothing to emit yet (problems are counted now)
                 continue
-            j = int(np.random.default_rng(derive_seed(self.seed, reader, state["draws"])).integers(len(buffer)))
+            j = draw(base, state["draws"], len(buffer))
             state["draws"] += 1
             out, buffer[j] = buffer[j], fresh
             yield out, problems

@@ -83,6 +83,8 @@ def _finish(key: str, offset: int, members: dict[str, bytes], end: int) -> Sampl
 def open_shard(url: str):
     """A seekable binary file for a local path or any fsspec URL; ShardError when it cannot be opened."""
     try:
+        if "://" not in url or url.startswith("file://"):  # local: the plain file is ~2x cheaper per read than fsspec's
+            return open(url.removeprefix("file://"), "rb", buffering=1 << 20)
         return fsspec.open(url, "rb").open()
     except FileNotFoundError as e:
         raise ShardError(url, "does not exist (or cannot be reached). Check the path or URL.") from e
@@ -114,7 +116,8 @@ def read_samples(url: str, start: int = 0, *, limit: Optional[int] = None, file=
                         if limit is not None and count >= limit:
                             return
                     key, offset, members = k, info.offset, {}
-                members[ext] = tar.extractfile(info).read()
+                f.seek(info.offset_data)  # the member's bytes, read directly (tarfile's file object costs more)
+                members[ext] = f.read(info.size)
         except (tarfile.ReadError, EOFError, OSError) as e:
             raise ShardError(url, f"is cut short or damaged after byte {offset} ({e}).") from e
         _check_end(url, f, tar.offset)
