@@ -17,7 +17,7 @@ from PIL import Image
 
 from test_preemption import comparable, start_training, train_steps
 from test_pretrain import TINY, offline_env, recipe_file, run_cli
-from vitcli.data import build_transform, make_shard_loader, TransformSpec
+from vitcli.data import build_transform, make_stream_loader, TransformSpec
 from vitcli.data.builtin import digits_splits
 from vitcli.data.shard_index import expand, load_index
 from vitcli.data.shard_sets import ShardSet
@@ -144,7 +144,7 @@ def loader(urls, *, workers=0, world_size=1, rank=0, buffer=4, batch=5, epoch=0,
     transform = build_transform(TransformSpec(crop_scale=(0.5, 1.0), hflip=0.5, crop_pct=1.0, interpolation="bilinear",
                                               mean=(0.5,), std=(0.5,)), (8, 8), train=True)
     shards = ShardSet(urls, None, 0, [], "numbered", "train")
-    return make_shard_loader(shards, transform, batch, num_workers=workers, seed=3, epoch=epoch, buffer=buffer,
+    return make_stream_loader(shards, transform, batch, num_workers=workers, seed=3, epoch=epoch, buffer=buffer,
                              rank=rank, world_size=world_size, bad_images=bad)
 
 
@@ -331,7 +331,7 @@ def test_bench_data_streams_shards(digit_shards, capsys):
 
 
 def test_buffer_draws_are_uniform_and_a_function_of_the_count():
-    from vitcli.data.shard_stream import draw
+    from vitcli.data.sample_stream import draw
 
     counts = np.bincount([draw(12345, j, 10) for j in range(100_000)], minlength=10)
     assert counts.min() > 9_600 and counts.max() < 10_400  # 4 standard deviations of a fair 10-sided draw

@@ -93,6 +93,9 @@ class DataCfg:
     # the epoch length), and the shuffle buffer each loader worker keeps
     num_samples: Optional[int] = None
     shuffle_buffer: int = 1000
+    # stream the training split (datasets' streaming=True for a Hub set; any other set streams its table)
+    # instead of reading it whole first; tar shards always stream
+    streaming: bool = False
     # augmentation (timm.data)
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])

@@ -1,7 +1,7 @@
 """`vit bench --data DATASET`: the input pipeline alone, in images/s.
 
 The training loader exactly as `vit pretrain` builds it (`vitcli.data.make_loader` over the training
-split, or `make_shard_loader` streaming it when DATASET is tar shards, the recipe-default training transforms at the given resolution: decode, RandomResizedCrop, flip,
+split, or `make_stream_loader` streaming it when DATASET is tar shards, the recipe-default training transforms at the given resolution: decode, RandomResizedCrop, flip,
 normalise; collate), with the host-to-device copy and, for the tensor pipeline on CUDA, the nvJPEG
 decode and the crops on the GPU (synchronised). No model runs, so the figure is what the loader could
 feed at most. `pipeline` picks data.pipeline (auto | pil | tensor) to compare the two.
@@ -54,8 +54,8 @@ def bench_data(
     if batch_size > len(image_set) and len(image_set):
         raise VitError(f"--batch-size {batch_size} is larger than the {len(image_set)} training images of {dataset}; lower it.")
     transform = vdata.build_transform(cfg, img_size, train=True)
-    if isinstance(image_set, vdata.ShardSet):  # streamed: endless by itself
-        loader = vdata.make_shard_loader(image_set, transform, batch_size, num_workers=num_workers, device=dev)
+    if vdata.is_streamed(image_set):  # endless by itself
+        loader = vdata.make_stream_loader(image_set, transform, batch_size, num_workers=num_workers, device=dev)
         batches, on_device = iter(loader), loader.stream.decode_on_device
     else:
         loader = vdata.make_loader(image_set, transform, batch_size, shuffle=True, drop_last=True,
@@ -98,6 +98,6 @@ def bench_data(
         "first_batch_seconds": round(first, 3),
         "pipeline": "tensor" if cfg.tensor_pipeline else "pil",
         "decode_on_device": on_device,
-        "streamed": isinstance(image_set, vdata.ShardSet),
+        "streamed": vdata.is_streamed(image_set),
         "transforms": repr(transform),
     }

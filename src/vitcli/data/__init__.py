@@ -7,8 +7,9 @@
 
 from vitcli.data.loader import BatchDataset, EpochBatchSampler, Loader, make_loader
 from vitcli.data.registry import ALIASES, REGISTRY, DatasetSpec, get_spec, list_datasets, lookup
-from vitcli.data.shard_loader import ShardLoader, make_shard_loader
-from vitcli.data.shard_sets import ShardSet, first_images
+from vitcli.data.hub_stream import HubSet
+from vitcli.data.stream_loader import StreamLoader, first_images, is_streamed, make_stream_loader
+from vitcli.data.shard_sets import ShardSet
 from vitcli.data.sources import ImageSet, build, load_split, take_subset
 from vitcli.data.tensor_transforms import TensorTransform
 from vitcli.data.specs import MixSpec, SourceSpec, TransformSpec
@@ -21,7 +22,8 @@ __all__ = [
     "DatasetSpec",
     "EpochBatchSampler",
     "ImageSet",
-    "ShardLoader",
+    "HubSet",
+    "StreamLoader",
     "ShardSet",
     "MixSpec",
     "SourceSpec",
@@ -38,6 +40,7 @@ __all__ = [
     "load_split",
     "lookup",
     "make_loader",
-    "make_shard_loader",
+    "is_streamed",
+    "make_stream_loader",
     "take_subset",
 ]

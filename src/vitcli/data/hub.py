@@ -56,6 +56,19 @@ def load_hub_split(spec: DatasetSpec, split: str) -> datasets.Dataset:
         raise _explain(e, spec, split, reason) from e
 
 
+def stream_hub_split(spec: DatasetSpec, split: str) -> datasets.IterableDataset:
+    """datasets.load_dataset(..., streaming=True): needs the Hub (a stream reads no local cache)."""
+    assert spec.hub_id is not None
+    reason = offline_reason()
+    if reason:
+        raise VitError(f"Data set '{spec.name}' cannot be streamed: the Hub is offline ({reason}), and a stream reads "
+                       f"the Hub, not the local cache. Drop data.streaming to read a cached copy. {local_copy_hint(spec)}")
+    try:
+        return datasets.load_dataset(spec.hub_id, spec.config, split=split, streaming=True)
+    except Exception as e:  # noqa: BLE001 -- every Hub failure becomes one clear message
+        raise _explain(e, spec, split, None) from e
+
+
 def _explain(e: Exception, spec: DatasetSpec, split: str, offline: Optional[str]) -> VitError:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     where = f"Data set '{spec.name}' ({spec.hub_id}{', ' + spec.config if spec.config else ''})"

@@ -28,7 +28,8 @@ import datasets
 import numpy as np
 
 from vitcli.data import builtin
-from vitcli.data.hub import load_hub_split
+from vitcli.data.hub import load_hub_split, stream_hub_split
+from vitcli.data.hub_stream import HubSet, streamed
 from vitcli.data.indexing import index_folder
 from vitcli.data.registry import DatasetSpec, list_datasets, lookup, unknown_dataset_error
 from vitcli.data.shard_index import is_shard_source
@@ -59,7 +60,7 @@ class ImageSet:
 
 
 def build(cfg: SourceSpec, role: Role, *, img_size: Union[int, tuple[int, int]] = 224, seed: int = 0,
-          labels: bool = True, say: Optional[Callable[[str], object]] = None) -> Union[ImageSet, ShardSet]:
+          labels: bool = True, say: Optional[Callable[[str], object]] = None) -> Union[ImageSet, ShardSet, HubSet]:
     """The train or eval split a recipe's data section asks for, subset applied.
 
     Train subsets follow `seed`; eval subsets always use seed 0 so every run scores the same images.
@@ -70,6 +71,11 @@ def build(cfg: SourceSpec, role: Role, *, img_size: Union[int, tuple[int, int]] 
             raise VitError("data.train_subset picks images of a map-style set; tar shards stream whole. "
                            "Drop it, or write a smaller set of shards (vit shards SRC OUT).")
         return stream_split(cfg.dataset, cfg.train_split, cfg.num_samples)
+    if role == "train" and cfg.streaming:
+        if cfg.train_subset:
+            raise VitError("data.train_subset picks images of a map-style set; a streamed set streams whole. "
+                           "Drop one of data.train_subset and data.streaming.")
+        return _stream(cfg, labels, say)
     split = cfg.train_split if role == "train" else cfg.eval_split
     subset = cfg.train_subset if role == "train" else cfg.eval_subset
     return load_split(
@@ -131,6 +137,23 @@ def load_split(
         raise VitError(f"Split '{split_name}' of data set '{label}' is empty. Point data.dataset at a set with images.")
     image_set = ImageSet(ds, len(class_names), class_names, label, split_name)
     return take_subset(image_set, subset, seed) if subset else image_set
+
+
+def _stream(cfg: SourceSpec, labels: bool, say) -> HubSet:
+    """The training split streamed: a Hub set through load_dataset(streaming=True); any other source
+    (a folder, a save_to_disk copy, a named set's local copy, digits) streams its indexed table."""
+    spec, path = _resolve(cfg.dataset, cfg.data_dir)
+    if spec is None or spec.builtin or path is not None:
+        return streamed(load_split(cfg.dataset, cfg.train_split, role="train", data_dir=cfg.data_dir, labels=labels, say=say))
+    split = cfg.train_split or spec.train_split
+    ds = stream_hub_split(spec, split)
+    (image_col, label_col), names = _detect_columns(ds.features, spec, spec.name, required=labels), []
+    ds = ds.select_columns([c for c in (image_col, label_col) if c]).rename_columns(
+        {c: n for c, n in ((image_col, "image"), (label_col, "label")) if c and c != n})
+    feature = ds.features.get("label") if label_col else None
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else [str(i) for i in range(spec.num_classes or 0)]
+    total = ds.info.splits[split].num_examples if ds.info.splits and split in ds.info.splits else None
+    return streamed(ImageSet(ds, len(names), names, spec.name, split), num_samples=total or cfg.num_samples)
 
 
 def take_subset(image_set: ImageSet, n: int, seed: int) -> ImageSet:

@@ -41,6 +41,7 @@ class SourceSpec(_FromFields):
     train_subset: Optional[int] = None  # a seeded random choice of this many images
     eval_subset: Optional[int] = None
     num_samples: Optional[int] = None  # training samples of tar shards named by pattern (no index)
+    streaming: bool = False  # stream the training split (a Hub set through datasets' streaming=True)
 
 
 @dataclass(frozen=True)

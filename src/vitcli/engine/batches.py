@@ -33,8 +33,8 @@ class TrainStream:
         self.per_epoch = plan.steps_per_epoch * plan.accum
         self.mixup = data.mixup
         self.restarted_epoch: int | None = None  # set when a shard stream could not resume exactly
-        if isinstance(data.train, vdata.ShardSet):
-            self.loader = vdata.make_shard_loader(
+        if vdata.is_streamed(data.train):
+            self.loader = vdata.make_stream_loader(
                 data.train, data.train_transform, plan.micro_batch, num_workers=recipe.data.num_workers,
                 seed=recipe.train.seed, epoch=epoch, buffer=recipe.data.shuffle_buffer, rank=rank, world_size=world_size,
                 bad_images=recipe.data.bad_images, device=device, pin_memory=device.type == "cuda")
@@ -66,7 +66,7 @@ class TrainStream:
 
     def state_dict(self) -> dict | None:
         """This rank's stream position, for the checkpoint (None: a map-style set, whose position the step gives)."""
-        return self.loader.state_dict() if isinstance(self.loader, vdata.ShardLoader) else None
+        return self.loader.state_dict() if isinstance(self.loader, vdata.StreamLoader) else None
 
     def _mixed(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in batches:  # a shard stream never ends: epochs follow each other inside it
@@ -149,7 +149,7 @@ def fewshot_set(data: RunData, recipe: Recipe, device: torch.device, batch_size:
     if not shots or num_classes == 0:
         return None
     # a streamed split: its first shards, read until every class has enough images
-    train = vdata.first_images(data.train, max(shots)) if isinstance(data.train, vdata.ShardSet) else data.train.dataset
+    train = vdata.first_images(data.train, max(shots)) if vdata.is_streamed(data.train) else data.train.dataset
     labels = np.asarray(train.select_columns(["label"]).with_format("numpy")["label"], dtype=np.int64)
     index = needed_images(labels, num_classes, shots, FEWSHOT_SEEDS)
     chosen = vdata.ImageSet(train.select(index, keep_in_memory=True), num_classes,

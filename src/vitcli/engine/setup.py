@@ -74,7 +74,7 @@ def build_data(recipe: Recipe, init: LoadedCheckpoint | None = None, say=None) -
     img_size = model_img_size(recipe.model, init)
     labels = not recipe.objective.self_supervised  # mpp / mae read sets without labels too
     train = vdata.build(source, "train", img_size=img_size, seed=seed, labels=labels, say=say)
-    streamed = isinstance(train, vdata.ShardSet)
+    streamed = vdata.is_streamed(train)
     if streamed:
         _check_stream(train, recipe)
     if d.holdout is not None:
@@ -99,12 +99,12 @@ def build_data(recipe: Recipe, init: LoadedCheckpoint | None = None, say=None) -
     )
 
 
-def _check_stream(train: vdata.ShardSet, recipe: Recipe) -> None:
+def _check_stream(train, recipe: Recipe) -> None:
     if recipe.data.holdout is not None:
         raise VitError("data.holdout carves a map-style training set; tar shards stream. Drop it and evaluate on the "
                        "shards' evaluation split (data.eval_split).")
     if not train.num_samples and recipe.train.steps is None:
-        raise VitError(f"The shards {train.name} come without a sample count, so an epoch has no length. "
+        raise VitError(f"The streamed set {train.name} comes without a sample count, so an epoch has no length. "
                        "Set data.num_samples=N (the training samples in them) or train.steps=N.")
 
 

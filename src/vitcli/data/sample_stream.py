@@ -1,0 +1,142 @@
+"""A stream's shuffle buffer, batching and resumable state, whatever it reads (tar shards, a streamed Hub set).
+
+A reader (one loader worker of one rank; K = ranks x workers readers) reads its samples in an order its
+subclass defines and passes them through a shuffle buffer of `buffer` samples: once the buffer is full,
+every sample read takes the place of one drawn uniformly from it, which is emitted. Draw j of reader k is
+a hash of (seed, k, j), so a resumed reader continues the same sequence from its draw count. A sample is
+augmented from (seed, epoch it was read in, its source number, its place there). Batches of `batch_size`
+emitted samples are collated in the worker; `state_dict()` is the reader's position after its last batch,
+with the buffer as references, which the subclass turns back into samples on `load_state_dict`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import datasets
+import torch
+
+from vitcli.data.batches import BadImages, Batch
+from vitcli.data.collate import build_batch
+from vitcli.data.tarshards import Sample
+from vitcli.rng import derive_seed
+
+
+@dataclass
+class Waiting:
+    """A sample in the shuffle buffer, with what is needed to get it back after a resume."""
+
+    epoch: int
+    source: int  # the shard's number in the split (tar shards); the reader (a streamed Hub set)
+    offset: int  # byte offset in the shard; read count in the epoch (Hub)
+    place: int  # in its shard; read count in the epoch (Hub)
+    sample: Optional[Sample]  # None until fetched (after a resume)
+
+    def ref(self) -> list[int]:
+        return [self.epoch, self.source, self.offset, self.place]
+
+
+def draw(base: int, j: int, n: int) -> int:
+    """Draw j of a reader's buffer: uniform in [0, n), a pure function of (base, j) (splitmix64), so a resumed
+    reader continues the same sequence from its draw count, at ~1 us rather than a seeded generator's ~80."""
+    z = (base + (j + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) % n
+
+
+class BufferedStream(torch.utils.data.IterableDataset):
+    """One rank's endless stream of collated Batches; subclasses say how samples are read and restored."""
+
+    def __init__(self, transform: Callable, batch_size: int, *, seed: int = 0, epoch: int = 0, buffer: int = 1000,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, bad_images: BadImages = "error",
+                 decode_on_device: bool = False, name: str = "", split: str = "train", labels: bool = True):
+        self.transform, self.batch_size = transform, batch_size
+        self.seed, self.start_epoch, self.buffer_size = seed, epoch, max(1, buffer)
+        self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
+        self.bad_images, self.decode_on_device, self.name, self.split = bad_images, decode_on_device, name, split
+        self.labels = labels  # False: samples without a label are fine (self-supervised objectives)
+        self.decoder = datasets.Image()
+        self._state: dict[str, Any] | None = None  # the running reader's, after its last batch
+        self._restored: dict[str, Any] | None = None
+
+    @property
+    def readers(self) -> int:
+        return self.world_size * self.workers
+
+    def _reader(self) -> int:
+        info = torch.utils.data.get_worker_info()
+        return self.rank * self.workers + (info.id if info is not None else 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self._state or self._fresh(self._reader()))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._restored = dict(state)
+
+    # what a subclass defines
+    @abc.abstractmethod
+    def _fresh(self, reader: int) -> dict[str, Any]:
+        """The state of a reader that has read nothing (at the start epoch)."""
+
+    @abc.abstractmethod
+    def _restore(self, reader: int, state: dict[str, Any]) -> list[Waiting]:
+        """The buffer of a saved state, its samples read back; reading then goes on from the state's position."""
+
+    @abc.abstractmethod
+    def _read(self, reader: int, state: dict) -> Iterator[tuple[Any, list[str]]]:
+        """Endless (Waiting, problems): a sample, None (skipped), or a str (an error to raise); state advances."""
+
+    @abc.abstractmethod
+    def _where(self, w: Waiting) -> str:
+        """Where a sample came from, for messages."""
+
+    def _saved(self, state: dict, buffer: list[Waiting]) -> dict[str, Any]:
+        return {**state, "buffer": [w.ref() for w in buffer]}
+
+    def __iter__(self) -> Iterator[Batch]:
+        reader = self._reader()
+        state = self._restored if self._restored and self._restored.get("reader") == reader else self._fresh(reader)
+        self._restored = None
+        buffer = self._restore(reader, state)
+        pending, skipped = [], []
+        for item, problems in self._shuffled(reader, state, buffer):
+            skipped += problems
+            if isinstance(item, str):  # an error to raise in the main process
+                yield Batch(None, None, skipped, item)
+                return
+            if item is None:  # a skipped sample, or one gone into the buffer
+                continue
+            pending.append(item)
+            if len(pending) == self.batch_size:
+                batch = self._collate(pending, skipped)
+                pending, skipped = [], []
+                self._state = self._saved(state, buffer)
+                yield batch
+
+    def _collate(self, waiting: list[Waiting], skipped: list[str]) -> Batch:
+        items = [((w.epoch, w.source, w.place), w.place, {"bytes": w.sample.image, "path": self._where(w)},
+                  w.sample.label if w.sample.label is not None else 0) for w in waiting]
+        batch = build_batch(items, self.transform, self.seed, bad_images=self.bad_images,
+                            decode_on_device=self.decode_on_device, name=self.name, split=self.split, decoder=self.decoder)
+        return batch._replace(skipped=skipped + batch.skipped)
+
+    def _shuffled(self, reader: int, state: dict, buffer: list[Waiting]) -> Iterator[tuple[Any, list[str]]]:
+        """(sample to emit, problems met reading it) through the buffer; the state advances in place."""
+        base = derive_seed(self.seed, reader, 2)
+        for fresh, problems in self._read(reader, state):
+            if isinstance(fresh, str):
+                yield fresh, problems
+                return
+            if fresh is None or len(buffer) < self.buffer_size:
+                if fresh is not None:
+                    buffer.append(fresh)
+                yield None, problems  # nothing to emit yet (problems are counted now)
+                continue
+            j = draw(base, state["draws"], len(buffer))
+            state["draws"] += 1
+            out, buffer[j] = buffer[j], fresh
+            yield out, problems

@@ -1,0 +1,113 @@
+"""The main process's side of a stream (tar shards or a streamed Hub set): torchdata's StatefulDataLoader
+over a ShardStream or HubStream.
+
+It yields (images, labels) on the device without end, and its `state_dict()` (per rank, taken at the
+last batch this rank consumed, whatever the workers had prefetched) goes into the checkpoint.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any, Callable, Optional, Union
+
+import datasets
+import numpy as np
+import torch
+
+from vitcli.data.batches import BadImages, Batch
+from vitcli.data.hub_stream import HubSet, HubStream
+from vitcli.data.loader import Delivery
+from vitcli.data.sample_stream import BufferedStream
+from vitcli.data.shard_sets import ShardSet
+from vitcli.data.shard_sets import first_images as first_shard_images
+from vitcli.data.shard_stream import ShardStream
+from vitcli.data.tensor_transforms import TensorTransform
+from vitcli.errors import VitError
+from vitcli.rng import derive_seed
+
+# torchdata 0.11 calls a torch API deprecated since (torch.set_vital) each time a loader starts
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+
+Streamed = Union[ShardSet, HubSet]
+
+
+def is_streamed(train: Any) -> bool:
+    return isinstance(train, (ShardSet, HubSet))
+
+
+def _keep_batch(batch: Batch) -> Batch:
+    return batch  # the stream already collates; module-level so worker processes can pickle it
+
+
+class StreamLoader(Delivery):
+    """Endless (images, labels) on `device`; `skipped` counts samples dropped under bad_images: skip."""
+
+    def __init__(self, stream: BufferedStream, num_workers: int, device: torch.device, pin_memory: bool):
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        self.stream, self.device = stream, device
+        self.dataloader = StatefulDataLoader(
+            stream, batch_size=None, num_workers=num_workers, collate_fn=_keep_batch, pin_memory=pin_memory,
+            snapshot_every_n_steps=1,  # every batch carries its worker's state: resume at the exact batch
+            generator=torch.Generator().manual_seed(derive_seed(stream.seed, stream.rank)),
+        )
+        self.skipped = 0
+        self.skipped_examples: list[str] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"readers": self.stream.readers, "loader": self.dataloader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Restore the position; False (nothing restored) when it was saved with another number of readers."""
+        if state.get("readers") != self.stream.readers:
+            return False
+        self.dataloader.load_state_dict(state["loader"])
+        return True
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        s = self.stream
+        return self._delivered(s.transform, s.bad_images, s.name, s.split)
+
+
+def first_images(train: Streamed, shots: int) -> datasets.Dataset:
+    """Enough of a streamed training split for K-shot evaluation: read from its start until every class
+    has `shots` images (tar shards: at most FEWSHOT_MAX_SHARDS shards; Hub: at most 64 x shots x classes)."""
+    if isinstance(train, ShardSet):
+        return first_shard_images(train, shots)
+    rows: dict[str, list] = {"image": [], "label": []}
+    counts = np.zeros(max(1, train.num_classes), dtype=np.int64)
+    for i, example in enumerate(train.dataset):
+        label = example.get("label")
+        if label is not None and 0 <= label < len(counts) and example.get("image"):
+            rows["image"].append(example["image"])
+            rows["label"].append(int(label))
+            counts[label] += 1
+        if counts.min() >= shots or i >= 64 * shots * len(counts):
+            break
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def make_stream_loader(train: Streamed, transform: Callable, batch_size: int, *, num_workers: int = 0, seed: int = 0,
+                       epoch: int = 0, buffer: int = 1000, rank: int = 0, world_size: int = 1,
+                       bad_images: BadImages = "error", device: Optional[torch.device] = None,
+                       decode_on_device: Optional[bool] = None, pin_memory: Optional[bool] = None) -> StreamLoader:
+    """This rank's loader of `batch_size` images per batch (the global batch / world_size) from a stream."""
+    device = torch.device(device or "cpu")
+    readers = world_size * max(1, num_workers)
+    on_device = (device.type == "cuda" if decode_on_device is None else decode_on_device) and isinstance(transform, TensorTransform)
+    common = dict(seed=seed, epoch=epoch, buffer=buffer, rank=rank, world_size=world_size, num_workers=num_workers,
+                  bad_images=bad_images, decode_on_device=on_device, name=train.name, split=train.split,
+                  labels=train.num_classes > 0)
+    if isinstance(train, HubSet):
+        stream: BufferedStream = HubStream(train.dataset, transform, batch_size, **common)
+    else:
+        if len(train.urls) < readers:
+            raise VitError(
+                f"{len(train.urls)} shard(s) cannot feed {readers} readers ({world_size} process(es) x {max(1, num_workers)} "
+                "loader worker(s)): every reader needs shards of its own. Write more, smaller shards "
+                "(vit shards --samples-per-shard N) or use fewer workers (data.num_workers)."
+            )
+        stream = ShardStream(train.urls, transform, batch_size, **common)
+    return StreamLoader(stream, num_workers, device, torch.cuda.is_available() if pin_memory is None else pin_memory)
