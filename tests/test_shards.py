@@ -336,3 +336,22 @@ def test_buffer_draws_are_uniform_and_a_function_of_the_count():
     counts = np.bincount([draw(12345, j, 10) for j in range(100_000)], minlength=10)
     assert counts.min() > 9_600 and counts.max() < 10_400  # 4 standard deviations of a fair 10-sided draw
     assert [draw(7, j, 1000) for j in range(5)] == [draw(7, j, 1000) for j in range(5)]
+
+
+def test_vit_shards_refuses_an_unwritable_destination_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way")
+    assert run_cli("shards", "digits", str(blocker / "out")) == 2
+    err = capsys.readouterr().err
+    assert "a_file" in err and "Traceback" not in err
+    assert blocker.read_text() == "in the way"
+
+
+def test_self_supervised_pretraining_on_shards_scores_few_shot_from_the_first_shards(tmp_path, digit_shards):
+    recipe = recipe_file(tmp_path, "train: {steps: 4}\n")
+    run = tmp_path / "mae"
+    mae = ["--set", "objective.name=mae", "--set", "objective.decoder_dim=32", "--set", "objective.decoder_depth=1",
+           "--set", "objective.decoder_heads=4", "--set", "objective.fewshot=[2]"]
+    assert run_cli("pretrain", str(recipe), "--out", str(run), *ARGS, "--set", f"data.dataset={digit_shards}", *mae) == 0
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line][-1]
+    assert last["fewshot_2"] > 0.15 and last["num_images"] == 360  # above chance (0.1): 2 labelled images a class were found

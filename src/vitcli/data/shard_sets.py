@@ -8,7 +8,6 @@ are small beside training ones (ImageNet's 50,000 validation images: 6.4 GB).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -108,7 +107,7 @@ def _rows(keys: list[list], labels: bool):
             yield {"image": {"bytes": s.image, "path": f"{url}:{s.key}"}, "label": s.label if s.label is not None else 0}
 
 
-def first_images(shards: ShardSet, shots: int, say: Optional[Callable[[str], object]] = None) -> datasets.Dataset:
+def first_images(shards: ShardSet, shots: int) -> datasets.Dataset:
     """Enough of a streamed split for K-shot evaluation: its shards read in order until every class has
     `shots` images (at most FEWSHOT_MAX_SHARDS shards), as an image/label Dataset."""
     rows: dict[str, list] = {"image": [], "label": []}
