@@ -11,8 +11,10 @@ temporary name and renamed when whole, and the index comes last, so a folder wit
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -60,7 +62,8 @@ def write_shards(src: str, out: Path, plan: ShardPlan, *, splits: Optional[list[
     written, classes = {}, chosen[0][1].class_names
     for name, image_set in chosen:
         shuffle = plan.shuffle_seed is not None and name == "train"
-        written[name] = _write_split(image_set, out, name, plan, shuffle)
+        with _progress(len(image_set), f"writing {name} shards", say) as advance:
+            written[name] = _write_split(image_set, out, name, plan, shuffle, advance)
         total = sum(s["bytes"] for s in written[name])
         say(f"{name}: {len(image_set):,} images -> {len(written[name])} shard(s), {total / 1e6:,.1f} MB")
     index = write_index(str(out), src, list(classes), written)
@@ -76,7 +79,31 @@ def _splits(src: str, wanted: Optional[list[str]], say) -> list[tuple[str, Image
     return [(SPLIT_NAMES.get(s.split, s.split), s) for s in (train, evals)]
 
 
-def _write_split(image_set: ImageSet, out: Path, split: str, plan: ShardPlan, shuffle: bool) -> list[dict]:
+@contextlib.contextmanager
+def _progress(total: int, text: str, say: Callable[[str], object]) -> Iterator[Callable[[], None]]:
+    """advance() once an image: a progress bar on a terminal, else (for splits of 10,000 images or more) a
+    line at every tenth of the split, so a long conversion in a log shows it is alive."""
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn(text), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(text, total=total)
+            yield lambda: bar.advance(task)
+        return
+    done = [0]
+    step = max(1, total // 10)
+
+    def advance() -> None:
+        done[0] += 1
+        if total >= 10_000 and done[0] % step == 0 and done[0] < total:
+            say(f"{text}: {done[0]:,} / {total:,} images")
+    yield advance
+
+
+def _write_split(image_set: ImageSet, out: Path, split: str, plan: ShardPlan, shuffle: bool,
+                 advance: Callable[[], None] = lambda: None) -> list[dict]:
     ds = image_set.dataset.cast_column("image", datasets.Image(decode=False))
     order = np.random.default_rng(plan.shuffle_seed).permutation(len(ds)) if shuffle else np.arange(len(ds))
     labelled = image_set.num_classes > 0
@@ -96,6 +123,7 @@ def _write_split(image_set: ImageSet, out: Path, split: str, plan: ShardPlan, sh
                 writer, size = ShardWriter(str(out / name)), 0
             writer.add(f"{i:09d}", data, ext, int(row["label"]) if labelled else None)
             size += member
+            advance()
         if writer is not None:
             shards.append(_close(writer))
     except OSError as e:
