@@ -3,14 +3,11 @@ and a stopped run resumes at the next sample although a stream has no random acc
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 import torch
 
-from test_preemption import comparable, start_training, train_steps
 from test_pretrain import TINY, recipe_file, run_cli
-from test_shards import take
+from test_shards import sigterm_then_resume_matches_an_uninterrupted_run, take
 from vitcli.data import ImageSet, TransformSpec, build_transform, load_split, make_stream_loader
 from vitcli.data.hub_stream import SNAPSHOT_EVERY, streamed
 
@@ -58,18 +55,7 @@ ARGS = [*sum((["--set", s] for s in TINY), []), "--set", "model.img_size=8", "--
 
 
 def test_sigterm_then_resume_of_a_streamed_run_matches_an_uninterrupted_run(tmp_path):
-    recipe = recipe_file(tmp_path, "train: {steps: 120}\n")
-    args = [*ARGS, "--set", "data.num_workers=2"]
-    cut = tmp_path / "cut"
-    proc = start_training(recipe, cut, args, until_step=30)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 3, err
-    assert 30 <= train_steps(cut) < 120
-    assert run_cli("pretrain", str(recipe), "--out", str(cut), "--resume", *args) == 0
-    full = tmp_path / "full"
-    assert run_cli("pretrain", str(recipe), "--out", str(full), *args) == 0
-    assert comparable(cut) == comparable(full)
+    sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, [*ARGS, "--set", "data.num_workers=2"])
 
 
 def test_streaming_a_hub_set_offline_is_one_clear_message(tmp_path, capsys):

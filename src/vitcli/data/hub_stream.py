@@ -25,8 +25,7 @@ from typing import Any, Optional
 import datasets
 from datasets.distributed import split_dataset_by_node
 
-from vitcli.data.batches import FIX
-from vitcli.data.sample_stream import BufferedStream, Waiting
+from vitcli.data.sample_stream import BufferedStream, Unusable, Waiting
 from vitcli.data.tarshards import Sample
 from vitcli.errors import VitError
 
@@ -125,14 +124,15 @@ class HubStream(BufferedStream):
         self._it = it
         return buffer
 
-    def _read(self, reader: int, state: dict) -> Iterator[tuple[Any, list[str]]]:
+    def _read(self, reader: int, state: dict) -> Iterator[Waiting | Unusable]:
         while True:
             if state["read"] % SNAPSHOT_EVERY == 0:
                 self._snapshots.append([state["epoch"], state["read"], self.dataset.state_dict() if state["read"] else None])
             example = next(self._it, None)
             if example is None:
                 if state["read"] == 0:
-                    yield f"Reader {reader} of the streamed set {self.name} got no samples in epoch {state['epoch']}.", []
+                    yield Unusable(f"Reader {reader} of the streamed set {self.name} got no samples in epoch "
+                                   f"{state['epoch']}: it has fewer shards than readers. Use fewer workers.", fatal=True)
                     return
                 state["epoch"], state["read"] = state["epoch"] + 1, 0
                 self._it = self._epoch(state["epoch"])
@@ -140,14 +140,8 @@ class HubStream(BufferedStream):
             place = state["read"]
             state["read"] += 1
             sample = self._sample(example, place)
-            if sample.problem or (sample.label is None and self.labels):
-                problem = f"Sample {place} of the streamed set {self.name} cannot be used: {sample.problem or 'it has no label'}."
-                if self.bad_images == "error":
-                    yield problem + FIX, []
-                    return
-                yield None, [problem]
-                continue
-            yield Waiting(state["epoch"], reader, place, place, sample), []
+            yield self._checked(sample, Waiting(state["epoch"], reader, place, place, sample),
+                                f"{place} of the streamed set {self.name}")
 
     @staticmethod
     def _sample(example: dict, place: int) -> Sample:

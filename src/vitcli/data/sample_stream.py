@@ -19,7 +19,7 @@ from typing import Any, Optional
 import datasets
 import torch
 
-from vitcli.data.batches import BadImages, Batch
+from vitcli.data.batches import FIX, BadImages, Batch
 from vitcli.data.collate import build_batch
 from vitcli.data.tarshards import Sample
 from vitcli.rng import derive_seed
@@ -37,6 +37,16 @@ class Waiting:
 
     def ref(self) -> list[int]:
         return [self.epoch, self.source, self.offset, self.place]
+
+
+@dataclass
+class Unusable:
+    """What a reader met instead of a usable sample. The stream stops with it as the error (with the fix),
+    or, under data.bad_images: skip, counts it and reads on; `fatal` stops whatever bad_images says."""
+
+    problem: str
+    skipped_note: str = ""  # appended to the problem when it is skipped
+    fatal: bool = False
 
 
 def draw(base: int, j: int, n: int) -> int:
@@ -87,12 +97,18 @@ class BufferedStream(torch.utils.data.IterableDataset):
         """The buffer of a saved state, its samples read back; reading then goes on from the state's position."""
 
     @abc.abstractmethod
-    def _read(self, reader: int, state: dict) -> Iterator[tuple[Any, list[str]]]:
-        """Endless (Waiting, problems): a sample, None (skipped), or a str (an error to raise); state advances."""
+    def _read(self, reader: int, state: dict) -> Iterator[Waiting | Unusable]:
+        """Endless samples, epoch after epoch (or what was met instead of one); the state advances in place."""
 
     @abc.abstractmethod
     def _where(self, w: Waiting) -> str:
         """Where a sample came from, for messages."""
+
+    def _checked(self, sample: Sample, waiting: Waiting, where: str) -> Waiting | Unusable:
+        """The sample, or why it cannot be used (no image, a broken label, no label where labels are needed)."""
+        if sample.problem or (sample.label is None and self.labels):
+            return Unusable(f"Sample {where} cannot be used: {sample.problem or 'it has no label'}.")
+        return waiting
 
     def _saved(self, state: dict, buffer: list[Waiting]) -> dict[str, Any]:
         return {**state, "buffer": [w.ref() for w in buffer]}
@@ -125,18 +141,21 @@ class BufferedStream(torch.utils.data.IterableDataset):
         return batch._replace(skipped=skipped + batch.skipped)
 
     def _shuffled(self, reader: int, state: dict, buffer: list[Waiting]) -> Iterator[tuple[Any, list[str]]]:
-        """(sample to emit, problems met reading it) through the buffer; the state advances in place."""
+        """(sample to emit, problems skipped) through the buffer, or (error text, []) to stop; the state
+        advances in place. Whether an unusable sample stops the run or is skipped is decided here, once."""
         base = derive_seed(self.seed, reader, 2)
-        for fresh, problems in self._read(reader, state):
-            if isinstance(fresh, str):
-                yield fresh, problems
-                return
-            if fresh is None or len(buffer) < self.buffer_size:
-                if fresh is not None:
-                    buffer.append(fresh)
-                yield None, problems  # nothing to emit yet (problems are counted now)
+        for fresh in self._read(reader, state):
+            if isinstance(fresh, Unusable):
+                if fresh.fatal or self.bad_images == "error":
+                    yield fresh.problem + ("" if fresh.fatal else FIX), []
+                    return
+                yield None, [fresh.problem + fresh.skipped_note]
+                continue
+            if len(buffer) < self.buffer_size:
+                buffer.append(fresh)
+                yield None, []  # nothing to emit yet
                 continue
             j = draw(base, state["draws"], len(buffer))
             state["draws"] += 1
             out, buffer[j] = buffer[j], fresh
-            yield out, problems
+            yield out, []

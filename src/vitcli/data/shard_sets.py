@@ -8,11 +8,11 @@ are small beside training ones (ImageNet's 50,000 validation images: 6.4 GB).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
 import datasets
-import numpy as np
 
 from vitcli.data.indexing import quiet_bars
 from vitcli.data.shard_index import ShardIndex, ShardSplit, load_index
@@ -20,7 +20,6 @@ from vitcli.data.tarshards import ShardError, open_shard, read_samples
 from vitcli.errors import VitError
 
 EVAL_SPLITS = ("test", "validation", "val", "valid", "eval")
-FEWSHOT_MAX_SHARDS = 64  # how far few-shot evaluation reads into a streamed split for its K images a class
 
 
 @dataclass
@@ -107,19 +106,9 @@ def _rows(keys: list[list], labels: bool):
             yield {"image": {"bytes": s.image, "path": f"{url}:{s.key}"}, "label": s.label if s.label is not None else 0}
 
 
-def first_images(shards: ShardSet, shots: int) -> datasets.Dataset:
-    """Enough of a streamed split for K-shot evaluation: its shards read in order until every class has
-    `shots` images (at most FEWSHOT_MAX_SHARDS shards), as an image/label Dataset."""
-    rows: dict[str, list] = {"image": [], "label": []}
-    counts = np.zeros(max(1, shards.num_classes), dtype=np.int64)
-    for url in shards.urls[:FEWSHOT_MAX_SHARDS]:
+def labelled_cells(shards: ShardSet) -> Iterator[tuple[dict, int]]:
+    """(encoded image cell, label) of the split's usable labelled samples, shard after shard in index order."""
+    for url in shards.urls:
         for s in read_samples(url):
-            if s.problem or s.label is None or not 0 <= s.label < len(counts):
-                continue
-            rows["image"].append({"bytes": s.image, "path": f"{url}:{s.key}"})
-            rows["label"].append(s.label)
-            counts[s.label] += 1
-        if counts.min() >= shots:
-            break
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
-    return datasets.Dataset.from_dict(rows, features=features)
+            if not s.problem and s.label is not None:
+                yield {"bytes": s.image, "path": f"{url}:{s.key}"}, s.label

@@ -33,8 +33,7 @@ from typing import Any
 
 import torch
 
-from vitcli.data.batches import FIX
-from vitcli.data.sample_stream import BufferedStream, Waiting
+from vitcli.data.sample_stream import BufferedStream, Unusable, Waiting
 from vitcli.data.tarshards import ShardError, open_shard, read_samples
 from vitcli.rng import derive_seed
 
@@ -58,8 +57,8 @@ class ShardStream(BufferedStream):
     def _where(self, w: Waiting) -> str:
         return f"{self.urls[w.source]}:{w.sample.key}"
 
-    def _read(self, reader: int, state: dict) -> Iterator[tuple[Any, list[str]]]:
-        """Endless (Waiting sample, problems) from this reader's shards, epoch after epoch; state advances."""
+    def _read(self, reader: int, state: dict) -> Iterator[Waiting | Unusable]:
+        """Endless samples from this reader's shards, epoch after epoch; the state advances in place."""
         while True:
             mine = shard_order(len(self.urls), self.seed, state["epoch"])[reader::self.readers]
             while state["shard"] < len(mine):
@@ -69,19 +68,10 @@ class ShardStream(BufferedStream):
                     for sample in read_samples(url, state["offset"]):
                         place = state["place"]
                         state["offset"], state["place"] = sample.end, place + 1
-                        if sample.problem or (sample.label is None and self.labels):
-                            problem = f"Sample {sample.key} of shard {url} cannot be used: {sample.problem or 'it has no label (.cls or .json)'}."
-                            if self.bad_images == "error":
-                                yield problem + FIX, []
-                                return
-                            yield None, [problem]
-                            continue
-                        yield Waiting(state["epoch"], shard, sample.offset, place, sample), []
+                        yield self._checked(sample, Waiting(state["epoch"], shard, sample.offset, place, sample),
+                                            f"{sample.key} of shard {url}")
                 except ShardError as e:
-                    if self.bad_images == "error":
-                        yield f"{e}{FIX}", []
-                        return
-                    yield None, [f"{e} (the rest of the shard is skipped)"]
+                    yield Unusable(str(e), " (the rest of the shard is skipped)")
                 state["shard"], state["offset"], state["place"] = state["shard"] + 1, 0, 0
             state["epoch"], state["shard"] = state["epoch"] + 1, 0
 

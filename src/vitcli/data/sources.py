@@ -147,7 +147,7 @@ def _stream(cfg: SourceSpec, labels: bool, say) -> HubSet:
         return streamed(load_split(cfg.dataset, cfg.train_split, role="train", data_dir=cfg.data_dir, labels=labels, say=say))
     split = cfg.train_split or spec.train_split
     ds = stream_hub_split(spec, split)
-    (image_col, label_col), names = _detect_columns(ds.features, spec, spec.name, required=labels), []
+    image_col, label_col = _detect_columns(ds.features, spec, spec.name, required=labels)
     ds = ds.select_columns([c for c in (image_col, label_col) if c]).rename_columns(
         {c: n for c, n in ((image_col, "image"), (label_col, "label")) if c and c != n})
     feature = ds.features.get("label") if label_col else None

@@ -19,8 +19,7 @@ from vitcli.data.batches import BadImages, Batch
 from vitcli.data.hub_stream import HubSet, HubStream
 from vitcli.data.loader import Delivery
 from vitcli.data.sample_stream import BufferedStream
-from vitcli.data.shard_sets import ShardSet
-from vitcli.data.shard_sets import first_images as first_shard_images
+from vitcli.data.shard_sets import ShardSet, labelled_cells
 from vitcli.data.shard_stream import ShardStream
 from vitcli.data.tensor_transforms import TensorTransform
 from vitcli.errors import VitError
@@ -30,6 +29,7 @@ from vitcli.rng import derive_seed
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 Streamed = Union[ShardSet, HubSet]
+FEWSHOT_READ = 64  # few-shot evaluation reads at most this x K x classes samples of a stream for its K a class
 
 
 def is_streamed(train: Any) -> bool:
@@ -72,18 +72,19 @@ class StreamLoader(Delivery):
 
 def first_images(train: Streamed, shots: int) -> datasets.Dataset:
     """Enough of a streamed training split for K-shot evaluation: read from its start until every class
-    has `shots` images (tar shards: at most FEWSHOT_MAX_SHARDS shards; Hub: at most 64 x shots x classes)."""
+    has `shots` images, or FEWSHOT_READ x shots x classes samples were read."""
     if isinstance(train, ShardSet):
-        return first_shard_images(train, shots)
+        cells = labelled_cells(train)
+    else:
+        cells = ((e["image"], int(e["label"])) for e in train.dataset if e.get("image") and e.get("label") is not None)
     rows: dict[str, list] = {"image": [], "label": []}
     counts = np.zeros(max(1, train.num_classes), dtype=np.int64)
-    for i, example in enumerate(train.dataset):
-        label = example.get("label")
-        if label is not None and 0 <= label < len(counts) and example.get("image"):
-            rows["image"].append(example["image"])
-            rows["label"].append(int(label))
+    for i, (cell, label) in enumerate(cells):
+        if 0 <= label < len(counts):
+            rows["image"].append(cell)
+            rows["label"].append(label)
             counts[label] += 1
-        if counts.min() >= shots or i >= 64 * shots * len(counts):
+        if counts.min() >= shots or i + 1 >= FEWSHOT_READ * shots * len(counts):
             break
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
     return datasets.Dataset.from_dict(rows, features=features)
