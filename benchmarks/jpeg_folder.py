@@ -8,6 +8,10 @@ ImageNet-1k training images average about 400x350 pixels and 110 KB; these are s
 (longer side 500, the other 333-500, a few portrait ones), quality 90, with photo-like content: a
 smooth random field plus fine grain, so the entropy decoder has real work. 10 classes, no splits
 (vitcli holds out a stratified 10% for evaluation).
+
+`--long-side 1600` writes larger photos (the other side 2/3 to 1 of it), as cameras and web crawls
+give before anyone resizes them: the case where reduced-size decoding (data.reduced_decode) applies.
+The grain stays per pixel, so these are as hard for the entropy decoder per pixel as the small ones.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--long-side", type=int, default=500, help="pixels on the longer side (default 500: ImageNet-like)")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     total = 0
     for i in range(args.images):
-        short = int(rng.integers(333, 501))
-        width, height = (500, short) if rng.random() < 0.8 else (short, 500)
+        long = args.long_side
+        short = int(rng.integers(round(long * 2 / 3), long + 1))
+        width, height = (long, short) if rng.random() < 0.8 else (short, long)
         folder = args.out / f"class{i % 10}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{i:06d}.jpg"

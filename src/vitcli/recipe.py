@@ -115,6 +115,10 @@ class DataCfg:
     # crops by torchvision, normalised on the training device; on CUDA the workers send JPEG bytes
     # and the GPU decodes them (nvJPEG). auto: tensor unless RandAugment or random erasing is on.
     pipeline: Literal["auto", "pil", "tensor"] = "auto"
+    # tensor pipeline, host decode: a JPEG whose crop (or eval resize) spans at least 2x, 4x or 8x the
+    # output on both sides is decoded at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling), cropped and
+    # resized from there; false: always decode at full size
+    reduced_decode: bool = True
 
 
 @dataclass

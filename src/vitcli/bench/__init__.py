@@ -36,6 +36,7 @@ def run_bench(
     num_workers: int = 2,
     data_dir: str | None = None,
     pipeline: str = "auto",
+    reduced_decode: bool = True,
     peak_tflops: float | None = None,
     objective: str = "supervised",
     say: Callable[[str], Any] = lambda message: None,
@@ -64,7 +65,7 @@ def run_bench(
             batch = batch_size or defaults(pick_device(device), compile)["batch_size"]
         data_result = bench_data(data, img_size=size, batch_size=batch, num_workers=num_workers, steps=steps or 20,
                                  warmup=2 if warmup is None else warmup, device=device, data_dir=data_dir,
-                                 pipeline=pipeline, say=say)
+                                 pipeline=pipeline, reduced_decode=reduced_decode, say=say)
     result: dict[str, Any] = {}
     if model is not None:
         result = bench_model(model, mode=mode, batch_size=batch_size, img_size=img_size, dtype=dtype, compile=compile,

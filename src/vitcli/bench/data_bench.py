@@ -40,6 +40,7 @@ def bench_data(
     device: str = "auto",
     data_dir: str | None = None,
     pipeline: str = "auto",
+    reduced_decode: bool = True,
     say: Callable[[str], Any] = lambda message: None,
 ) -> dict[str, Any]:
     """Time `steps` batches after `warmup` (worker start-up included there); a JSON-ready dict."""
@@ -48,7 +49,7 @@ def bench_data(
     dev = pick_device(device)
     if pipeline not in ("auto", "pil", "tensor"):
         raise VitError(f"--pipeline {pipeline!r}: choose auto, pil or tensor.")
-    cfg = vdata.TransformSpec(pipeline=pipeline)  # the recipe defaults' training transforms
+    cfg = vdata.TransformSpec(pipeline=pipeline, reduced_decode=reduced_decode)  # the recipe defaults' training transforms
     say(f"loading the training split of {dataset}")
     image_set = vdata.build(vdata.SourceSpec(dataset=dataset, data_dir=data_dir), "train", img_size=img_size, say=say)
     if batch_size > len(image_set) and len(image_set):
@@ -98,6 +99,7 @@ def bench_data(
         "first_batch_seconds": round(first, 3),
         "pipeline": "tensor" if cfg.tensor_pipeline else "pil",
         "decode_on_device": on_device,
+        "reduced_decode": cfg.tensor_pipeline and reduced_decode and not on_device,
         "streamed": vdata.is_streamed(image_set),
         "transforms": repr(transform),
     }

@@ -85,7 +85,8 @@ def print_data(result: dict[str, Any], console: Console) -> None:
         f"{d['num_workers']} workers, {d['device']}: {d['images_per_second']:,.1f} images/s "
         f"(median batch {d['batch_ms_median']:.1f} ms, spread {d['batch_ms_iqr']:.1f} ms; first batch {d['first_batch_seconds']:.2f} s)",
         highlight=False)
-    where = " (JPEGs decoded on the device)" if d.get("decode_on_device") else ""
+    where = (" (JPEGs decoded on the device)" if d.get("decode_on_device")
+             else " (JPEGs decoded at reduced size where the crop allows)" if d.get("reduced_decode") else "")
     console.print(f"{d['pipeline']} pipeline{where}: {d['transforms']}", style="dim", highlight=False)
 
 

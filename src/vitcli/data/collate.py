@@ -11,8 +11,8 @@ import datasets
 import torch
 
 from vitcli.data.batches import FIX, BadImages, Batch, Deferred, unreadable
-from vitcli.data.decode import as_byte_tensor, decode_host, encoded_bytes, jpeg_size
-from vitcli.data.tensor_transforms import TensorTransform
+from vitcli.data.decode import as_byte_tensor, decode_host, decode_reduced, encoded_bytes, jpeg_size, scalable_jpeg_size
+from vitcli.data.tensor_transforms import CropPlan, TensorTransform
 from vitcli.rng import preserved_rng, seed_all
 
 
@@ -29,7 +29,8 @@ def build_batch(items: list[tuple[tuple[int, ...], int, dict, int]], transform: 
         for key, index, cell, label in items:
             seed_all(seed, *key)
             try:
-                image = _read(cell, transform, decode_on_device, decoder)
+                # PIL pipeline: datasets decodes (bytes or path; calls img.load()); tensor: see _prepare
+                image = _prepare(cell, transform, decode_on_device) if tensors else decoder.decode_example(cell)
             except Exception as e:  # noqa: BLE001 -- any decoder failure means an unreadable image
                 problem = unreadable(name, split, index, cell.get("path"), e)
                 if bad_images == "error":
@@ -38,12 +39,11 @@ def build_batch(items: list[tuple[tuple[int, ...], int, dict, int]], transform: 
                 continue
             if not tensors:
                 images.append(transform(image))
-            elif isinstance(image, tuple):  # a JPEG for the device: plan now, decode there
-                data, size = image
-                deferred.append(Deferred(len(labels), index, cell.get("path"), as_byte_tensor(data), transform.plan(*size)))
+            elif isinstance(image[0], bytes):  # a JPEG for the device: planned now, decoded there
+                data, plan = image
+                deferred.append(Deferred(len(labels), index, cell.get("path"), as_byte_tensor(data), plan))
             else:
-                plan = transform.plan(image.shape[-1], image.shape[-2])
-                images.append(transform.apply(image, plan))
+                images.append(transform.apply(*image))
             labels.append(label)
     if not labels:
         return Batch(None, None, skipped, None)
@@ -51,10 +51,22 @@ def build_batch(items: list[tuple[tuple[int, ...], int, dict, int]], transform: 
     return Batch(stacked, torch.tensor(labels, dtype=torch.int64), skipped, None, tuple(deferred))
 
 
-def _read(cell: dict, transform: Callable, decode_on_device: bool, decoder: datasets.Image):
-    """PIL image (PIL pipeline), uint8 tensor (tensor pipeline), or (JPEG bytes, (w, h)) to defer."""
-    if not isinstance(transform, TensorTransform):
-        return decoder.decode_example(cell)  # bytes or path; calls img.load()
+def _prepare(cell: dict, transform: TensorTransform, decode_on_device: bool
+             ) -> tuple[torch.Tensor | bytes, Optional[CropPlan]]:
+    """The tensor pipeline's (image, plan): JPEG bytes to decode on the device, or a host-decoded uint8
+    image, at reduced size when the plan allows (the plan then scaled to it).
+
+    The plan is drawn from the full size in every case, so an image gets the same crop and flip
+    whichever way it is decoded."""
     data = encoded_bytes(cell)
     size = jpeg_size(data, transform.mode) if decode_on_device else None
-    return (data, size) if size else decode_host(data, transform.mode)
+    if size:
+        return data, transform.plan(*size)
+    size = scalable_jpeg_size(data) if transform.reduced_decode else None
+    if size:
+        plan = transform.plan(*size)
+        factor = transform.reduction(*size, plan)
+        image = decode_reduced(data, transform.mode, factor)
+        return image, (plan.reduced(factor, image.shape[-2], image.shape[-1]) if plan else None)
+    image = decode_host(data, transform.mode)
+    return image, transform.plan(image.shape[-1], image.shape[-2])

@@ -5,6 +5,8 @@ Host: TorchCodec (libjpeg-turbo, libpng, libwebp, ...); PIL for the formats it d
 TIFF, ...) and for JPEGs whose EXIF orientation rotates them (HF datasets' PIL decoding applies it,
 TorchCodec does not). GPU: nvJPEG through TorchCodec's batched decode_jpeg; only baseline JPEGs in
 the model's colour mode with no EXIF rotation are sent there (`jpeg_size`), the rest decode on the host.
+Reduced size: simplejpeg (libjpeg-turbo's DCT scaling) decodes a JPEG at 1/2, 1/4 or 1/8 of its size
+when the caller knows the pixels would be thrown away by the resize anyway (`decode_reduced`).
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import io
 from typing import Optional
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image, ImageOps
 from torchcodec.decoders import decode_image, decode_jpeg
 
 _READ_MODE = {"RGB": "RGB", "L": "GRAY"}
+_SCALED_MODE = {"RGB": "RGB", "L": "GRAY"}  # simplejpeg's colour space names
+_SCALABLE_COLOURS = ("YCbCr", "Gray")  # what libjpeg converts to RGB or grey itself (not CMYK / YCCK)
+REDUCTIONS = (8, 4, 2)  # libjpeg-turbo's fast scaled IDCTs (1/8, 1/4, 1/2); the M/8 others are slower than full size
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -39,7 +45,7 @@ def _is_jpeg(data: bytes) -> bool:
 
 def _rotated_by_exif(data: bytes) -> bool:
     """True when a JPEG carries an EXIF orientation other than 'upright' (header read only)."""
-    if b"Exif\x00\x00" not in data[:65536]:  # no EXIF block at all: the common case, no parsing
+    if data.find(b"Exif\x00\x00", 0, 65536) < 0:  # no EXIF block at all: the common case, no parsing
         return False
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -102,3 +108,32 @@ def decode_on_device(datas: list[torch.Tensor], mode: str, device: torch.device)
         except Exception as e:  # noqa: BLE001 -- reported per image by the loader
             out.append(e)
     return out
+
+
+def scalable_jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
+    """(width, height) of a JPEG `decode_reduced` takes (YCbCr or grey, not EXIF-rotated), else None.
+
+    Reads the header only (a few microseconds); anything unreadable is left to the full decoder to report.
+    """
+    if not _is_jpeg(data) or _rotated_by_exif(data):
+        return None
+    try:
+        height, width, colours, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (width, height) if colours in _SCALABLE_COLOURS else None
+
+
+def decode_reduced(data: bytes, mode: str, factor: int) -> torch.Tensor:
+    """A JPEG decoded at 1/`factor` of its size (ceil(w / factor) x ceil(h / factor)), uint8 (C, H, W).
+
+    libjpeg's scaled IDCT computes the smaller image from each 8x8 block's low frequencies, skipping
+    the full-size IDCT, upsampling and colour conversion (the entropy decoding remains). factor 1 is
+    the ordinary host decode.
+    """
+    if factor == 1:
+        return decode_host(data, mode)
+    height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    array = simplejpeg.decode_jpeg(data, colorspace=_SCALED_MODE[mode],
+                                   min_height=-(-height // factor), min_width=-(-width // factor))
+    return torch.from_numpy(array).permute(2, 0, 1)

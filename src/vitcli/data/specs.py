@@ -59,6 +59,7 @@ class TransformSpec(_FromFields):
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     pipeline: Literal["auto", "pil", "tensor"] = "auto"
+    reduced_decode: bool = True  # tensor pipeline: JPEGs at 1/2-1/8 size when the crop keeps the output's pixels
 
     @property
     def tensor_pipeline(self) -> bool:

@@ -6,7 +6,9 @@ the draws timm's PIL transforms make (python `random` for the box via timm's own
 flip in both pipelines. `apply(image, plan)` crops, resizes (antialiased, torchvision.transforms.v2)
 and flips a uint8 (C, H, W) tensor on whatever device it is on; `normalize(batch)` turns a uint8 batch
 into the model's float input on its device. Planning needs only the image size, so a worker can plan
-from a JPEG header and leave decoding and resizing to the GPU.
+from a JPEG header and leave decoding and resizing to the GPU, or pick how small a host decode may
+be (`reduction`): a crop of at least twice the output size on both sides loses nothing by being
+decoded at half size, since the resize would average those pixels away.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from timm.data import create_transform
-from timm.data.transforms import RandomResizedCropAndInterpolation
+from timm.data.transforms import RandomResizedCropAndInterpolation, ResizeKeepRatio
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from vitcli.data.decode import REDUCTIONS
 from vitcli.data.specs import TransformSpec
 
 
@@ -34,6 +37,15 @@ class CropPlan(NamedTuple):
     height: int
     width: int
     flip: bool
+
+    def reduced(self, factor: int, image_height: int, image_width: int) -> CropPlan:
+        """The same box on the image decoded at 1/factor (image_height x image_width), in whole pixels."""
+        if factor == 1:
+            return self
+        top, left = min(round(self.top / factor), image_height - 1), min(round(self.left / factor), image_width - 1)
+        height = max(1, min(round(self.height / factor), image_height - top))
+        width = max(1, min(round(self.width / factor), image_width - left))
+        return CropPlan(top, left, height, width, self.flip)
 
 
 class TensorTransform:
@@ -51,6 +63,7 @@ class TensorTransform:
         # Tensor "nearest" samples half a pixel off PIL's NEAREST; "nearest-exact" is PIL's rule.
         self.interpolation = _TENSOR_MODE.get(cfg.interpolation, InterpolationMode(cfg.interpolation))
         self.scale, self.ratio, self.hflip = tuple(cfg.crop_scale), tuple(cfg.crop_ratio), cfg.hflip
+        self.reduced_decode = cfg.reduced_decode
         # Per channel, in 0..255 units: (x - 255 mean) / (255 std) == Normalize(ToTensor(x)).
         self.mean = torch.tensor(cfg.mean, dtype=torch.float32).mul(255).view(-1, 1, 1)
         self.std = torch.tensor(cfg.std, dtype=torch.float32).mul(255).view(-1, 1, 1)
@@ -62,6 +75,10 @@ class TensorTransform:
         for op in self.eval_ops:
             if getattr(op, "interpolation", None) == InterpolationMode.NEAREST:
                 op.interpolation = InterpolationMode.NEAREST_EXACT
+        # The eval resize scales the image by max(size) / short side at most (Resize(S): short side to
+        # S; ResizeKeepRatio: to cover the box), so a short side of f x max(size) allows 1/f decoding.
+        resize_size = self.eval_ops[0].size
+        self.eval_resize = max(resize_size) if isinstance(resize_size, (list, tuple)) else int(resize_size)
 
     def plan(self, width: int, height: int) -> Optional[CropPlan]:
         """The image's random parameters (from the global RNGs); None for evaluation (no randomness)."""
@@ -72,10 +89,25 @@ class TensorTransform:
         flip = self.hflip > 0 and bool(torch.rand(1) < self.hflip)  # torchvision's RandomHorizontalFlip draw
         return CropPlan(top, left, h, w, flip)
 
+    def reduction(self, width: int, height: int, plan: Optional[CropPlan]) -> int:
+        """By how much (8, 4, 2 or 1) a width x height image may be decoded smaller for this plan:
+        the largest factor that leaves the resize at least the output's pixels on both sides."""
+        if not self.reduced_decode:
+            return 1
+        if plan is None:
+            fits = lambda f: min(width, height) // f >= self.eval_resize  # noqa: E731
+        else:
+            fits = lambda f: plan.height // f >= self.size[0] and plan.width // f >= self.size[1]  # noqa: E731
+        return next((f for f in REDUCTIONS if fits(f)), 1)
+
     def apply(self, image: torch.Tensor, plan: Optional[CropPlan]) -> torch.Tensor:
         """uint8 (C, H, W) -> uint8 (C, *img_size), on image's device."""
         if plan is None:
-            for op in self.eval_ops:
+            resize, *rest = self.eval_ops
+            # timm's geometry, torchvision v2's kernel: v1 resizes uint8 through float, 6-8x slower
+            size = resize.get_params(image, resize.size, resize.longest) if isinstance(resize, ResizeKeepRatio) else resize.size
+            image = TF.resize(image, size, interpolation=resize.interpolation, antialias=True)
+            for op in rest:
                 image = op(image)
             return image
         out = TF.resized_crop(image, plan.top, plan.left, plan.height, plan.width, self.size,
