@@ -109,6 +109,17 @@ def test_a_sample_read_from_its_saved_offset_is_the_same_sample(digit_shards):
     assert [s.key for s in read_samples(url, samples[98].end)] == [samples[99].key]
 
 
+def test_a_reader_left_open_at_exit_prints_nothing(digit_shards):
+    # A script that stops reading mid-shard: Python closes the generator while shutting down.
+    import subprocess
+    import sys
+
+    script = (f"from vitcli.data.tarshards import read_samples\n"
+              f"samples = read_samples({str(digit_shards / 'train-000003.tar')!r})\nnext(samples)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
 @pytest.mark.parametrize("cut", [700, 1800, 2048 * 3 + 600], ids=["mid-data", "mid-header", "later"])
 def test_a_truncated_shard_is_an_error_naming_it(tmp_path, digit_shards, cut):
     broken = tmp_path / "broken.tar"

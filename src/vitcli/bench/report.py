@@ -86,7 +86,7 @@ def print_data(result: dict[str, Any], console: Console) -> None:
         f"(median batch {d['batch_ms_median']:.1f} ms, spread {d['batch_ms_iqr']:.1f} ms; first batch {d['first_batch_seconds']:.2f} s)",
         highlight=False)
     where = (" (JPEGs decoded on the device)" if d.get("decode_on_device")
-             else " (JPEGs decoded at reduced size where the crop allows)" if d.get("reduced_decode") else "")
+             else " (large JPEGs decoded at reduced size where the crop allows)" if d.get("reduced_decode") else "")
     console.print(f"{d['pipeline']} pipeline{where}: {d['transforms']}", style="dim", highlight=False)
 
 

@@ -104,22 +104,30 @@ def read_samples(url: str, start: int = 0, *, limit: Optional[int] = None, file=
         except tarfile.ReadError as e:
             raise ShardError(url, f"is not a tar file, or is cut short at byte {start} ({e}).") from e
         key, offset, members, count = None, 0, {}, 0
-        try:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                k, ext = split_name(info.name)
-                if k != key:
-                    if key is not None:
-                        yield _finish(key, offset, members, info.offset)
-                        count += 1
-                        if limit is not None and count >= limit:
-                            return
-                    key, offset, members = k, info.offset, {}
-                f.seek(info.offset_data)  # the member's bytes, read directly (tarfile's file object costs more)
-                members[ext] = f.read(info.size)
-        except (tarfile.ReadError, EOFError, OSError) as e:
-            raise ShardError(url, f"is cut short or damaged after byte {offset} ({e}).") from e
+        # No yield inside the try: a generator closed at interpreter exit would evaluate the except
+        # clause after the tarfile module is gone, and print an ignored TypeError.
+        members_of = iter(tar)
+        while True:
+            try:
+                info = next(members_of, None)
+                if info is not None and info.isfile():
+                    f.seek(info.offset_data)  # the member's bytes, read directly (tarfile's file object costs more)
+                    data = f.read(info.size)
+            except (tarfile.ReadError, EOFError, OSError) as e:
+                raise ShardError(url, f"is cut short or damaged after byte {offset} ({e}).") from e
+            if info is None:
+                break
+            if not info.isfile():
+                continue
+            k, ext = split_name(info.name)
+            if k != key:
+                if key is not None:
+                    yield _finish(key, offset, members, info.offset)
+                    count += 1
+                    if limit is not None and count >= limit:
+                        return
+                key, offset, members = k, info.offset, {}
+            members[ext] = data
         _check_end(url, f, tar.offset)
         if key is not None:
             yield _finish(key, offset, members, tar.offset)
