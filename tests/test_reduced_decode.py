@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 import random
 
 import numpy as np
@@ -11,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from test_predict_export import by_hand, trained  # noqa: F401 -- trained: a module fixture used below
+from test_pretrain import run_cli
 from test_tensor_pipeline import coordinate_image, encode, image_set, rotated_jpeg
 from vitcli.data import build_transform, make_loader, make_stream_loader, TransformSpec
 from vitcli.data import collate
@@ -147,3 +150,27 @@ def test_an_exif_rotated_jpeg_is_decoded_whole_and_rotated(factors):
         tf = build_transform(TransformSpec(reduced_decode=reduced), (24, 32), train=True)
         out[reduced] = next(iter(make_loader(image_set(cells, "rotated"), tf, 2, shuffle=False, drop_last=False)))[0]
     assert factors == [] and torch.equal(out[False], out[True])
+
+
+def test_eval_and_predict_decode_reduced_by_default_and_whole_with_full_decode(tmp_path, trained, factors, capsys):
+    # `trained` is an 8x8 model (crop_pct 1.0: the short side resized to 8): 120+ px sides allow 1/8.
+    folder = tmp_path / "large"
+    for i in range(10):  # one image per class of the checkpoint's 10
+        w, h = ((160, 120), (120, 200), (240, 128))[i % 3]
+        (folder / str(i)).mkdir(parents=True)
+        (folder / str(i) / f"{i}.jpg").write_bytes(encode(coordinate_image(w, h), "JPEG", quality=95))
+    files = sorted(folder.rglob("*.jpg"))
+    probabilities = {}
+    for flag in ("--reduced-decode", "--full-decode"):
+        factors.clear()
+        assert run_cli("predict", "--ckpt", str(trained), str(folder), "--json", "--topk", "10", flag) == 0
+        rows = json.loads(capsys.readouterr().out)
+        probabilities[flag] = torch.tensor([[t["probability"] for t in sorted(r["top"], key=lambda t: t["index"])] for r in rows])
+        assert factors == ([8] * 10 if flag == "--reduced-decode" else [])
+        factors.clear()
+        assert run_cli("eval", "--ckpt", str(trained), "--dataset", str(folder), "--num-workers", "0", "--json", flag) == 0
+        assert json.loads(capsys.readouterr().out)["num_images"] == 10
+        assert factors == ([8] * 10 if flag == "--reduced-decode" else [])
+    whole = by_hand(trained / "checkpoints" / "best" / "model.safetensors", files).softmax(dim=1)
+    torch.testing.assert_close(probabilities["--full-decode"], whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(probabilities["--reduced-decode"], whole, atol=0.02, rtol=0)

@@ -188,6 +188,7 @@ def eval_cmd(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     num_workers: int = typer.Option(2, "--num-workers", min=0, help="Loader processes."),
     bad_images: str = typer.Option("error", "--bad-images", help="error: stop at an unreadable image, naming it | skip: drop it and count it."),
+    reduced_decode: bool = typer.Option(True, "--reduced-decode/--full-decode", help="Decode a large JPEG at 1/2-1/8 size when its short side is 2-8x the resize target, or every image whole (as timm's validate.py)."),
 ) -> None:
     """Evaluate a checkpoint: top-1/top-5, loss, calibration, per-class accuracy, few-shot."""
     from vitcli.engine.evalrun import print_eval, run_eval
@@ -204,7 +205,7 @@ def eval_cmd(
     say = lambda message: shown.print(message, markup=False, highlight=False)  # noqa: E731
     result = run_eval(ckpt, dataset, split=split, res=_parse_res(res), batch_size=batch_size, data_dir=data_dir, device=device,
                       fewshot=shots, predictions=predictions, confusion=confusion, num_workers=num_workers,
-                      bad_images=bad_images, say=say)
+                      bad_images=bad_images, reduced_decode=reduced_decode, say=say)
     if as_json:
         print(json.dumps(result))
     else:
@@ -221,6 +222,7 @@ def predict_cmd(
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     num_workers: int = typer.Option(0, "--num-workers", min=0, help="Loader processes."),
+    reduced_decode: bool = typer.Option(True, "--reduced-decode/--full-decode", help="Decode a large JPEG at 1/2-1/8 size when its short side is 2-8x the resize target, or every image whole."),
 ) -> None:
     """Classify images: each image's top-k classes and probabilities (exit code 4 if some could not be read)."""
     from vitcli.predict import PARTIAL_EXIT_CODE, Predictions, predict
@@ -231,7 +233,7 @@ def predict_cmd(
     say = lambda message: err_console.print(message, markup=False, highlight=False)  # noqa: E731
     with progress_bar(err_console) as progress, JsonArray(sys.stdout, as_json) as json_rows, CsvRows(csv_path, topk) as csv_rows:
         for row in predict(ckpt, inputs, topk=topk, batch_size=batch_size, device=device, num_workers=num_workers,
-                           info=info, progress=progress, say=say):
+                           reduced_decode=reduced_decode, info=info, progress=progress, say=say):
             json_rows.add(row)
             csv_rows.add(row)
             if not as_json:

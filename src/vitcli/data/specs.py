@@ -69,7 +69,7 @@ class TransformSpec(_FromFields):
         return self.pipeline == "tensor"
 
     @classmethod
-    def from_checkpoint(cls, meta: dict[str, Any], in_chans: int = 3) -> TransformSpec:
+    def from_checkpoint(cls, meta: dict[str, Any], in_chans: int = 3, reduced_decode: bool = True) -> TransformSpec:
         """The eval settings a checkpoint was trained with (defaults: mean = std = 0.5, bicubic, crop_pct 0.875)."""
         interpolation = meta.get("interpolation")
         crop_pct = meta.get("crop_pct")
@@ -78,6 +78,7 @@ class TransformSpec(_FromFields):
             std=tuple(float(s) for s in meta.get("std") or [0.5] * in_chans),
             interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic",
             crop_pct=float(crop_pct) if crop_pct else 0.875,
+            reduced_decode=reduced_decode,
         )
 
 

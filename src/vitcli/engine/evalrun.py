@@ -52,6 +52,7 @@ def run_eval(
     fewshot_seeds: int = 1,
     fewshot_l2: float = fs.DEFAULT_L2,
     bad_images: str = "error",
+    reduced_decode: bool = True,
     progress: Callable[[int, int], None] | None = None,
     say: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
@@ -76,6 +77,8 @@ def run_eval(
         fewshot_seeds: average few-shot accuracy over this many choices of the K images (big_vision: 3).
         fewshot_l2: ridge strength of the few-shot regression.
         bad_images: "error" (stop, naming the unreadable image) or "skip" (drop it; counted).
+        reduced_decode: decode a JPEG at 1/2-1/8 size when its short side is 2-8x the resize target
+            (False: every image at full size, as timm's validate.py).
         progress: called as progress(images_done, images_total) after every batch.
         say: where one-line notes go (which checkpoint was taken, what was adapted).
 
@@ -108,7 +111,8 @@ def run_eval(
     head_fits = _head_fits(model, eval_set, ck, shots, bool(predictions or confusion), say)
     _warn_class_names(ck.meta.get("class_names"), eval_set, say)
 
-    tf = vdata.build_transform(vdata.TransformSpec.from_checkpoint(ck.meta, input_channels(model)), img_size, train=False)
+    spec = vdata.TransformSpec.from_checkpoint(ck.meta, input_channels(model), reduced_decode=reduced_decode)
+    tf = vdata.build_transform(spec, img_size, train=False)
     loader = _loader(eval_set, tf, batch_size, num_workers, seed, dev, bad_images)
     model.to(dev)
     log = PredictionLog() if (predictions or confusion) else None

@@ -63,7 +63,7 @@ def find_images(inputs: list[str]) -> list[Path]:
 
 
 def predict(ckpt: str | Path | None, inputs: list[str], *, topk: int = 5, batch_size: int = 64, device: str = "auto",
-            num_workers: int = 0, runs_root: Path = Path("runs"), info: Predictions | None = None,
+            num_workers: int = 0, reduced_decode: bool = True, runs_root: Path = Path("runs"), info: Predictions | None = None,
             progress: Callable[[int, int], Any] | None = None, say: Callable[[str], Any] = print) -> Iterator[Prediction]:
     """Yield one Prediction per readable image, batch by batch; `info` (when given) is filled in as it goes."""
     if topk < 1:
@@ -86,7 +86,8 @@ def predict(ckpt: str | Path | None, inputs: list[str], *, topk: int = 5, batch_
     files = datasets.Dataset.from_dict({"image": [str(p) for p in paths], "label": list(range(len(paths)))})
     files = files.cast_column("image", datasets.Image())
     image_set = vdata.ImageSet(files, len(paths), [p.name for p in paths], "images", "predict")
-    tf = vdata.build_transform(vdata.TransformSpec.from_checkpoint(ck.meta, input_channels(model)), size, train=False)
+    spec = vdata.TransformSpec.from_checkpoint(ck.meta, input_channels(model), reduced_decode=reduced_decode)
+    tf = vdata.build_transform(spec, size, train=False)
     loader = vdata.make_loader(image_set, tf, batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
                                bad_images="skip", pin_memory=dev.type == "cuda", device=dev)
     model.to(dev).eval()
