@@ -94,11 +94,11 @@ class TensorTransform:
         the largest factor that leaves the resize at least the output's pixels on both sides."""
         if not self.reduced_decode:
             return 1
-        if plan is None:
-            fits = lambda f: min(width, height) // f >= self.eval_resize  # noqa: E731
+        if plan is None:  # (pixels the image has, pixels the resize needs) per side
+            sides = [(min(width, height), self.eval_resize)]
         else:
-            fits = lambda f: plan.height // f >= self.size[0] and plan.width // f >= self.size[1]  # noqa: E731
-        return next((f for f in REDUCTIONS if fits(f)), 1)
+            sides = [(plan.height, self.size[0]), (plan.width, self.size[1])]
+        return next((f for f in REDUCTIONS if all(have // f >= need for have, need in sides)), 1)
 
     def apply(self, image: torch.Tensor, plan: Optional[CropPlan]) -> torch.Tensor:
         """uint8 (C, H, W) -> uint8 (C, *img_size), on image's device."""
