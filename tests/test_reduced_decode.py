@@ -132,7 +132,7 @@ def test_tar_shards_stream_reduced_decodes_too(tmp_path, factors):
     for i, data in enumerate(large_jpegs()):
         writer.add(f"{i:04d}", data, "jpg", i % 2)
     writer.close()
-    shards = ShardSet([str(tmp_path / "large-000.tar")], len(LARGE), 2, ["a", "b"], "large", "train")
+    shards = ShardSet(len(LARGE), 2, ["a", "b"], "large", "train", urls=[str(tmp_path / "large-000.tar")])
     out = {}
     for reduced in (False, True):
         tf = build_transform(TransformSpec(crop_scale=(0.2, 1.0), reduced_decode=reduced), (24, 32), train=True)

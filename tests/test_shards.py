@@ -154,7 +154,7 @@ def test_patterns_expand_brace_ranges_and_globs(tmp_path):
 def loader(urls, *, workers=0, world_size=1, rank=0, buffer=4, batch=5, epoch=0, bad="error"):
     transform = build_transform(TransformSpec(crop_scale=(0.5, 1.0), hflip=0.5, crop_pct=1.0, interpolation="bilinear",
                                               mean=(0.5,), std=(0.5,)), (8, 8), train=True)
-    shards = ShardSet(urls, None, 0, [], "numbered", "train")
+    shards = ShardSet(None, 0, [], "numbered", "train", urls=urls)
     return make_stream_loader(shards, transform, batch, num_workers=workers, seed=3, epoch=epoch, buffer=buffer,
                              rank=rank, world_size=world_size, bad_images=bad)
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import datasets
 from datasets.distributed import split_dataset_by_node
 
-from vitcli.data.sample_stream import BufferedStream, Unusable, Waiting
+from vitcli.data.sample_stream import BufferedStream, StreamedSet, Unusable, Waiting
 from vitcli.data.tarshards import Sample
 from vitcli.errors import VitError
 
@@ -34,18 +34,10 @@ LOCAL_SHARDS = 64  # a local set streamed is cut into this many shards (at most 
 
 
 @dataclass
-class HubSet:
+class HubSet(StreamedSet):
     """A training split streamed through `datasets` (columns image, with decode off, and label)."""
 
-    dataset: datasets.IterableDataset
-    num_samples: Optional[int]
-    num_classes: int
-    class_names: list[str]
-    name: str
-    split: str
-
-    def __len__(self) -> int:
-        return self.num_samples or 0
+    dataset: datasets.IterableDataset = field(kw_only=True)
 
 
 def streamed(image_set_or_hub: Any, *, num_samples: Optional[int] = None) -> HubSet:
@@ -56,8 +48,8 @@ def streamed(image_set_or_hub: Any, *, num_samples: Optional[int] = None) -> Hub
         ds = ds.to_iterable_dataset(num_shards=max(1, min(LOCAL_SHARDS, len(ds))))
         num_samples = len(image_set_or_hub.dataset)
     ds = ds.cast_column("image", datasets.Image(decode=False))
-    return HubSet(ds, num_samples, image_set_or_hub.num_classes, list(image_set_or_hub.class_names),
-                  image_set_or_hub.name, image_set_or_hub.split)
+    return HubSet(num_samples, image_set_or_hub.num_classes, list(image_set_or_hub.class_names),
+                  image_set_or_hub.name, image_set_or_hub.split, dataset=ds)
 
 
 @contextlib.contextmanager

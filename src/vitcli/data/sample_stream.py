@@ -26,6 +26,20 @@ from vitcli.rng import derive_seed
 
 
 @dataclass
+class StreamedSet:
+    """A training split read as a stream: what describes it, whatever the source (a subclass adds that)."""
+
+    num_samples: Optional[int]  # from the index or data.num_samples; None: unknown (train.steps sets the length)
+    num_classes: int
+    class_names: list[str]
+    name: str
+    split: str
+
+    def __len__(self) -> int:
+        return self.num_samples or 0
+
+
+@dataclass
 class Waiting:
     """A sample in the shuffle buffer, with what is needed to get it back after a resume."""
 

@@ -9,12 +9,13 @@ are small beside training ones (ImageNet's 50,000 validation images: 6.4 GB).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import datasets
 
 from vitcli.data.indexing import quiet_bars
+from vitcli.data.sample_stream import StreamedSet
 from vitcli.data.shard_index import ShardIndex, ShardSplit, load_index
 from vitcli.data.tarshards import ShardError, open_shard, read_samples
 from vitcli.errors import VitError
@@ -23,18 +24,10 @@ EVAL_SPLITS = ("test", "validation", "val", "valid", "eval")
 
 
 @dataclass
-class ShardSet:
+class ShardSet(StreamedSet):
     """A training split read as a stream of tar shards (see data.shard_stream)."""
 
-    urls: list[str]
-    num_samples: Optional[int]  # from the index or data.num_samples; None: unknown (train.steps sets the length)
-    num_classes: int
-    class_names: list[str]
-    name: str
-    split: str
-
-    def __len__(self) -> int:
-        return self.num_samples or 0
+    urls: list[str] = field(kw_only=True)
 
 
 def shard_split(index: ShardIndex, split: Optional[str], role: str) -> ShardSplit:
@@ -58,8 +51,8 @@ def stream_split(dataset: str, split: Optional[str], num_samples: Optional[int] 
     """The training split of the shards `dataset` names, to stream."""
     index = load_index(dataset)
     found = shard_split(index, split, "train")
-    return ShardSet([s.url for s in found.shards], found.num_samples or num_samples, len(index.classes),
-                    list(index.classes), index.location, found.name)
+    return ShardSet(found.num_samples or num_samples, len(index.classes), list(index.classes), index.location, found.name,
+                    urls=[s.url for s in found.shards])
 
 
 def check_shards(dataset: str, split: Optional[str]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import datasets
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 from vitcli.data.batches import BadImages, Batch
 from vitcli.data.hub_stream import HubSet, HubStream
 from vitcli.data.loader import Delivery
-from vitcli.data.sample_stream import BufferedStream
+from vitcli.data.sample_stream import BufferedStream, StreamedSet
 from vitcli.data.shard_sets import ShardSet, labelled_cells
 from vitcli.data.shard_stream import ShardStream
 from vitcli.data.tensor_transforms import TensorTransform
@@ -28,12 +28,11 @@ from vitcli.rng import derive_seed
 # torchdata 0.11 calls a torch API deprecated since (torch.set_vital) each time a loader starts
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
-Streamed = Union[ShardSet, HubSet]
 FEWSHOT_READ = 64  # few-shot evaluation reads at most this x K x classes samples of a stream for its K a class
 
 
 def is_streamed(train: Any) -> bool:
-    return isinstance(train, (ShardSet, HubSet))
+    return isinstance(train, StreamedSet)
 
 
 def _keep_batch(batch: Batch) -> Batch:
@@ -70,7 +69,7 @@ class StreamLoader(Delivery):
         return self._delivered(s.transform, s.bad_images, s.name, s.split)
 
 
-def first_images(train: Streamed, shots: int) -> datasets.Dataset:
+def first_images(train: StreamedSet, shots: int) -> datasets.Dataset:
     """Enough of a streamed training split for K-shot evaluation: read from its start until every class
     has `shots` images, or FEWSHOT_READ x shots x classes samples were read."""
     if isinstance(train, ShardSet):
@@ -90,7 +89,7 @@ def first_images(train: Streamed, shots: int) -> datasets.Dataset:
     return datasets.Dataset.from_dict(rows, features=features)
 
 
-def make_stream_loader(train: Streamed, transform: Callable, batch_size: int, *, num_workers: int = 0, seed: int = 0,
+def make_stream_loader(train: StreamedSet, transform: Callable, batch_size: int, *, num_workers: int = 0, seed: int = 0,
                        epoch: int = 0, buffer: int = 1000, rank: int = 0, world_size: int = 1,
                        bad_images: BadImages = "error", device: Optional[torch.device] = None,
                        decode_on_device: Optional[bool] = None, pin_memory: Optional[bool] = None) -> StreamLoader:
