@@ -37,7 +37,7 @@ def random_init(run: Path, seed: int, out: Path) -> Path:
     """The pretrained run's model shape, randomly initialised (seeded), with the run's checkpoint metadata."""
     from vitcli.io.checkpoint import read_weights
     from vitcli.models import create_model
-    from vitcli.models.load import save_state_dict
+    from vitcli.models.adapt import save_state_dict
 
     _, meta = read_weights(run / "checkpoints" / "best" / "model.safetensors")
     torch.manual_seed(seed)

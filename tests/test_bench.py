@@ -41,12 +41,13 @@ def _small_matmul_probe(monkeypatch):
 def closed_form(cfg, batch: int, train: bool) -> int:
     return vit_flops(batch=batch, img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                      embed_dim=cfg.embed_dim, depth=cfg.depth, mlp_dim=cfg.mlp_dim, num_classes=cfg.num_classes,
-                     class_token=cfg.class_token, train=train)
+                     prefix_tokens=cfg.num_prefix_tokens, train=train)
 
 
 @pytest.mark.parametrize("overrides", [
     {},                                                                   # vit_pico: 4x4 patches of 2, class token
     {"img_size": (8, 12), "global_pool": "avg", "class_token": False, "num_classes": 7, "mlp_ratio": 3.0},
+    {"reg_tokens": 4, "no_embed_class": True, "init_values": 1e-5},        # DINOv2 with registers: N = P + 5
 ])
 def test_flop_count_of_a_vit_equals_the_closed_form(overrides):
     cfg = resolve_config("vit_pico", **overrides)
@@ -70,12 +71,17 @@ def test_train_step_flops_match_between_vitcli_and_timm_and_the_closed_form():
     assert counts[0] == counts[1] == closed_form(cfg, 4, train=True)
 
 
-@pytest.mark.parametrize("name,res", [("vit_pico", None), ("vit_s16", (32, 48))])
-def test_timm_equivalent_has_our_parameters_and_computes_the_same(name, res):
+@pytest.mark.parametrize("name,res,timm_arch", [
+    ("vit_pico", None, "vit_base_patch16_224"), ("vit_s16", (32, 48), "vit_small_patch16_224"),
+    ("deit_ti16_distilled", (32, 32), "deit_tiny_distilled_patch16_224"),
+    ("vit_s14_dinov2_reg4", (28, 28), "vit_small_patch14_reg4_dinov2"),
+    ("vit_b16_siglip", (32, 32), "vit_base_patch16_siglip_224"),
+    ("vit_b32_clip_quickgelu", (64, 64), "vit_base_patch32_clip_quickgelu_224"),
+])
+def test_timm_equivalent_has_our_parameters_and_computes_the_same(name, res, timm_arch):
     cfg = resolve_config(name, **({"img_size": res} if res else {}))
     (_, _, ours), (_, timm_name, theirs) = build_models(cfg, compare="timm")
-    if name == "vit_s16":
-        assert timm_name == "vit_small_patch16_224"
+    assert timm_name == timm_arch
     ours.eval(), theirs.eval()
     x = torch.randn(2, cfg.in_chans, *cfg.img_size)
     with torch.no_grad():
@@ -159,7 +165,7 @@ def test_bench_compare_timm_reports_both_and_the_ratio(capsys):
 
     assert run_cli("bench", "ViT-Pico/2", "--compare", "timm", "--mode", "infer", "--json", *FAST) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["mode"] == "infer" and r["timm"]["name"].startswith("timm")
+    assert r["mode"] == "infer" and r["timm"]["name"] == "vit_base_patch16_224"
     assert r["vitcli"]["params"] == r["timm"]["params"]
     assert r["vitcli"]["flops_per_step"] == r["timm"]["flops_per_step"] == closed_form(resolve_config("vit_pico"), 4, train=False)
     assert r["ratio"] == pytest.approx(r["vitcli"]["images_per_second"] / r["timm"]["images_per_second"])

@@ -15,8 +15,12 @@ import torch
 from timm.models.vision_transformer import _load_weights
 
 from vitcli.errors import VitError
-from vitcli.models import convert
-from vitcli.models.load import load_checkpoint, model_from_checkpoint
+from vitcli.models import infer
+from vitcli.models.formats import detect_format, npz
+from vitcli.models.formats import hf as hf_format
+from vitcli.models.formats.common import strip_wrappers
+from vitcli.models.adapt import model_from_checkpoint
+from vitcli.models.load import load_checkpoint
 
 ATOL = 1e-5
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5)
@@ -150,7 +154,7 @@ def test_google_npz_matches_timm_loader(tmp_path):
 
     model, ck = model_from_checkpoint(path)
     assert ck.format == "npz"
-    assert ck.meta["model_args"]["num_heads"] == 4  # read off the head-split kernels, not guessed
+    assert ck.meta.model_args["num_heads"] == 4  # read off the head-split kernels, not guessed
     assert_same_logits(model, reference)
 
 
@@ -182,10 +186,10 @@ def test_big_vision_posemb_without_class_slot(tmp_path):
 def test_npz_gap_model_loads_as_avg_pool_with_note():
     original = timm_vit(class_token=False, global_pool="avg")
     arrays = to_google(original)
-    sd = convert.from_google_npz(arrays, notes := [])
+    sd = npz.from_google_npz(arrays, notes := [])
     assert "fc_norm.weight" in sd and "cls_token" not in sd
     assert any("pooling" in n for n in notes)
-    args = convert.infer_model_args(sd, num_heads=convert.npz_num_heads(arrays))
+    args = infer.infer_model_args(sd, num_heads=npz.npz_num_heads(arrays))
     assert (args["class_token"], args["global_pool"]) == (False, "avg")
 
 
@@ -196,7 +200,7 @@ def test_npz_pre_logits_kept_aside_and_head_replaced(tmp_path):
     path = tmp_path / "in21k.npz"
     np.savez(path, **arrays)
     ck = load_checkpoint(path)
-    assert "pre_logits.fc.weight" in ck.state_dict and ck.meta["pre_logits"]
+    assert "pre_logits.fc.weight" in ck.state_dict and ck.meta.pre_logits
     with pytest.raises(VitError, match="pre-logits.*num_classes"):
         model_from_checkpoint(ck)
     model, _ = model_from_checkpoint(ck, num_classes=3)
@@ -207,7 +211,7 @@ def test_npz_unknown_arrays_are_refused():
     arrays = to_google(timm_vit())
     arrays["MAPHead_0/probe"] = np.zeros((1, 1, 64), np.float32)
     with pytest.raises(VitError, match="MAP"):
-        convert.from_google_npz(arrays)
+        npz.from_google_npz(arrays)
 
 
 def _timm_hybrid(layers, **kw):
@@ -235,20 +239,20 @@ def test_hybrid_npz_matches_timm_loader(tmp_path):
         _load_weights(reference, str(path))
     assert_same_weights(reference, original)
 
-    sd = convert.from_google_npz(dict(np.load(path)))
+    sd = npz.from_google_npz(dict(np.load(path)))
     ours = hybrid_vit((1, 1, 1), **kw)
     ours.load_state_dict(sd, strict=True)
     assert_same_logits(ours, reference)
     with pytest.raises(VitError, match="R50 hybrid"):  # the registry builds (3, 4, 9) only
-        convert.infer_model_args(sd)
+        infer.infer_model_args(sd)
 
 
 def test_r50_hybrid_state_dict_maps_to_registered_hybrid():
     with torch.device("meta"):
         theirs = _timm_hybrid((3, 4, 9), img_size=384, num_classes=10)
-    args = convert.infer_model_args(theirs.state_dict())
+    args = infer.infer_model_args(theirs.state_dict())
     assert args["hybrid"] and args["img_size"] == [384, 384] and args["num_heads"] == 12
-    name, overrides, exact = convert.closest_model(args)
+    name, overrides, exact = infer.closest_model(args)
     assert (name, exact) == ("r50_vit_b16", True)
     from vitcli.models.registry import resolve_config
 
@@ -258,8 +262,8 @@ def test_r50_hybrid_state_dict_maps_to_registered_hybrid():
 def test_bfloat16_npz_is_widened():
     arrays = to_google(timm_vit())
     bf16 = {k: (v.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).view("V2") for k, v in arrays.items()}
-    sd = convert.from_google_npz(bf16)
-    ref = convert.from_google_npz(arrays)
+    sd = npz.from_google_npz(bf16)
+    ref = npz.from_google_npz(arrays)
     for k in ref:
         torch.testing.assert_close(sd[k], ref[k], atol=0.02, rtol=0.01)
 
@@ -289,9 +293,9 @@ def _hf_logits(hf) -> torch.Tensor:
 
 def test_hf_in_memory_names_give_hf_logits():
     _, _, hf = _hf_pair()
-    sd = convert.from_hf_transformers(hf.state_dict())
-    args = convert.infer_model_args(sd, num_heads=4)
-    name, overrides, _ = convert.closest_model(args)
+    sd = hf_format.to_vitcli(hf.state_dict())
+    args = infer.infer_model_args(sd, num_heads=4)
+    name, overrides, _ = infer.closest_model(args)
     from vitcli.models import create_model
 
     ours = create_model(name, **overrides)
@@ -304,7 +308,7 @@ def test_hf_saved_directory_loads_with_config(tmp_path):
     _, _, hf = _hf_pair()
     hf.save_pretrained(tmp_path / "hf-vit")
     model, ck = model_from_checkpoint(tmp_path / "hf-vit")
-    assert ck.format == "hf" and ck.meta["model_args"]["num_heads"] == 4
+    assert ck.format == "hf" and ck.meta.model_args["num_heads"] == 4
     torch.testing.assert_close(logits(model), _hf_logits(hf), atol=ATOL, rtol=0)
 
 
@@ -313,7 +317,7 @@ def test_hf_vitmodel_without_prefix_and_pooler_dropped():
     base = transformers.ViTModel(cfg).eval()
     base.load_state_dict(hf.vit.state_dict(), strict=False)  # ViTModel adds a pooler
     notes: list[str] = []
-    sd = convert.from_hf_transformers(base.state_dict(), notes)
+    sd = hf_format.to_vitcli(base.state_dict(), notes)
     assert "head.weight" not in sd and not any("pooler" in k for k in sd)
     assert any("pooler" in n for n in notes)
     from vitcli.models import create_model
@@ -329,8 +333,8 @@ def test_hf_vitmodel_without_prefix_and_pooler_dropped():
 
 def test_hf_unknown_tensor_is_refused():
     with pytest.raises(VitError, match="unexpected tensors"):
-        convert.from_hf_transformers({"vit.embeddings.patch_embeddings.projection.weight": torch.zeros(1),
-                                      "vit.embeddings.distillation_token": torch.zeros(1)})
+        hf_format.to_vitcli({"vit.embeddings.patch_embeddings.projection.weight": torch.zeros(1),
+                             "vit.embeddings.spatial_token": torch.zeros(1)})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -339,52 +343,54 @@ def test_hf_unknown_tensor_is_refused():
 
 def test_detect_format():
     sd = timm_vit().state_dict()
-    assert convert.detect_format(sd) == "timm"
-    assert convert.detect_format(sd, {"format": "vitcli"}) == "vitcli"
-    assert convert.detect_format(to_google(timm_vit())) == "npz"
-    assert convert.detect_format(["params/img/embedding/kernel"]) == "npz"
-    assert convert.detect_format(["vit.embeddings.patch_embeddings.projection.weight"]) == "hf"
-    assert convert.detect_format(["embeddings.patch_embeddings.projection.weight"]) == "hf"
-    assert convert.detect_format(["conv1.weight", "fc.weight"]) == "unknown"
+    assert detect_format(sd) == "timm"
+    assert detect_format(sd, {"format": "vitcli"}) == "vitcli"
+    assert detect_format(to_google(timm_vit())) == "npz"
+    assert detect_format(["params/img/embedding/kernel"]) == "npz"
+    assert detect_format(["vit.embeddings.patch_embeddings.projection.weight"]) == "hf"
+    assert detect_format(["embeddings.patch_embeddings.projection.weight"]) == "hf"
+    assert detect_format(["conv1.weight", "fc.weight"]) == "unknown"
 
 
 def test_infer_model_args_and_registry_match():
     with torch.device("meta"):  # shapes are all inference needs
         big = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=384, num_classes=10)
-    args = convert.infer_model_args(big.state_dict())
+    args = infer.infer_model_args(big.state_dict())
     assert args == {"embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0, "patch_size": 16,
                     "img_size": [384, 384], "in_chans": 3, "num_classes": 10, "class_token": True,
                     "global_pool": "token", "qkv_bias": True, "hybrid": False}
-    name, overrides, exact = convert.closest_model(args)
+    name, overrides, exact = infer.closest_model(args)
     assert (name, exact) == ("vit_b16", True)
     assert overrides["img_size"] == [384, 384] and overrides["num_classes"] == 10
 
 
 def test_infer_num_heads_rules():
     sd = timm_vit().state_dict()  # width 64, depth 2: no registered match
-    assert convert.infer_model_args(sd)["num_heads"] == 1  # head width 64
-    assert convert.infer_model_args(sd, num_heads=4)["num_heads"] == 4
+    assert infer.infer_model_args(sd)["num_heads"] == 1  # head width 64
+    assert infer.infer_model_args(sd, num_heads=4)["num_heads"] == 4
     pico = timm_vit(img_size=8, patch_size=2, embed_dim=64, depth=4, num_heads=4, num_classes=10)
-    assert convert.infer_model_args(pico.state_dict())["num_heads"] == 4  # from the registered vit_pico
-    assert convert.closest_model(convert.infer_model_args(pico.state_dict()))[0] == "vit_pico"
+    assert infer.infer_model_args(pico.state_dict())["num_heads"] == 4  # from the registered vit_pico
+    assert infer.closest_model(infer.infer_model_args(pico.state_dict()))[0] == "vit_pico"
 
 
 def test_infer_avg_pool_and_non_square():
     sd = timm_vit(global_pool="avg", class_token=False, fc_norm=True, img_size=(32, 48)).state_dict()
     with pytest.raises(VitError, match="not a square"):
-        convert.infer_model_args(sd)
-    args = convert.infer_model_args(sd, img_size=(32, 48))
+        infer.infer_model_args(sd)
+    args = infer.infer_model_args(sd, img_size=(32, 48))
     assert args["img_size"] == [32, 48] and args["global_pool"] == "avg" and not args["class_token"]
 
 
-@pytest.mark.parametrize("kw,what", [(dict(reg_tokens=2), "register"), (dict(init_values=0.1), "layer scale"),
-                                     (dict(qk_norm=True), "normalisation")])
+@pytest.mark.parametrize("kw,what", [(dict(mlp_layer="swiglu"), "gated MLP with separate gate weights"),
+                                     (dict(scale_attn_norm=True), "normalisation inside attention")])
 def test_unsupported_timm_features_are_named(kw, what):
-    sd = timm_vit(**kw).state_dict()
+    from timm.layers import SwiGLU
+
+    sd = timm_vit(**({**kw, "mlp_layer": SwiGLU} if "mlp_layer" in kw else kw)).state_dict()
     with pytest.raises(VitError, match=what):
-        convert.infer_model_args(sd)
+        infer.infer_model_args(sd)
 
 
 def test_wrapper_prefixes_stripped():
     sd = {f"module._orig_mod.{k}": v for k, v in timm_vit().state_dict().items()}
-    assert "patch_embed.proj.weight" in convert.strip_wrappers(sd)
+    assert "patch_embed.proj.weight" in strip_wrappers(sd)

@@ -22,7 +22,8 @@ from vitcli.engine.evalrun import run_eval
 from vitcli.engine.report import confusion_matrix, print_eval, worst_classes
 from vitcli.errors import VitError
 from vitcli.models import create_model
-from vitcli.models.load import meta_for_model, save_state_dict
+from vitcli.io.meta import CheckpointMeta
+from vitcli.models.adapt import meta_for_model, save_state_dict
 
 from test_pretrain import run_cli
 
@@ -39,7 +40,7 @@ def make_ckpt(path: Path, num_classes: int = 10, dataset: str | None = "digits",
 
 def direct_logits(ckpt_path: Path, img_size=(8, 8)) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the model by hand on the digits test split, transformed with the default eval transform."""
-    from vitcli.models.load import model_from_checkpoint
+    from vitcli.models.adapt import model_from_checkpoint
 
     model, _ = model_from_checkpoint(ckpt_path, img_size=img_size if img_size != (8, 8) else None)
     split = vdata.load_split("digits", role="eval")
@@ -161,7 +162,7 @@ def test_no_ckpt_takes_the_newest_runs_best_checkpoint(tmp_path):
         (run / "recipe.yaml").write_text("name: x\n")
         torch.manual_seed(i)
         model = create_model("vit_pico", num_classes=10)
-        ckpt.save_checkpoint(run / "checkpoints", 10, model.state_dict(), meta_for_model(model, {"dataset": "digits"}),
+        ckpt.save_checkpoint(run / "checkpoints", 10, model.state_dict(), meta_for_model(model, {"dataset": "digits"}).to_dict(),
                              {"step": 10}, is_best=True, keep=1)
         time.sleep(0.02)
     import os
@@ -243,7 +244,9 @@ def test_eval_res_takes_height_x_width_like_finetune_and_bench(tmp_path, capsys)
 
 
 def test_eval_transform_follows_the_checkpoint_meta():
-    cfg = vdata.TransformSpec.from_checkpoint({"mean": [0.1, 0.2, 0.3], "std": [1, 2, 3], "interpolation": "bilinear", "crop_pct": 1.0})
+    meta = CheckpointMeta.from_dict({"model": "vit_pico", "model_args": {}, "mean": [0.1, 0.2, 0.3], "std": [1, 2, 3],
+                                     "interpolation": "bilinear", "crop_pct": 1.0})
+    cfg = vdata.TransformSpec.from_checkpoint(meta)
     assert (cfg.mean, cfg.std, cfg.interpolation, cfg.crop_pct) == ((0.1, 0.2, 0.3), (1.0, 2.0, 3.0), "bilinear", 1.0)
-    cfg = vdata.TransformSpec.from_checkpoint({})
+    cfg = vdata.TransformSpec.from_checkpoint(CheckpointMeta.from_dict({"model": "vit_pico", "model_args": {}}))
     assert (cfg.mean, cfg.std, cfg.interpolation, cfg.crop_pct) == ((0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)

@@ -99,7 +99,7 @@ def test_interpolate_pos_cli_equals_timm(pretrained, tmp_path, capsys, res, grid
     assert torch.allclose(new["pos_embed"], expected, atol=1e-6)
     assert meta["img_size"] == [2 * grid[0], 2 * grid[1]]
     # the written file is itself a valid --ckpt
-    assert load_checkpoint(out).meta["model_args"]["img_size"] == [2 * grid[0], 2 * grid[1]]
+    assert load_checkpoint(out).meta.model_args["img_size"] == [2 * grid[0], 2 * grid[1]]
 
 
 def test_interpolate_pos_with_patch_size_and_refusals(pretrained, tmp_path, capsys):

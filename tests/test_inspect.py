@@ -19,7 +19,7 @@ from vitcli import create_model
 from vitcli.errors import VitError
 from vitcli.inspect import features as ft
 from vitcli.inspect.run import FILES, run_inspect
-from vitcli.models.load import meta_for_model, model_from_checkpoint, save_state_dict
+from vitcli.models.adapt import meta_for_model, model_from_checkpoint, save_state_dict
 
 from test_pretrain import run_cli
 

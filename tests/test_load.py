@@ -19,8 +19,8 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from vitcli.io.checkpoint import save_checkpoint
 from vitcli.errors import VitError
 from vitcli.models import create_model
-from vitcli.models.load import (LoadedCheckpoint, adapt_checkpoint, load_checkpoint, meta_for_model,
-                                model_from_checkpoint, save_state_dict)
+from vitcli.models.adapt import adapt_checkpoint, meta_for_model, model_from_checkpoint, save_state_dict
+from vitcli.models.load import LoadedCheckpoint, load_checkpoint
 
 # Head width 64, so even a bare file's head count is inferred right.
 TINY = dict(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, num_classes=5)
@@ -60,8 +60,8 @@ def test_bare_timm_state_dict(tmp_path, theirs, name):
     else:
         torch.save(theirs.state_dict(), path)
     model, ck = model_from_checkpoint(path)
-    assert ck.format == "timm" and ck.meta["inferred"] and ck.source == path
-    assert ck.meta["model_args"]["num_heads"] == 2 and ck.meta["num_classes"] == 5
+    assert ck.format == "timm" and ck.meta.inferred and ck.source == path
+    assert ck.meta.model_args["num_heads"] == 2 and ck.meta.num_classes == 5
     assert_same_logits(model, theirs)
 
 
@@ -90,7 +90,7 @@ def test_num_heads_override_for_bare_file(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file(four.state_dict(), str(path))
     ck = load_checkpoint(path)
-    assert ck.meta["model_args"]["num_heads"] == 2 and any("attention heads" in n for n in ck.notes)
+    assert ck.meta.model_args["num_heads"] == 2 and any("attention heads" in n for n in ck.notes)
     model, _ = model_from_checkpoint(ck, model_args={"num_heads": 4})
     assert_same_logits(model, four)
 
@@ -105,21 +105,21 @@ def test_timm_hub_snapshot_directory(tmp_path):
         "architecture": "vit_pico", "num_classes": 5, "label_names": list("abcde"),
         "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.9}}))
     ck = load_checkpoint(tmp_path)
-    assert ck.meta["class_names"] == list("abcde") and ck.meta["crop_pct"] == 0.9
-    assert ck.meta["model_args"]["num_heads"] == 2
+    assert ck.meta.class_names == list("abcde") and ck.meta.preprocess.crop_pct == 0.9
+    assert ck.meta.model_args["num_heads"] == 2
     model, _ = model_from_checkpoint(ck, model_args={"num_heads": 4})
     assert_same_logits(model, four)
 
 
 def test_timm_no_embed_class(tmp_path):
-    """timm's no_embed_class: the class token gets no position; a zero slot computes the same."""
+    """timm's no_embed_class (DeiT III, big_vision): the class token gets no position; read as is."""
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, no_embed_class=True, **TINY).eval()
     assert model.pos_embed.shape[1] == 16
     path = tmp_path / "w.safetensors"
     save_file(model.state_dict(), str(path))
     ours, ck = model_from_checkpoint(path)
-    assert any("no_embed_class" in n for n in ck.notes)
+    assert ck.meta.model_args["no_embed_class"] and ours.pos_embed.shape == model.pos_embed.shape
     assert_same_logits(ours, model)
 
 
@@ -144,7 +144,7 @@ def test_run_directory_prefers_best_then_last(tmp_path):
     run = tmp_path / "run"
     _write_run(run, {100: a, 200: b}, best=100)
     ck = load_checkpoint(run)
-    assert ck.format == "vitcli" and ck.meta["step"] == 100 and ck.meta["class_names"][3] == "3"
+    assert ck.format == "vitcli" and ck.meta.training["step"] == 100 and ck.meta.class_names[3] == "3"
     assert any("best" in n for n in ck.notes)
     torch.testing.assert_close(ck.state_dict["pos_embed"], a["pos_embed"])
     model, _ = model_from_checkpoint(run)
@@ -152,9 +152,9 @@ def test_run_directory_prefers_best_then_last(tmp_path):
 
     (run / "checkpoints" / "best").unlink()
     ck = load_checkpoint(run)
-    assert ck.meta["step"] == 200 and any("last" in n for n in ck.notes)
-    assert load_checkpoint(run / "checkpoints" / "step-00000100").meta["step"] == 100
-    assert load_checkpoint(run / "checkpoints" / "step-00000100" / "model.safetensors").meta["step"] == 100
+    assert ck.meta.training["step"] == 200 and any("last" in n for n in ck.notes)
+    assert load_checkpoint(run / "checkpoints" / "step-00000100").meta.training["step"] == 100
+    assert load_checkpoint(run / "checkpoints" / "step-00000100" / "model.safetensors").meta.training["step"] == 100
 
 
 def test_run_directory_without_checkpoint(tmp_path):
@@ -250,7 +250,7 @@ def test_timm_hub_offline_fails_fast(monkeypatch):
     with pytest.raises(VitError, match="offline") as err:
         load_checkpoint("timm:vit_base_patch16_224.augreg2_in21k_ft_in1k")
     assert time.monotonic() - start < 5
-    assert "local file" in str(err.value) or "its path" in str(err.value)
+    assert "hf download timm/vit_base_patch16_224.augreg2_in21k_ft_in1k" in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -291,7 +291,7 @@ def test_mismatch_names_the_tensor(tmp_path, theirs):
     ck = _saved(tmp_path, theirs)
     with pytest.raises(VitError, match=r"blocks\.0\.mlp\.fc1\.weight.*different architecture"):
         model_from_checkpoint(ck, model_args={"mlp_ratio": 2.0})
-    ck.meta["model_args"]["num_classes"] = 7  # metadata that disagrees with the head
+    ck.meta.model_args["num_classes"] = 7  # metadata that disagrees with the head
     with pytest.raises(VitError, match="head.weight.*class count"):
         model_from_checkpoint(ck)
 
@@ -303,7 +303,7 @@ def test_interpolate_pos_round_trip(tmp_path, theirs):
     assert adapted.state_dict.keys() == ck.state_dict.keys()
     out = save_state_dict(tmp_path / "out" / "w48.safetensors", adapted.state_dict, adapted.meta)
     back = load_checkpoint(out)
-    assert back.meta["img_size"] == [48, 48] and back.state_dict["pos_embed"].shape == (1, 37, 128)
+    assert back.meta.img_size == [48, 48] and back.state_dict["pos_embed"].shape == (1, 37, 128)
     model, _ = model_from_checkpoint(back)
     assert model.config.img_size == (48, 48)
 
@@ -321,3 +321,16 @@ def test_meta_for_model_rebuilds_the_model(tmp_path, theirs):
     again, back = model_from_checkpoint(path)
     assert back.format == "vitcli" and again.config == model.config
     torch.testing.assert_close(again.pos_embed, model.pos_embed)
+
+
+def test_checkpoint_meta_reads_and_writes_the_flat_layout_of_earlier_versions():
+    from vitcli.io.meta import CheckpointMeta, Preprocessing
+
+    old = {"format": "vitcli", "model": "vit_pico", "model_args": {"num_classes": 10, "img_size": [8, 8]},
+           "num_classes": 10, "img_size": [8, 8], "mean": [0.5], "std": [0.25], "interpolation": "bilinear",
+           "crop_pct": 1.0, "dataset": "digits", "class_names": [str(i) for i in range(10)], "step": 7, "top1": 0.5}
+    meta = CheckpointMeta.from_dict(old)
+    assert meta.preprocess == Preprocessing(mean=(0.5,), std=(0.25,), interpolation="bilinear", crop_pct=1.0)
+    assert meta.training == {"step": 7, "top1": 0.5} and meta.dataset == "digits" and meta.num_classes == 10
+    assert meta.to_dict() == old
+    assert CheckpointMeta.from_dict(meta.to_dict()) == meta

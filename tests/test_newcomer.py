@@ -19,7 +19,7 @@ import vitcli.io.paths as paths
 from vitcli.data import TransformSpec, build_transform
 from vitcli.engine.finetune import MAX_EPOCHS, MIN_BATCH, MIN_BATCHES_PER_EPOCH, fitted_schedule
 from vitcli.io import checkpoint as ckpt
-from vitcli.models.load import model_from_checkpoint
+from vitcli.models.adapt import model_from_checkpoint
 from vitcli.recipe import load_recipe
 
 from test_pretrain import REPO, TINY, offline_env, read_metrics, recipe_file, run_cli

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from vitcli.data import TransformSpec, build_transform
-from vitcli.models.load import meta_for_model, model_from_checkpoint, save_state_dict
+from vitcli.models.adapt import meta_for_model, model_from_checkpoint, save_state_dict
 from vitcli.predict import PARTIAL_EXIT_CODE
 
 from test_pretrain import TINY, offline_env, recipe_file, run_cli
@@ -168,7 +168,7 @@ def test_hf_export_loads_in_transformers_with_no_missing_keys_and_the_same_logit
     assert (got - expected).abs().max() <= 1e-4
     assert model.config.id2label[3] == "3" and model.config.image_size == 8
     pre = json.loads((out / "preprocessor_config.json").read_text())
-    assert pre["image_mean"] == ck.meta["mean"] and pre["size"] == {"height": 8, "width": 8}
+    assert pre["image_mean"] == list(ck.meta.preprocess.mean) and pre["size"] == {"height": 8, "width": 8}
 
 
 def test_timm_export_loads_with_create_model_local_dir_for_a_nonstandard_size(trained, tmp_path):

@@ -12,8 +12,14 @@ from vitcli.errors import VitError
 from vitcli.models import ModelConfig, create_model, list_models, model_info, register_model, resolve_name
 from vitcli.models import registry
 
-ALL = ["r50_vit_b16", "vit_b16", "vit_b32", "vit_b8", "vit_h14", "vit_l14", "vit_l16", "vit_l32", "vit_pico",
-       "vit_s16", "vit_s32", "vit_s8", "vit_ti16"]
+PAPER = ["r50_vit_b16", "vit_b16", "vit_b32", "vit_b8", "vit_h14", "vit_l14", "vit_l16", "vit_l32", "vit_pico",
+         "vit_s16", "vit_s32", "vit_s8", "vit_ti16"]
+TODAY = ["deit3_b16", "deit3_l16", "deit3_s16", "deit_b16_distilled", "deit_s16_distilled", "deit_ti16_distilled",
+         "vit_b14_dinov2", "vit_b14_dinov2_reg4", "vit_b16_clip", "vit_b16_clip_quickgelu", "vit_b16_siglip",
+         "vit_b16_siglip_gap", "vit_b32_clip", "vit_b32_clip_quickgelu", "vit_g14_dinov2", "vit_g14_dinov2_reg4",
+         "vit_l14_clip", "vit_l14_clip_quickgelu", "vit_l14_dinov2", "vit_l14_dinov2_reg4", "vit_l16_siglip",
+         "vit_l16_siglip_gap", "vit_s14_dinov2", "vit_s14_dinov2_reg4", "vit_so400m14_siglip", "vit_so400m14_siglip_gap"]
+ALL = sorted(PAPER + TODAY)
 
 
 def test_list_models_all_sorted():
@@ -21,9 +27,11 @@ def test_list_models_all_sorted():
 
 
 @pytest.mark.parametrize("pattern, expected", [
-    ("vit_b*", ["vit_b16", "vit_b32", "vit_b8"]),
-    ("VIT_L*", ["vit_l14", "vit_l16", "vit_l32"]),  # case-insensitive
-    ("*16", ["r50_vit_b16", "vit_b16", "vit_l16", "vit_s16", "vit_ti16"]),
+    ("vit_b*", ["vit_b14_dinov2", "vit_b14_dinov2_reg4", "vit_b16", "vit_b16_clip", "vit_b16_clip_quickgelu",
+                "vit_b16_siglip", "vit_b16_siglip_gap", "vit_b32", "vit_b32_clip", "vit_b32_clip_quickgelu", "vit_b8"]),
+    ("VIT_L??", ["vit_l14", "vit_l16", "vit_l32"]),  # case-insensitive
+    ("*16", ["deit3_b16", "deit3_l16", "deit3_s16", "r50_vit_b16", "vit_b16", "vit_l16", "vit_s16", "vit_ti16"]),
+    ("*dinov2_reg4", ["vit_b14_dinov2_reg4", "vit_g14_dinov2_reg4", "vit_l14_dinov2_reg4", "vit_s14_dinov2_reg4"]),
     ("*r50*", ["r50_vit_b16"]),
     ("*h*", ["vit_h14"]),  # canonical names only: aliases like vit_base_patch16_224 are not matched
     ("ViT-B/*", []),
@@ -60,7 +68,7 @@ def test_unknown_name_suggests_closest():
         create_model("vit_b61")
     with pytest.raises(VitError, match=r"Did you mean: .*ViT-B/16"):
         resolve_name("ViT-B/15")
-    with pytest.raises(VitError, match="Known models: r50_vit_b16, vit_b16"):
+    with pytest.raises(VitError, match="Known models: deit3_b16, .*r50_vit_b16, vit_b14_dinov2, "):
         model_info("resnet50")
 
 

@@ -148,7 +148,8 @@ def interpolate_pos(
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
 ) -> None:
     """Resample a checkpoint's position embeddings to a new resolution (and patch size); keys unchanged."""
-    from vitcli.models.load import adapt_checkpoint, load_checkpoint, save_state_dict
+    from vitcli.models.adapt import adapt_checkpoint, save_state_dict
+    from vitcli.models.load import load_checkpoint
     from vitcli.models.posemb import MODES
 
     if mode not in MODES:
@@ -160,9 +161,9 @@ def interpolate_pos(
     writable_file(out, "--out")  # before reading and resampling, not after
     size = _parse_res(res)
     src = load_checkpoint(ckpt)
-    old_args = src.meta["model_args"]
+    old_args = src.meta.model_args
     new = adapt_checkpoint(src, img_size=size, patch_size=patch_size, interpolation=mode)
-    new_args = new.meta["model_args"]
+    new_args = new.meta.model_args
 
     def grid(args):
         h, w = args["img_size"] if isinstance(args["img_size"], (list, tuple)) else (args["img_size"],) * 2

@@ -25,6 +25,13 @@ def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
     return [by_lower[h] for h in hits]
 
 
+def few_keys(keys: Iterable[str], n: int = 5) -> str:
+    """'a, b, c (+7 more)': the first n names, for error messages."""
+    keys = list(keys)
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' Did you mean: a, b?' or '' when nothing is close."""
     hits = closest(word, choices)

@@ -47,10 +47,11 @@ def count_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
 
 
 def vit_flops(*, batch: int, img_size: tuple[int, int], patch_size: int, in_chans: int, embed_dim: int, depth: int,
-              mlp_dim: int, num_classes: int, class_token: bool = True, train: bool = True) -> int:
+              mlp_dim: int, num_classes: int, prefix_tokens: int = 1, train: bool = True) -> int:
     """What FlopCounterMode counts for one plain-ViT step (forward, or forward + backward when train).
 
-    With B images, P = (H/p)(W/p) patches, N = P + class token, width D, MLP width M, depth L, K classes:
+    With B images, P = (H/p)(W/p) patches, N = P + prefix tokens (class, distillation, registers), width D,
+    MLP width M, depth L, K classes:
 
     forward   patch conv 2·B·P·(C·p²)·D
               per block: linears 2·B·N·(3D·D + D·D + D·M + M·D) = 2·B·N·(4D² + 2DM), attention 2·(2·B·N²·D)
@@ -60,7 +61,7 @@ def vit_flops(*, batch: int, img_size: tuple[int, int], patch_size: int, in_chan
     """
     h, w = img_size
     patches = (h // patch_size) * (w // patch_size)
-    n = patches + int(class_token)
+    n = patches + prefix_tokens
     d, m, b = embed_dim, mlp_dim, batch
     conv = 2 * b * patches * in_chans * patch_size * patch_size * d
     linear = depth * 2 * b * n * (4 * d * d + 2 * d * m) + 2 * b * d * num_classes

@@ -6,9 +6,9 @@ train: the trainer's own step (engine.step.train_step on the objective: supervis
        when asked. So the bench times exactly what `vit pretrain` runs per step.
 infer: forward under `torch.inference_mode` (and autocast), model in eval mode.
 
-`--compare timm` builds timm's model of the same configuration (its registered name where vitcli knows
-one, else `timm.models.vision_transformer.VisionTransformer` with the same arguments) and loads our
-initial weights into it (the keys are the same), so both compute the same function from the same start.
+`--compare timm` builds timm's model of the same configuration (the timm architecture of the model's
+family, e.g. vit_small_patch14_reg4_dinov2, given our sizes) and loads our initial weights into it (the
+keys are the same), so both compute the same function from the same start.
 """
 
 from __future__ import annotations
@@ -69,25 +69,15 @@ class ModelUnderTest:
 
 
 def timm_equivalent(cfg: ModelConfig) -> tuple[nn.Module, str]:
-    """timm's model for our config: (model, description)."""
+    """timm's model for our config: (model, the timm architecture it is built from, with our sizes)."""
     import timm
-    from timm.models.vision_transformer import VisionTransformer
 
-    from vitcli.models import model_info
+    from vitcli.models.formats.timm import timm_architecture
 
-    args = dict(img_size=cfg.img_size, num_classes=cfg.num_classes, in_chans=cfg.in_chans, global_pool=cfg.global_pool,
-                class_token=cfg.class_token, drop_rate=cfg.drop_rate, pos_drop_rate=cfg.drop_rate,
-                proj_drop_rate=cfg.drop_rate, attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate)
-    dims = dict(patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias)
-    timm_names = [a for a in model_info(cfg.name)["aliases"] if a.startswith("vit_") and timm.is_model(a)]
-    if cfg.hybrid:  # the ResNet stem fixes patch and width; timm builds it from the name alone
-        name = next(n for n in timm_names if n.endswith("_224"))
-        return timm.create_model(name, pretrained=False, **args), name
-    if timm_names:
-        name = next((n for n in timm_names if n.endswith("_224")), timm_names[0])
-        return timm.create_model(name, pretrained=False, **args, **dims), name
-    return VisionTransformer(**args, **dims), "timm VisionTransformer(same arguments)"
+    name, args = timm_architecture(cfg)
+    drops = dict(drop_rate=cfg.drop_rate, pos_drop_rate=cfg.drop_rate, proj_drop_rate=cfg.drop_rate,
+                 attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate)
+    return timm.create_model(name, pretrained=False, **args, **drops), name
 
 
 def build_models(cfg: ModelConfig, *, compare: str | None, seed: int = 0) -> list[tuple[str, str, nn.Module]]:

@@ -15,7 +15,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, TypeVar
 
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+from vitcli.io.meta import CheckpointMeta, Preprocessing
+
 S = TypeVar("S")
 
 
@@ -69,17 +70,11 @@ class TransformSpec(_FromFields):
         return self.pipeline == "tensor"
 
     @classmethod
-    def from_checkpoint(cls, meta: dict[str, Any], in_chans: int = 3, reduced_decode: bool = True) -> TransformSpec:
+    def from_checkpoint(cls, meta: CheckpointMeta, in_chans: int = 3, reduced_decode: bool = True) -> TransformSpec:
         """The eval settings a checkpoint was trained with (defaults: mean = std = 0.5, bicubic, crop_pct 0.875)."""
-        interpolation = meta.get("interpolation")
-        crop_pct = meta.get("crop_pct")
-        return cls(
-            mean=tuple(float(m) for m in meta.get("mean") or [0.5] * in_chans),
-            std=tuple(float(s) for s in meta.get("std") or [0.5] * in_chans),
-            interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic",
-            crop_pct=float(crop_pct) if crop_pct else 0.875,
-            reduced_decode=reduced_decode,
-        )
+        pre = meta.preprocess or Preprocessing(mean=(0.5,) * in_chans, std=(0.5,) * in_chans)
+        return cls(mean=tuple(pre.mean), std=tuple(pre.std), interpolation=pre.interpolation,
+                   crop_pct=pre.crop_pct, reduced_decode=reduced_decode)
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,11 @@ import torch
 from vitcli import data as vdata
 from vitcli.objectives import fewshot as fs
 from vitcli.engine.report import PredictionLog, draw_confusion, figure_path, print_eval, write_predictions
-from vitcli.engine.resolve import resolve_checkpoint, resolve_dataset
+from vitcli.engine.resolve import load_for_inference, resolve_dataset
 from vitcli.engine.runtime import autocast_dtype, pick_device
 from vitcli.errors import VitError
 from vitcli.io.paths import writable_file
 from vitcli.models import input_channels, input_size
-from vitcli.models.load import model_from_checkpoint
 from vitcli.objectives import evaluate
 
 __all__ = ["print_eval", "run_eval"]  # print_eval lives in engine.report
@@ -97,19 +96,15 @@ def run_eval(
         raise VitError(f"--bad-images must be error or skip, got {bad_images!r}")
     predictions = writable_file(predictions, "--predictions") if predictions else None  # before any work
     confusion = figure_path(confusion, "--confusion") if confusion else None
-    ck, run_dir = resolve_checkpoint(ckpt, Path(runs_root), say)
+    model, ck, run_dir = load_for_inference(ckpt, Path(runs_root), say, img_size=res)
     dataset, data_dir = resolve_dataset(dataset, data_dir, ck, run_dir)
     dev = pick_device(device)
     amp = autocast_dtype("auto", dev)
-
-    model, ck = model_from_checkpoint(ck, img_size=res)
-    for note in ck.notes:
-        say(note)
     img_size = input_size(model)
     eval_set = vdata.load_split(dataset, split, role="eval", data_dir=data_dir, img_size=img_size, seed=0,
                                 subset=subset, carve=False, say=say)  # a folder of class folders: every image
     head_fits = _head_fits(model, eval_set, ck, shots, bool(predictions or confusion), say)
-    _warn_class_names(ck.meta.get("class_names"), eval_set, say)
+    _warn_class_names(ck.meta.class_names, eval_set, say)
 
     spec = vdata.TransformSpec.from_checkpoint(ck.meta, input_channels(model), reduced_decode=reduced_decode)
     tf = vdata.build_transform(spec, img_size, train=False)
@@ -126,7 +121,7 @@ def run_eval(
 
     result: dict[str, Any] = {
         "checkpoint": str(ck.source),
-        "model": ck.meta.get("model"),
+        "model": ck.meta.model,
         "dataset": eval_set.name,
         "split": eval_set.split,
         "img_size": list(img_size),

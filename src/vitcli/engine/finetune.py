@@ -19,6 +19,7 @@ from vitcli import data as vdata
 from vitcli.data import lookup
 from vitcli.engine.trainer import train
 from vitcli.errors import VitError
+from vitcli.io.meta import CheckpointMeta
 from vitcli.models.load import LoadedCheckpoint, load_checkpoint
 from vitcli.recipe import Recipe, load_recipe, parse_yaml, recipe_from_dict
 
@@ -100,17 +101,16 @@ def build_finetune_recipe(
     else the shipped recipe for the data set, else the paper's settings fitted to its size."""
     init = load_checkpoint(ckpt)
     meta = init.meta
-    dataset = dataset or meta.get("dataset")
+    dataset = dataset or meta.dataset
     if not dataset:
         raise VitError(f"{ckpt} does not say which data set it was trained on. Pass --dataset NAME or PATH.")
-    fixed = [f"data.dataset={dataset}", f"model.init_ckpt={init.source}", f"model.name={meta['model']}"]
+    fixed = [f"data.dataset={dataset}", f"model.init_ckpt={init.source}", f"model.name={meta.model}"]
     if res is not None:
         fixed.append(f"model.img_size=[{res[0]}, {res[1]}]")
-    if dataset == meta.get("dataset") and meta.get("data_dir"):
-        fixed.append(f"data.data_dir={meta['data_dir']}")
-    for key in ("mean", "std"):  # feed the model the normalisation it was trained with
-        if meta.get(key) is not None:
-            fixed.append(f"data.{key}={list(meta[key])}")
+    if dataset == meta.dataset and meta.data_dir:
+        fixed.append(f"data.data_dir={meta.data_dir}")
+    if meta.preprocess is not None:  # feed the model the normalisation it was trained with
+        fixed += [f"data.mean={list(meta.preprocess.mean)}", f"data.std={list(meta.preprocess.std)}"]
     recipe_path = recipe_path or shipped_recipe(dataset)
     fixed += _mae_defaults(meta, recipe_path, overrides)
     if recipe_path is not None:
@@ -137,23 +137,23 @@ def mae_layer_decay(depth: int) -> float:
     return MAE_LAYER_DECAY_DEEP if depth >= 24 else MAE_LAYER_DECAY
 
 
-def _mae_defaults(meta: dict, recipe_path: Path | None, overrides: list[str]) -> list[str]:
+def _mae_defaults(meta: CheckpointMeta, recipe_path: Path | None, overrides: list[str]) -> list[str]:
     """MAE's fine-tuning settings where they differ from the paper's, for an MAE checkpoint: layer-wise lr
     decay and average pooling of the patch tokens, unless the recipe file or --set says otherwise."""
-    if meta.get("objective") != "mae":
+    if meta.objective != "mae":
         return []
     stated = parse_yaml(recipe_path.read_text(), str(recipe_path)) if recipe_path is not None else {}
     given = {o.split("=", 1)[0] for o in overrides}
     out = []
     if "optim.layer_decay" not in given and "layer_decay" not in (stated.get("optim") or {}):
-        out.append(f"optim.layer_decay={mae_layer_decay(int(meta['model_args'].get('depth') or 12))}")
+        out.append(f"optim.layer_decay={mae_layer_decay(int(meta.model_args.get('depth') or 12))}")
     if "model.global_pool" not in given and "global_pool" not in (stated.get("model") or {}):
         out.append("model.global_pool=avg")
     return out
 
 
-def _with_mae_note(source: str, meta: dict) -> str:
-    if meta.get("objective") != "mae":
+def _with_mae_note(source: str, meta: CheckpointMeta) -> str:
+    if meta.objective != "mae":
         return source
     return source + "; MAE's fine-tuning defaults on top (layer-wise lr decay, average pooling)"
 

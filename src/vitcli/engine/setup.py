@@ -17,7 +17,9 @@ from vitcli.data.shard_index import is_shard_source
 from vitcli.data.shard_sets import check_shards
 from vitcli.errors import VitError
 from vitcli.models import create_model, model_info
-from vitcli.models.load import LoadedCheckpoint, meta_for_model, model_from_checkpoint
+from vitcli.io.meta import CheckpointMeta, Preprocessing
+from vitcli.models.adapt import meta_for_model, model_from_checkpoint
+from vitcli.models.load import LoadedCheckpoint
 from vitcli.models.registry import resolve_config
 from vitcli import objectives
 from vitcli.objectives import FewshotSet
@@ -60,7 +62,7 @@ def model_img_size(cfg: ModelCfg, init: LoadedCheckpoint | None = None) -> tuple
     if cfg.img_size is not None:
         size = cfg.img_size
     elif init is not None:
-        size = init.meta["model_args"].get("img_size") or init.meta["img_size"]
+        size = init.meta.model_args.get("img_size") or init.meta.img_size
     else:
         size = model_info(cfg.name)["img_size"]
     if isinstance(size, int):
@@ -152,19 +154,14 @@ def build_objective(model: torch.nn.Module, data: RunData, recipe: Recipe, fewsh
 
 
 def checkpoint_meta(model: torch.nn.Module, recipe: Recipe, data: RunData, step: int, score: float | None) -> dict[str, Any]:
-    """What a checkpoint needs to rebuild and feed its model without the run directory. `score`: this
-    step's evaluation (top-1 for supervised training; for mpp / mae few-shot accuracy or minus the loss)."""
+    """What a checkpoint needs to rebuild and feed its model without the run directory, as written to
+    disk. `score`: this step's evaluation (top-1 for supervised training; for mpp / mae few-shot accuracy
+    or minus the loss)."""
     supervised = not recipe.objective.self_supervised
-    return meta_for_model(model, {
-        "mean": recipe.data.mean,
-        "std": recipe.data.std,
-        "interpolation": recipe.data.interpolation,
-        "crop_pct": recipe.data.crop_pct,
-        "dataset": recipe.data.dataset,
-        "data_dir": recipe.data.data_dir,
-        "class_names": data.class_names,
-        "objective": recipe.objective.name,
-        "step": step,
-        "top1": score if supervised else None,
-        **({} if supervised else {"score": score}),
-    })
+    d = recipe.data
+    base = CheckpointMeta(
+        model="", model_args={}, class_names=data.class_names, dataset=d.dataset, data_dir=d.data_dir,
+        objective=recipe.objective.name,
+        preprocess=Preprocessing(mean=tuple(d.mean), std=tuple(d.std), interpolation=d.interpolation, crop_pct=d.crop_pct))
+    training = {"step": step, "top1": score if supervised else None, **({} if supervised else {"score": score})}
+    return meta_for_model(model, base, **training).to_dict()

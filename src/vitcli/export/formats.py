@@ -9,16 +9,16 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from vitcli.errors import VitError, path_error
 from vitcli.io.paths import atomic_write
-from vitcli.models import model_info
-from vitcli.models.convert import to_hf_transformers
-from vitcli.models.load import meta_for_model, model_from_checkpoint, save_state_dict
+from vitcli.io.meta import CheckpointMeta, Preprocessing
+from vitcli.models.adapt import meta_for_model, model_from_checkpoint, save_state_dict
+from vitcli.models.formats import hf as hf_format
+from vitcli.models.formats.timm import timm_architecture
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -52,7 +52,7 @@ def _replace_folder(out: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_onnx(model: nn.Module, meta: dict, out: Path, example: torch.Tensor, *, dynamic_batch: bool) -> Runner:
+def write_onnx(model: nn.Module, meta: CheckpointMeta, out: Path, example: torch.Tensor, *, dynamic_batch: bool) -> Runner:
     """The torch.onnx dynamo exporter (a dynamic batch axis by default), run back in onnxruntime."""
     ort = _needs("onnxruntime", "export")
     _needs("onnxscript", "export")
@@ -63,7 +63,7 @@ def write_onnx(model: nn.Module, meta: dict, out: Path, example: torch.Tensor, *
     return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
 
 
-def write_exported_program(model: nn.Module, meta: dict, out: Path, example: torch.Tensor, *, dynamic_batch: bool) -> Runner:
+def write_exported_program(model: nn.Module, meta: CheckpointMeta, out: Path, example: torch.Tensor, *, dynamic_batch: bool) -> Runner:
     """A torch.export ExportedProgram (.pt2), loaded back with torch.export.load."""
     program = torch.export.export(model, (example,), dynamic_shapes=_batch_axis(dynamic_batch))
     atomic_write(out, lambda tmp: torch.export.save(program, str(tmp)), "--out")
@@ -71,28 +71,21 @@ def write_exported_program(model: nn.Module, meta: dict, out: Path, example: tor
     return lambda x: loaded(x)
 
 
-def write_hf(model: nn.Module, meta: dict, out: Path, example: torch.Tensor, *, dynamic_batch: bool) -> Runner:
-    """A transformers ViTForImageClassification folder (config, weights, image processor), loaded back with
-    from_pretrained, which must find no missing or unexpected weights."""
+def write_hf(model: nn.Module, meta: CheckpointMeta, out: Path, example: torch.Tensor, *, dynamic_batch: bool) -> Runner:
+    """A transformers classifier folder (config, weights, image processor) for the family: ViT, DeiT with
+    teacher, DINOv2 (with registers), SigLIP (averaged tokens); loaded back with from_pretrained, which
+    must find no missing or unexpected weights."""
     transformers = _needs("transformers", "export")
     cfg = model.config
-    if cfg.hybrid or not cfg.class_token or cfg.global_pool != "token":
-        raise VitError(f"--format hf writes transformers' ViTForImageClassification, which classifies a plain ViT's "
-                       f"class token; {cfg.name} ({'hybrid' if cfg.hybrid else 'average pooling'}) is not one. "
-                       "Use --format timm, onnx or exported-program.")
     names = _class_names(meta, cfg.num_classes)
+    with _quiet_transformers(transformers):
+        hf, layout = hf_format.export_model(cfg, names)
+    hf.load_state_dict(hf_format.to_hf(model.state_dict(), hf.state_dict(), layout), strict=True)
+    pre = _preprocess(meta, cfg.in_chans)
     h, w = cfg.img_size
-    hf_cfg = transformers.ViTConfig(
-        hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.mlp_dim, hidden_act="gelu", layer_norm_eps=1e-6, image_size=h if h == w else [h, w],
-        patch_size=cfg.patch_size, num_channels=cfg.in_chans, qkv_bias=cfg.qkv_bias, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    hf = transformers.ViTForImageClassification(hf_cfg)
-    hf.load_state_dict(to_hf_transformers(model.state_dict(), hf.state_dict().keys()), strict=True)
     processor = transformers.ViTImageProcessor(
-        do_resize=True, size={"height": h, "width": w}, resample=_pil_resample(meta.get("interpolation")),
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=list(meta.get("mean") or [0.5] * cfg.in_chans), image_std=list(meta.get("std") or [0.5] * cfg.in_chans))
+        do_resize=True, size={"height": h, "width": w}, resample=_pil_resample(pre.interpolation),
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(pre.mean), image_std=list(pre.std))
 
     def write(tmp: Path) -> None:
         hf.save_pretrained(tmp, safe_serialization=True)
@@ -100,7 +93,7 @@ def write_hf(model: nn.Module, meta: dict, out: Path, example: torch.Tensor, *, 
 
     with _quiet_transformers(transformers):
         _replace_folder(out, write)
-        loaded, info = transformers.ViTForImageClassification.from_pretrained(out, output_loading_info=True)
+        loaded, info = type(hf).from_pretrained(out, output_loading_info=True)
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         raise VitError(f"transformers loads {out} with {problems}; the export is not faithful (please report this).")
@@ -108,12 +101,13 @@ def write_hf(model: nn.Module, meta: dict, out: Path, example: torch.Tensor, *, 
     return lambda x: loaded(pixel_values=x).logits
 
 
-def write_timm(model: nn.Module, meta: dict, out: Path, example: torch.Tensor, *, dynamic_batch: bool) -> Runner:
+def write_timm(model: nn.Module, meta: CheckpointMeta, out: Path, example: torch.Tensor, *, dynamic_batch: bool) -> Runner:
     """A folder in the layout of a timm model on the Hub (config.json + model.safetensors), loaded back with
     timm.create_model("local-dir:FOLDER", pretrained=True)."""
     import timm
     cfg = model.config
-    arch, model_args = _timm_architecture(cfg, timm)
+    arch, model_args = timm_architecture(cfg)
+    pre = _preprocess(meta, cfg.in_chans)
     config = {
         "architecture": arch,
         "num_classes": cfg.num_classes,
@@ -121,9 +115,8 @@ def write_timm(model: nn.Module, meta: dict, out: Path, example: torch.Tensor, *
         "model_args": model_args,
         "pretrained_cfg": {
             "tag": "vitcli", "custom_load": False, "input_size": [cfg.in_chans, *cfg.img_size], "fixed_input_size": True,
-            "interpolation": meta.get("interpolation") or "bicubic", "crop_pct": meta.get("crop_pct") or 0.875,
-            "crop_mode": "center", "mean": list(meta.get("mean") or [0.5] * cfg.in_chans),
-            "std": list(meta.get("std") or [0.5] * cfg.in_chans), "num_classes": cfg.num_classes,
+            "interpolation": pre.interpolation, "crop_pct": pre.crop_pct,
+            "crop_mode": "center", "mean": list(pre.mean), "std": list(pre.std), "num_classes": cfg.num_classes,
             "first_conv": "patch_embed.proj", "classifier": "head"},
         "label_names": _class_names(meta, cfg.num_classes),
     }
@@ -138,7 +131,7 @@ def write_timm(model: nn.Module, meta: dict, out: Path, example: torch.Tensor, *
     return lambda x: loaded(x)
 
 
-def write_vitcli(model: nn.Module, meta: dict, out: Path, example: torch.Tensor, *, dynamic_batch: bool) -> Runner:
+def write_vitcli(model: nn.Module, meta: CheckpointMeta, out: Path, example: torch.Tensor, *, dynamic_batch: bool) -> Runner:
     """vitcli's own .safetensors with metadata (any format vitcli reads becomes this), read back by vitcli."""
     save_state_dict(out, model.state_dict(), meta_for_model(model, meta), what="--out")
     loaded, _ = model_from_checkpoint(out)
@@ -160,8 +153,12 @@ def _quiet_transformers(transformers):
             logging.enable_progress_bar()
 
 
-def _class_names(meta: dict, num_classes: int) -> list[str]:
-    names = meta.get("class_names")
+def _preprocess(meta: CheckpointMeta, in_chans: int) -> Preprocessing:
+    return meta.preprocess or Preprocessing(mean=(0.5,) * in_chans, std=(0.5,) * in_chans)
+
+
+def _class_names(meta: CheckpointMeta, num_classes: int) -> list[str]:
+    names = meta.class_names
     return [str(n) for n in names] if names and len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 
@@ -169,14 +166,3 @@ def _pil_resample(interpolation: str | None) -> int:
     from PIL import Image
 
     return {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}.get(interpolation or "bicubic", Image.BICUBIC)
-
-
-def _timm_architecture(cfg: Any, timm) -> tuple[str, dict[str, Any]]:
-    """A timm model name for the config and the arguments that make it this model (any ViT size)."""
-    aliases = [a for a in model_info(cfg.name)["aliases"] if a.startswith("vit_") and timm.is_model(a)]
-    args: dict[str, Any] = {"img_size": list(cfg.img_size), "num_classes": cfg.num_classes, "global_pool": cfg.global_pool}
-    if cfg.hybrid:
-        return next(a for a in aliases if a.endswith("_224")), args
-    args.update(patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim, depth=cfg.depth,
-                num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, class_token=cfg.class_token)
-    return next((a for a in aliases if a.endswith("_224")), "vit_base_patch16_224"), args

@@ -8,12 +8,11 @@ from typing import Any
 
 import torch
 
-from vitcli.engine.resolve import resolve_checkpoint
+from vitcli.engine.resolve import load_for_inference
 from vitcli.errors import VitError
 from vitcli.export import formats
 from vitcli.io.paths import writable_dir, writable_file
 from vitcli.models import input_channels, input_size
-from vitcli.models.load import model_from_checkpoint
 
 FORMATS = {  # name: (writer, whether it writes a folder, default suffix)
     "onnx": (formats.write_onnx, False, ".onnx"),
@@ -42,14 +41,8 @@ def export(ckpt: str | Path | None, fmt: str, out: str | Path, *, res: tuple[int
         if suffix and out.suffix != suffix:
             raise VitError(f"--out {out}: a {fmt} export is one {suffix} file; name it e.g. model{suffix}.")
         writable_file(out, "--out")
-    ck, _ = resolve_checkpoint(ckpt, Path(runs_root), say)
-    model, ck = model_from_checkpoint(ck, img_size=res)  # an image size the patches do not divide is refused here
-    if not model.num_classes:
-        raise VitError(f"{ck.source} has no classification head (a self-supervised encoder?): there are no class "
-                       "scores to export. Fine-tune it first: vit finetune --ckpt ... --dataset ...")
-    for note in ck.notes:
-        say(note)
-    model.eval()
+    # an image size the patches do not divide is refused here
+    model, ck, _ = load_for_inference(ckpt, Path(runs_root), say, img_size=res, needs_head="there are no class scores to export")
     channels, size = input_channels(model), input_size(model)
     example = torch.randn(VERIFY_BATCH, channels, *size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -60,6 +53,6 @@ def export(ckpt: str | Path | None, fmt: str, out: str | Path, *, res: tuple[int
         if dynamic_batch and fmt in ("onnx", "exported-program"):  # another batch size through the dynamic axis
             other = torch.randn(VERIFY_BATCH + 2, channels, *size, generator=torch.Generator().manual_seed(1))
             diff = max(diff, float((load(other).float() - model(other).float()).abs().max()))
-    return {"format": fmt, "out": str(out), "checkpoint": str(ck.source), "model": ck.meta.get("model"),
+    return {"format": fmt, "out": str(out), "checkpoint": str(ck.source), "model": ck.meta.model,
             "img_size": list(size), "num_classes": model.num_classes, "max_abs_diff": diff,
             "verified": diff <= TOLERANCE}

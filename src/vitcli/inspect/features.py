@@ -89,10 +89,11 @@ def patch_embedding_pca(model: nn.Module, k: int = 28) -> tuple[np.ndarray, np.n
 def position_similarity(model: nn.Module) -> np.ndarray:
     """Cosine similarity of each patch's position embedding with every other: (gh, gw, gh, gw).
 
-    sim[r, c] is the map of position (r, c) against all positions (the class token's slot is left out).
+    sim[r, c] is the map of position (r, c) against all positions (the prefix tokens' slots are left out).
     """
     gh, gw = model.patch_embed.grid_size
-    pos = model.pos_embed.detach().to("cpu", torch.float64)[0, model.num_prefix_tokens:]
+    slots = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    pos = model.pos_embed.detach().to("cpu", torch.float64)[0, slots:]
     pos = pos / pos.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return (pos @ pos.T).reshape(gh, gw, gh, gw).numpy()
 
@@ -165,11 +166,15 @@ def position_structure(sim: np.ndarray, far_from: float = 3.0) -> PositionStruct
 # Fig. 7 right and Fig. 6: attention, from real images
 
 
-def attention_from_qkv(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
-    """(B, N, 3 D) fused qkv output -> (B, heads, N, N) attention weights, softmax(q k^T * scale)."""
+def attention_from_qkv(qkv: torch.Tensor, num_heads: int, scale: float | None = None,
+                       attn: nn.Module | None = None) -> torch.Tensor:
+    """(B, N, 3 D) fused qkv output -> (B, heads, N, N) attention weights, softmax(q k^T * scale); with
+    the Attention module `attn`, its per-head query/key norms (qk-norm) are applied first."""
     b, n, three_d = qkv.shape
     head_dim = three_d // 3 // num_heads
     q, k, _ = qkv.float().reshape(b, n, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    if attn is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)  # inspect runs in fp32
     scale = head_dim**-0.5 if scale is None else scale
     return ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
 
@@ -240,7 +245,7 @@ class AttentionProbe:
 
     def __enter__(self) -> AttentionProbe:
         for i, block in enumerate(self.model.blocks):
-            self._handles.append(block.attn.qkv.register_forward_hook(self._hook(i, block.attn.num_heads)))
+            self._handles.append(block.attn.qkv.register_forward_hook(self._hook(i, block.attn)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -248,9 +253,9 @@ class AttentionProbe:
             h.remove()
         self._handles.clear()
 
-    def _hook(self, index: int, num_heads: int):
+    def _hook(self, index: int, attention: nn.Module):
         def hook(module: nn.Module, args, output: torch.Tensor) -> None:
-            attn = attention_from_qkv(output.detach(), num_heads)
+            attn = attention_from_qkv(output.detach(), attention.num_heads, attn=attention)
             self._add_distance(index, attn)
             need = self.rollout_images - sum(len(r) for r in self._rollouts)
             if need > 0:

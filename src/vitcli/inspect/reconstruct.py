@@ -21,7 +21,7 @@ MASK_SEED = 0
 
 def load_mae(ck: LoadedCheckpoint, run_dir: Path | None, model: torch.nn.Module) -> MaskedAutoencoder | None:
     """The run's MAE (encoder `model` + its decoder) when ck is an MAE run's checkpoint with its state.pt."""
-    if ck.meta.get("objective") != "mae" or run_dir is None or not isinstance(ck.source, Path):
+    if ck.meta.objective != "mae" or run_dir is None or not isinstance(ck.source, Path):
         return None
     state_path = ck.source.parent / STATE
     if not state_path.is_file():

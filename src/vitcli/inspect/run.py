@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from vitcli import data as vdata
-from vitcli.engine.resolve import resolve_checkpoint, resolve_dataset
+from vitcli.engine.resolve import load_for_inference, resolve_dataset
 from vitcli.engine.runtime import pick_device
 from vitcli.errors import VitError
 from vitcli.io.paths import writable_dir, write_text
@@ -29,7 +29,6 @@ from vitcli.inspect import features as ft
 from vitcli.inspect import figures as fg
 from vitcli.inspect.reconstruct import load_mae, reconstructions
 from vitcli.models import input_channels, input_size
-from vitcli.models.load import model_from_checkpoint
 
 FILES = {
     "filters": "fig7_left_patch_embedding_pca.png",
@@ -80,16 +79,12 @@ def run_inspect(
         raise VitError(f"--show must be 0 or more, got {show}")
     if batch_size < 1:
         raise VitError(f"--batch-size must be positive, got {batch_size}")
-    ck, run_dir = resolve_checkpoint(ckpt, Path(runs_root), say)
-    model, ck = model_from_checkpoint(ck)
-    for note in ck.notes:
-        say(note)
-    model.eval()
+    model, ck, run_dir = load_for_inference(ckpt, Path(runs_root), say)
     out = writable_dir(Path(out) if out is not None else _default_out(ck.source, run_dir), "--out")
     name = run_dir.name if run_dir is not None else Path(str(ck.source)).name
     grid = tuple(model.patch_embed.grid_size)
     result: dict[str, Any] = {
-        "checkpoint": str(ck.source), "model": ck.meta.get("model"), "out": str(out),
+        "checkpoint": str(ck.source), "model": ck.meta.model, "out": str(out),
         "img_size": list(input_size(model)), "grid": list(grid), "figures": {}, "notes": [],
     }
 
@@ -111,7 +106,7 @@ def run_inspect(
         out / FILES["position"], sim, position_note(stats, "\n"), f"{name}: position embedding similarity"))
 
     # Fig. 7 right and Fig. 6: attention on real images.
-    if dataset is None and not ck.meta.get("dataset"):
+    if dataset is None and not ck.meta.dataset:
         result["notes"].append("no attention figures: the checkpoint does not say which data set it was trained "
                                "on; pass --dataset to draw them")
     else:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vitcli.errors import VitError, did_you_mean
+from vitcli.models.layers import ACT_LAYERS, MLP_LAYERS
 from vitcli.models.vit import GLOBAL_POOLS
 
 HYBRID_STRIDE = 16  # the R50 stem + stages (3, 4, 9) downsample by 16: the hybrid's effective patch size
@@ -37,6 +38,17 @@ class ModelConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    # The successors' additions (models/vit.py's table says who uses which); defaults are the paper's.
+    reg_tokens: int = 0
+    no_embed_class: bool = False
+    distilled: bool = False
+    init_values: float | None = None
+    pre_norm: bool = False
+    fc_norm: bool | None = None
+    norm_eps: float = 1e-6
+    act_layer: str = "gelu"
+    mlp_layer: str = "mlp"
+    qk_norm: bool = False
     hybrid: bool = False  # fixed by the registered name, never overridden
 
     @property
@@ -51,8 +63,18 @@ class ModelConfig:
         return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens in front of the patches: class, distillation, registers."""
+        return int(self.class_token) + int(self.distilled) + self.reg_tokens
+
+    @property
+    def pos_prefix_tokens(self) -> int:
+        """Prefix tokens that have a slot in the position table (none when no_embed_class)."""
+        return 0 if self.no_embed_class else self.num_prefix_tokens
+
+    @property
     def seq_len(self) -> int:
-        return self.grid_size[0] * self.grid_size[1] + int(self.class_token)
+        return self.grid_size[0] * self.grid_size[1] + self.num_prefix_tokens
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (img_size as a list), ready for JSON / YAML / safetensors metadata."""
@@ -100,6 +122,24 @@ def _global_pool(v: Any) -> str:
     return v
 
 
+def _choice(key: str, choices) -> Any:
+    def check(v: Any) -> str:
+        if v not in choices:
+            raise VitError(f"model.{key} must be one of {', '.join(choices)}, got {v!r}")
+        return v
+    return check
+
+
+def _optional(check) -> Any:
+    return lambda v: None if v is None else check(v)
+
+
+def _positive(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or v <= 0:
+        raise VitError(f"model.{key} must be a positive number, got {v!r}")
+    return float(v)
+
+
 def _mlp_ratio(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or v <= 0:
         raise VitError(f"model.mlp_ratio must be a positive number, got {v!r}")
@@ -122,6 +162,16 @@ OVERRIDES = {
     "drop_rate": lambda v: _rate("drop_rate", v),
     "attn_drop_rate": lambda v: _rate("attn_drop_rate", v),
     "drop_path_rate": lambda v: _rate("drop_path_rate", v),
+    "reg_tokens": lambda v: _int("reg_tokens", v, 0),
+    "no_embed_class": lambda v: _bool("no_embed_class", v),
+    "distilled": lambda v: _bool("distilled", v),
+    "init_values": _optional(lambda v: _positive("init_values", v)),
+    "pre_norm": lambda v: _bool("pre_norm", v),
+    "fc_norm": _optional(lambda v: _bool("fc_norm", v)),
+    "norm_eps": lambda v: _positive("norm_eps", v),
+    "act_layer": _choice("act_layer", tuple(ACT_LAYERS)),
+    "mlp_layer": _choice("mlp_layer", MLP_LAYERS),
+    "qk_norm": lambda v: _bool("qk_norm", v),
 }
 
 
@@ -144,6 +194,12 @@ def check(cfg: ModelConfig) -> None:
         raise VitError(f"model.embed_dim {cfg.embed_dim} must be divisible by model.num_heads {cfg.num_heads}")
     if cfg.global_pool == "token" and not cfg.class_token:
         raise VitError("model.class_token=false needs model.global_pool='avg' (there is no token to pool)")
+    if cfg.distilled and (cfg.global_pool != "token" or cfg.reg_tokens):
+        raise VitError("model.distilled (DeiT's distillation token) needs model.global_pool='token' and no "
+                       "model.reg_tokens: the two heads read the class and distillation tokens")
+    if cfg.mlp_layer == "swiglu_packed" and cfg.mlp_dim % 2:
+        raise VitError(f"a gated MLP needs an even hidden width, got {cfg.mlp_dim} (model.embed_dim x "
+                       "model.mlp_ratio); adjust model.mlp_ratio")
     if cfg.hybrid:
         if cfg.patch_size != HYBRID_STRIDE:
             raise VitError(f"{cfg.name} is a hybrid: its patch size is fixed at {HYBRID_STRIDE} by the ResNet "

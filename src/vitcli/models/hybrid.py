@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitcli.models.vit import VisionTransformer, check_input_size, to_2tuple
+from vitcli.models.layers import check_input_size, to_2tuple
+from vitcli.models.vit import VisionTransformer
 
 STEM_CHANNELS = 64
 STAGE_CHANNELS = (256, 512, 1024, 2048)

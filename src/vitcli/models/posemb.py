@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from vitcli.errors import VitError
-from vitcli.models.vit import to_2tuple
+from vitcli.models.layers import to_2tuple
 
 MODES = ("bicubic", "bilinear", "nearest", "area")
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vitcli.errors import VitError, did_you_mean
+from vitcli.io.meta import Preprocessing
 from vitcli.models.config import ModelConfig, apply_overrides
 from vitcli.models.hybrid import hybrid_vit
 from vitcli.models.vit import VisionTransformer
@@ -25,11 +26,13 @@ Builder = Callable[[ModelConfig], nn.Module]
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A registered model: its default config, how to build it, and the aliases that reach it."""
+    """A registered model: its default config, how to build it, the aliases that reach it, and the
+    preprocessing of its published weights (None: the paper's, mean = std = 0.5)."""
 
     defaults: ModelConfig
     build: Builder
     aliases: tuple[str, ...] = ()
+    preprocess: Preprocessing | None = None
 
 
 _MODELS: dict[str, ModelSpec] = {}
@@ -48,7 +51,7 @@ def build_r50_hybrid(cfg: ModelConfig, layers: Sequence[int] = (3, 4, 9)) -> Vis
 
 def register_model(name: str, *, build: Builder = build_vit,
                    aliases: Mapping[str, Mapping[str, Any]] | Sequence[str] = (),
-                   hybrid: bool = False, **defaults: Any) -> ModelSpec:
+                   hybrid: bool = False, preprocess: Preprocessing | None = None, **defaults: Any) -> ModelSpec:
     """Register `name` with default settings (the create_model override keys) and aliases.
 
     `aliases` is a list of names, or a mapping alias -> default overrides for that alias.
@@ -61,7 +64,7 @@ def register_model(name: str, *, build: Builder = build_vit,
         apply_overrides(cfg, overrides)  # fail at import time, not when a user picks the alias
         if alias.lower() in _ALIASES:
             raise ValueError(f"alias {alias!r} is already registered")
-    spec = ModelSpec(cfg, build, tuple(alias_map))
+    spec = ModelSpec(cfg, build, tuple(alias_map), preprocess)
     _MODELS[name] = spec
     _ALIASES[name.lower()] = (name, {})
     for alias, overrides in alias_map.items():
@@ -112,6 +115,14 @@ def create_model(name: str | ModelConfig | Mapping[str, Any], **overrides: Any) 
     return model
 
 
+def preprocessing(name: str) -> Preprocessing | None:
+    """The registered preprocessing of a model name or alias (None when unknown or the paper's)."""
+    try:
+        return _MODELS[_lookup(name)[0]].preprocess
+    except VitError:
+        return None
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Sorted canonical names matching the fnmatch pattern (case-insensitive); aliases are not listed
     (matching them too made '*h*' hit every '..._patch16_...' alias)."""
@@ -127,7 +138,8 @@ def _count_params(cfg: ModelConfig) -> int:
 
 def model_info(name: str, **overrides: Any) -> dict[str, Any]:
     """Facts about a model: name, params, img_size, patch_size, embed_dim, depth, num_heads, mlp_dim,
-    hybrid, aliases, num_classes, global_pool, seq_len."""
+    hybrid, aliases, num_classes, global_pool, seq_len, family features (prefix tokens, layer scale, ...)
+    and the published preprocessing."""
     cfg = resolve_config(name, **overrides)
     return {
         "name": cfg.name,
@@ -143,4 +155,29 @@ def model_info(name: str, **overrides: Any) -> dict[str, Any]:
         "num_classes": cfg.num_classes,
         "global_pool": cfg.global_pool,
         "seq_len": cfg.seq_len,
+        "prefix_tokens": cfg.num_prefix_tokens,
+        "features": features(cfg),
+        "preprocess": dataclasses.asdict(_MODELS[cfg.name].preprocess or Preprocessing()),
     }
+
+
+def features(cfg: ModelConfig) -> list[str]:
+    """The successors' additions a config uses, in words (empty for the paper's ViT)."""
+    out = []
+    if cfg.distilled:
+        out.append("distillation token")
+    if cfg.reg_tokens:
+        out.append(f"{cfg.reg_tokens} registers")
+    if cfg.init_values:
+        out.append("layer scale")
+    if cfg.pre_norm:
+        out.append("pre-norm")
+    if cfg.global_pool == "map":
+        out.append("MAP head")
+    if cfg.mlp_layer != "mlp":
+        out.append("SwiGLU")
+    if cfg.act_layer != "gelu":
+        out.append(cfg.act_layer)
+    if cfg.qk_norm:
+        out.append("qk-norm")
+    return out

@@ -1,7 +1,18 @@
-"""The Vision Transformer of Dosovitskiy et al. (ICLR 2021), §3.1.
+"""The Vision Transformer of Dosovitskiy et al. (ICLR 2021), §3.1, and the additions of its successors.
 
-Parameter names and shapes equal timm's ``VisionTransformer`` for the same configuration, so state
-dicts move between the two with ``load_state_dict(..., strict=True)`` and no key map.
+Parameter names and shapes equal timm's ``VisionTransformer`` (``VisionTransformerDistilled`` with a
+distillation token) for the same configuration, so state dicts move between the two with
+``load_state_dict(..., strict=True)`` and no key map. Each addition defaults to the paper:
+
+| setting | used by |
+|---|---|
+| dist_token (`distilled`) | DeiT distilled: a second token with its own head, logits averaged |
+| `init_values` (LayerScale) | DeiT III, DINOv2 |
+| `reg_tokens`, `no_embed_class` | DINOv2 with registers; DeiT III (position table without prefix slots) |
+| `global_pool="map"` | SigLIP: an attention-pool head |
+| `pre_norm`, `norm_eps`, `act_layer` | CLIP towers (LayerNorm before the encoder, eps 1e-5, QuickGELU) |
+| `mlp_layer="swiglu_packed"` | DINOv2-g |
+| `qk_norm` | query/key LayerNorm |
 """
 
 from __future__ import annotations
@@ -11,159 +22,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitcli.errors import VitError
+from vitcli.models.layers import AttentionPoolLatent, Block, PatchEmbed
 
-GLOBAL_POOLS = ("token", "avg")
-
-
-def to_2tuple(size: int | Sequence[int]) -> tuple[int, int]:
-    """(h, w) from an int or a 2-sequence."""
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
-
-
-def check_input_size(x: torch.Tensor, img_size: tuple[int, int], in_chans: int) -> None:
-    """Raise VitError when a batch does not have the shape the model was built for."""
-    expected = f"(batch, {in_chans}, {img_size[0]}, {img_size[1]})"
-    if x.ndim != 4:
-        raise VitError(f"expected a batch of images shaped {expected}, got shape {tuple(x.shape)}")
-    if x.shape[1] != in_chans:
-        raise VitError(f"expected images shaped {expected}, got {tuple(x.shape)}; build the model with "
-                       f"in_chans={x.shape[1]} or convert the images")
-    if tuple(x.shape[-2:]) != img_size:
-        h, w = x.shape[-2:]
-        raise VitError(
-            f"expected {img_size[0]}x{img_size[1]} input images, got {h}x{w}; build the model with "
-            f"img_size=({h}, {w}) (recipe: model.img_size) or resize the inputs")
-
-
-class PatchEmbed(nn.Module):
-    """Split the image into non-overlapping patches and project each to embed_dim (a strided conv).
-
-    Args:
-        img_size: input size, int or (h, w); each side must be a multiple of patch_size.
-        patch_size: side of the square patches.
-        in_chans: image channels.
-        embed_dim: token width.
-    """
-
-    def __init__(self, img_size: int | Sequence[int] = 224, patch_size: int = 16, in_chans: int = 3,
-                 embed_dim: int = 768) -> None:
-        super().__init__()
-        self.img_size = to_2tuple(img_size)
-        self.patch_size = to_2tuple(patch_size)
-        self.in_chans = in_chans
-        if any(s % p for s, p in zip(self.img_size, self.patch_size)):
-            raise VitError(
-                f"image size {self.img_size[0]}x{self.img_size[1]} is not a multiple of the patch size "
-                f"{patch_size}; choose img_size divisible by {patch_size}")
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_size(x, self.img_size, self.in_chans)
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection.
-
-    Args:
-        dim: token width.
-        num_heads: heads; dim must be divisible by it.
-        qkv_bias: bias on the qkv projection.
-        attn_drop: dropout on attention weights (training only).
-        proj_drop: dropout after the output projection (the paper's dropout).
-    """
-
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
-
-
-class Mlp(nn.Module):
-    """Two dense layers with a GELU between them.
-
-    Args:
-        dim: input and output width.
-        hidden_dim: inner width (4 x dim in the paper).
-        drop: dropout after each dense layer (the paper's dropout).
-    """
-
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.drop = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop a whole residual branch per sample, rescaling survivors.
-
-    Args:
-        p: probability of dropping the branch.
-    """
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-
-class Block(nn.Module):
-    """Pre-LN transformer encoder block (paper eq. 2-3).
-
-    Args:
-        dim: token width.
-        num_heads: attention heads.
-        mlp_ratio: MLP hidden width / dim.
-        qkv_bias: bias on the qkv projection.
-        attn_drop: attention-weight dropout.
-        drop_path: stochastic depth rate of this block.
-        drop: dropout after every dense layer but qkv (the paper's dropout).
-    """
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, drop_path: float = 0.0, drop: float = 0.0) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
-        self.drop_path1 = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
-        self.drop_path2 = DropPath(drop_path)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+GLOBAL_POOLS = ("token", "avg", "map")
 
 
 class VisionTransformer(nn.Module):
@@ -174,7 +38,8 @@ class VisionTransformer(nn.Module):
         patch_size: patch side (1 for the hybrid, whose patches are CNN feature-map cells).
         in_chans: image channels.
         num_classes: head outputs; 0 gives no head (forward returns pooled features).
-        global_pool: 'token' (class token, the paper's default) or 'avg' (mean of patch tokens).
+        global_pool: 'token' (class token, the paper's default), 'avg' (mean of patch tokens) or 'map'
+            (attention pooling over the patch tokens).
         embed_dim: token width D.
         depth: encoder blocks L.
         num_heads: attention heads.
@@ -188,52 +53,85 @@ class VisionTransformer(nn.Module):
         drop_path_rate: stochastic depth of the last block; rises linearly from 0 over the blocks.
         embed_layer: factory called as embed_layer(img_size=, patch_size=, in_chans=, embed_dim=) that
             returns a module with `grid_size` and `num_patches`; lets the hybrid swap in a CNN.
+        reg_tokens: learned register tokens after the class token (Darcet et al., 2024).
+        no_embed_class: the position table covers the patches only; prefix tokens get no position.
+        distilled: a distillation token after the class token and a second head `head_dist` (DeiT).
+        init_values: LayerScale initial value on every residual branch; None for none.
+        pre_norm: a LayerNorm on the embedded tokens before the encoder, and no patch bias (CLIP).
+        fc_norm: normalise the pooled vector instead of the tokens; None: only for 'avg' pooling.
+        norm_eps: LayerNorm epsilon.
+        act_layer: MLP activation ('gelu', 'gelu_tanh', 'quick_gelu', 'silu').
+        mlp_layer: 'mlp', or 'swiglu_packed' (gated MLP, value and gate in one fc1).
+        qk_norm: LayerNorm over each head's queries and keys.
     """
 
     def __init__(self, img_size: int | Sequence[int] = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "token", embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, class_token: bool = True,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 embed_layer: Callable[..., nn.Module] = PatchEmbed) -> None:
+                 embed_layer: Callable[..., nn.Module] = PatchEmbed, reg_tokens: int = 0,
+                 no_embed_class: bool = False, distilled: bool = False, init_values: float | None = None,
+                 pre_norm: bool = False, fc_norm: bool | None = None, norm_eps: float = 1e-6,
+                 act_layer: str = "gelu", mlp_layer: str = "mlp", qk_norm: bool = False) -> None:
         super().__init__()
         if global_pool not in GLOBAL_POOLS:
             raise VitError(f"global_pool must be one of {', '.join(GLOBAL_POOLS)}, got {global_pool!r}")
         if global_pool == "token" and not class_token:
             raise VitError("global_pool='token' needs the class token; use global_pool='avg' with "
                            "class_token=False")
+        if distilled and (global_pool != "token" or reg_tokens):
+            raise VitError("a distilled ViT (DeiT) pools the class and distillation tokens: it needs "
+                           "global_pool='token' and no register tokens")
         if embed_dim % num_heads:
             raise VitError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.config: Any = None  # set by the registry; a dataclass that rebuilds this model
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.embed_dim = self.num_features = embed_dim
-        self.num_prefix_tokens = 1 if class_token else 0
+        self.num_reg_tokens = reg_tokens
+        self.num_prefix_tokens = int(class_token) + int(distilled) + reg_tokens
+        self.no_embed_class = no_embed_class
+        self.distilled_training = False  # True: a distilled model returns (class logits, dist logits) in training
 
+        # CLIP's towers have no patch bias: their pre-encoder LayerNorm would cancel it.
+        bias = {"bias": False} if pre_norm else {}
         self.patch_embed = embed_layer(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                       embed_dim=embed_dim)
+                                       embed_dim=embed_dim, **bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        # pos_embed includes a slot for the class token (original ViT / timm layout).
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens,
-                                                  embed_dim))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        # The table has a slot per prefix token (original ViT / timm layout) unless no_embed_class.
+        table = self.patch_embed.num_patches + (0 if no_embed_class else self.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(torch.zeros(1, table, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
         # Stochastic depth rises linearly over the blocks; on cpu so it also works under a meta device.
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, attn_drop_rate, rates[i], drop_rate) for i in range(depth)])
-        self.pos_drop = nn.Dropout(drop_rate)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, attn_drop_rate, rates[i], drop_rate,
+                  init_values=init_values, qk_norm=qk_norm, norm_eps=norm_eps, act=act_layer, mlp_layer=mlp_layer)
+            for i in range(depth)])
         # With mean pooling the final LayerNorm moves after the pool (timm's fc_norm).
-        use_fc_norm = global_pool == "avg"
-        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=1e-6)
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
+        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
+        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.attn_pool = (AttentionPoolLatent(embed_dim, num_heads, mlp_ratio, norm_eps=norm_eps, act=act_layer)
+                          if global_pool == "map" else None)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if distilled:
+            self.head_dist = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """timm's default init: trunc-normal(0.02) Linear weights and pos_embed, zero biases."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
+        for token in (self.cls_token, self.reg_token):
+            if token is not None:
+                nn.init.normal_(token, std=1e-6)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -242,13 +140,13 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names conventionally excluded from weight decay (read by timm.optim)."""
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token", "dist_token", "reg_token"}
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups by depth (embeddings, each block, final norm), read by timm.optim's
         layer-wise lr decay: a block's lr is scaled by decay^(depth - its index)."""
         return {
-            "stem": r"^cls_token|^pos_embed|^patch_embed",
+            "stem": r"^cls_token|^dist_token|^reg_token|^pos_embed|^patch_embed|^norm_pre",
             "blocks": r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
         }
 
@@ -256,49 +154,71 @@ class VisionTransformer(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Install a new zero-initialised head (paper §3.2: fine-tuning replaces the prediction head)."""
+        """Install a new zero-initialised head (paper §3.2: fine-tuning replaces the prediction head);
+        a distilled model gets a new `head_dist` too."""
         self.num_classes = num_classes
-        if num_classes > 0:
-            ref = self.pos_embed
-            self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
-        else:
-            self.head = nn.Identity()
+        ref = self.pos_embed
+
+        def zero_head() -> nn.Module:
+            if num_classes <= 0:
+                return nn.Identity()
+            head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+            return head
+
+        self.head = zero_head()
+        if self.dist_token is not None:
+            self.head_dist = zero_head()
         if dataclasses.is_dataclass(self.config):
             self.config = dataclasses.replace(self.config, num_classes=num_classes)
 
+    def embed_tokens(self, patches: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embeddings (B, N, D) -> the encoder's input: position embeddings added, prefix tokens
+        (class, distillation, registers) in front. With `keep` (B, K) patch indices only those patches
+        stay (MAE); the prefix always does. Equals timm's _pos_embed in both table layouts."""
+        pos_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+        x = patches + self.pos_embed[:, pos_prefix:]
+        if keep is not None:
+            x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        tokens = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        if tokens:
+            prefix = torch.cat(tokens, dim=1)
+            if pos_prefix:
+                prefix = prefix + self.pos_embed[:, :pos_prefix]
+            x = torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.pos_drop(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> normalised tokens (B, prefix + patches, D)."""
-        x = self.patch_embed(x)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.pos_drop(x + self.pos_embed)
-        return self.norm(self.blocks(x))
+        return self.encode_patches(self.patch_embed(x))
 
     def encode_patches(self, patches: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Patch embeddings (B, N, D), possibly altered (masked patch prediction), -> normalised tokens.
 
         Each patch gets the position embedding of its grid cell; with `keep` (B, K) patch indices only
-        those patches enter the encoder (MAE), the class token always does. With every patch in grid
+        those patches enter the encoder (MAE), the prefix tokens always do. With every patch in grid
         order this is forward_features on patch_embed's output.
         """
-        prefix = self.num_prefix_tokens
-        x = patches + self.pos_embed[:, prefix:]
-        if keep is not None:
-            x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        if self.cls_token is not None:
-            cls = (self.cls_token + self.pos_embed[:, :prefix]).expand(x.shape[0], -1, -1)
-            x = torch.cat([cls, x], dim=1)
-        return self.norm(self.blocks(self.pos_drop(x)))
+        return self.norm(self.blocks(self.norm_pre(self.embed_tokens(patches, keep))))
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens -> one vector per image: the class token, or the mean of the patch tokens."""
+        """Tokens -> one vector per image: the class token, the mean of the patch tokens, or their
+        attention pool. A distilled model's two tokens are averaged (timm's pre_logits)."""
         if self.global_pool == "avg":
             return x[:, self.num_prefix_tokens:].mean(dim=1)
+        if self.global_pool == "map":
+            return self.attn_pool(x[:, self.num_prefix_tokens:])
+        if self.dist_token is not None:
+            return (x[:, 0] + x[:, 1]) / 2
         return x[:, 0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.dist_token is not None and not pre_logits:
+            cls, dist = self.head(self.head_drop(x[:, 0])), self.head_dist(self.head_drop(x[:, 1]))
+            if self.distilled_training and self.training:
+                return cls, dist  # DeiT's hard-distillation training reads both
+            return (cls + dist) / 2  # inference and plain fine-tuning: the two heads averaged (DeiT)
         x = self.head_drop(self.fc_norm(self.pool(x)))
         return x if pre_logits else self.head(x)
 

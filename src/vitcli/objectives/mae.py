@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vitcli.models.vit import Block
+from vitcli.models.layers import Block
 from vitcli.objectives.patches import Masking, patchify, random_masking
 from vitcli.objectives.selfsup import SelfSupervised
 

@@ -14,11 +14,10 @@ import datasets
 import torch
 
 from vitcli import data as vdata
-from vitcli.engine.resolve import resolve_checkpoint
+from vitcli.engine.resolve import load_for_inference
 from vitcli.engine.runtime import autocast_dtype, pick_device
 from vitcli.errors import VitError
 from vitcli.models import input_channels, input_size
-from vitcli.models.load import model_from_checkpoint
 
 PARTIAL_EXIT_CODE = 4  # predictions written for the readable images; some could not be read (named on stderr)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -72,12 +71,8 @@ def predict(ckpt: str | Path | None, inputs: list[str], *, topk: int = 5, batch_
         raise VitError(f"--batch-size must be positive, got {batch_size}")
     info = info if info is not None else Predictions()
     paths = find_images(inputs)
-    ck, _ = resolve_checkpoint(ckpt, Path(runs_root), say)
-    model, ck = model_from_checkpoint(ck)
-    if not model.num_classes:
-        raise VitError(f"{ck.source} has no classification head (a self-supervised encoder?), so it cannot predict "
-                       "classes. Fine-tune it first: vit finetune --ckpt ... --dataset ...")
-    names = ck.meta.get("class_names") or [str(i) for i in range(model.num_classes)]
+    model, ck, _ = load_for_inference(ckpt, Path(runs_root), say, needs_head="it cannot predict classes")
+    names = ck.meta.class_names or [str(i) for i in range(model.num_classes)]
     dev = pick_device(device)
     amp = autocast_dtype("auto", dev)
     size = input_size(model)
