@@ -44,18 +44,26 @@ def test_no_weight_decay_on_norms_biases_pos_embed_and_tokens():
     assert isinstance(sgd, torch.optim.SGD) and not sgd.param_groups[0]["nesterov"] and sgd.param_groups[0]["momentum"] == 0.9
 
 
-def test_layer_decay_scales_lr_by_depth():
-    model = create_model("vit_pico")  # depth 4
+@pytest.mark.parametrize("name,kw,stem", [
+    ("vit_pico", {}, ["patch_embed.proj.weight", "cls_token", "pos_embed"]),
+    ("vit_pico", dict(distilled=True, init_values=0.1), ["dist_token", "cls_token"]),   # DeiT distilled, LayerScale
+    ("vit_pico", dict(reg_tokens=4, no_embed_class=True, pre_norm=True), ["reg_token", "norm_pre.weight"]),  # DINOv2 reg, CLIP
+    ("vit_s16_dinov3", dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4), ["reg_token", "cls_token"]),
+])
+def test_layer_decay_scales_lr_by_depth(name, kw, stem):
+    model = create_model(name, **kw)  # depth 4
     opt = build_optimizer(model, OptimCfg(name="sgd", lr=1.0, weight_decay=0.0, layer_decay=0.5), torch.device("cpu"))
     scale = {}
     names = {id(p): n for n, p in model.named_parameters()}
     for g in opt.param_groups:
         for p in g["params"]:
             scale[names[id(p)]] = g["lr_scale"]
+    assert set(scale) == set(names.values())
     assert scale["head.weight"] == pytest.approx(1.0)
     assert scale["blocks.3.mlp.fc1.weight"] == pytest.approx(0.5)
     assert scale["blocks.0.mlp.fc1.weight"] == pytest.approx(0.5**4)
-    assert scale["patch_embed.proj.weight"] == pytest.approx(0.5**5)
+    for key in stem + ["patch_embed.proj.weight"]:  # the embeddings and every prefix token: the bottom layer
+        assert scale[key] == pytest.approx(0.5**5), key
 
 
 def test_eval_metrics_equal_a_direct_computation():

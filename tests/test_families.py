@@ -37,6 +37,11 @@ FAMILIES = {
     "siglip_gap": ("vit_base_patch16_siglip_gap_224", dict(SMALL, img_size=32, patch_size=8)),
     "clip": ("vit_base_patch16_clip_224", dict(SMALL, img_size=32, patch_size=8)),
     "clip_quickgelu": ("vit_base_patch16_clip_quickgelu_224", dict(SMALL, img_size=32, patch_size=8)),
+    # timm's Eva class: rotary embeddings
+    "eva02_packed": ("eva02_tiny_patch14_224", dict(SMALL, img_size=32, patch_size=8)),
+    "eva02_swiglu": ("eva02_base_patch14_448", dict(SMALL, img_size=32, patch_size=8)),
+    "eva02_clip": ("eva02_base_patch16_clip_224", dict(SMALL, img_size=32, patch_size=8)),
+    "dinov3": ("vit_small_patch16_dinov3", dict(SMALL, img_size=32, patch_size=8)),
 }
 
 
@@ -90,7 +95,8 @@ def test_bare_file_and_local_dir_give_timms_logits(family, tmp_path):
         assert_same_logits(ours, theirs)
     bare = tmp_path / "bare.safetensors"
     save_file(theirs.state_dict(), str(bare))
-    ours, ck = model_from_checkpoint(bare)
+    # a rotary-only model's file says nothing of its image size: the user gives it (vit finetune --res)
+    ours, ck = model_from_checkpoint(bare, img_size=32 if family == "dinov3" else None)
     if family == "clip_quickgelu":  # nothing in a bare file says QuickGELU: the note says how to ask for it
         assert any("quick_gelu" in n for n in ck.notes)
         ours, ck = model_from_checkpoint(bare, model_args={"act_layer": "quick_gelu"})
@@ -104,6 +110,10 @@ def test_features_are_recognised_from_the_weights(tmp_path):
         "dinov2_swiglu": dict(mlp_layer="swiglu_packed", act_layer="silu"),
         "siglip": dict(global_pool="map", class_token=False), "siglip_gap": dict(global_pool="avg", fc_norm=False),
         "clip": dict(pre_norm=True, norm_eps=1e-5),
+        "eva02_packed": dict(mlp_layer="swiglu_packed", qkv_fused=True, rope_type="cat", rope_ref_grid=[16, 16]),
+        "eva02_swiglu": dict(mlp_layer="swiglu", qkv_fused=False, scale_mlp=True),
+        "eva02_clip": dict(scale_attn_inner=True, global_pool="token"),
+        "dinov3": dict(reg_tokens=4, abs_pos=False, qkv_bias=False, rope_type="dinov3", rope_rotate_half=True),
     }
     for family, want in expect.items():
         path = tmp_path / f"{family}.safetensors"
@@ -147,7 +157,8 @@ def hf_cache(tmp_path, monkeypatch):
 # The real timm names of the smaller members of each family: their architecture is timm's registry's.
 CACHED = ["deit_tiny_distilled_patch16_224.fb_in1k", "deit3_small_patch16_224.fb_in1k",
           "vit_small_patch14_dinov2.lvd142m", "vit_small_patch14_reg4_dinov2.lvd142m",
-          "vit_base_patch16_siglip_224.webli", "vit_base_patch32_clip_quickgelu_224.openai"]
+          "vit_base_patch16_siglip_224.webli", "vit_base_patch32_clip_quickgelu_224.openai",
+          "eva02_tiny_patch14_224.mim_in22k", "vit_small_patch16_dinov3.lvd1689m"]
 
 
 @pytest.mark.slow
@@ -245,6 +256,7 @@ def test_transformers_models_read_with_their_outputs(kind, tmp_path):
 @pytest.mark.parametrize("family,fmt", [
     ("deit_distilled", "timm"), ("deit_distilled", "hf"), ("deit3", "timm"), ("dinov2", "hf"), ("dinov2_reg4", "timm"),
     ("dinov2_reg4", "hf"), ("dinov2_swiglu", "timm"), ("siglip", "timm"), ("siglip_gap", "hf"), ("clip_quickgelu", "timm"),
+    ("eva02_swiglu", "timm"), ("eva02_clip", "timm"), ("dinov3", "timm"),
 ])
 def test_export_round_trip_gives_the_same_logits(family, fmt, tmp_path):
     from vitcli.export import export
@@ -264,7 +276,7 @@ def test_export_round_trip_gives_the_same_logits(family, fmt, tmp_path):
             torch.testing.assert_close(loaded(pixel_values=x).logits, theirs(x), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["siglip", "clip"])
+@pytest.mark.parametrize("family", ["siglip", "clip", "dinov3"])
 def test_hf_export_refused_where_transformers_has_no_such_classifier(family, tmp_path):
     from vitcli.export import export
 
@@ -272,18 +284,24 @@ def test_hf_export_refused_where_transformers_has_no_such_classifier(family, tmp
         export(str(timm_folder(tmp_path, family, small_timm(family))), "hf", tmp_path / "out", say=lambda _: None)
 
 
-def test_the_eva_family_is_refused_with_what_it_lacks(tmp_path):
+@pytest.mark.parametrize("name,what", [
+    ("vit_small_patch16_rope_224", "RoPE-ViT .*bias on the keys"),
+    ("vit_small_patch16_rope_mixed_224", "learned per-layer rotary frequencies"),
+])
+def test_a_family_vitcli_does_not_read_is_refused_with_what_it_lacks(name, what, tmp_path):
+    """timm's RoPE-ViT (Heo et al., 2024) and its RoPE-Mixed variant are the families left out: one message."""
     torch.manual_seed(0)
-    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=1)
-    save_file(eva.state_dict(), str(tmp_path / "eva.safetensors"))
-    with pytest.raises(VitError, match="rotary position embeddings.*EVA-02 / DINOv3"):
-        load_checkpoint(tmp_path / "eva.safetensors")
+    model = timm.create_model(name, pretrained=False, img_size=32, depth=1)
+    save_file(model.state_dict(), str(tmp_path / "rope.safetensors"))
+    with pytest.raises(VitError, match=what):
+        load_checkpoint(tmp_path / "rope.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------------
 # Fine-tuning at a new resolution keeps the prefix tokens
 
-@pytest.mark.parametrize("family,prefix_slots", [("deit_distilled", 2), ("dinov2_reg4", 0), ("deit3", 0)])
+@pytest.mark.parametrize("family,prefix_slots", [("deit_distilled", 2), ("dinov2_reg4", 0), ("deit3", 0),
+                                                  ("eva02_swiglu", 1), ("dinov3", None)])
 def test_new_resolution_resamples_the_grid_and_keeps_prefix_tokens(family, prefix_slots, tmp_path):
     from timm.layers import resample_abs_pos_embed
 
@@ -291,8 +309,11 @@ def test_new_resolution_resamples_the_grid_and_keeps_prefix_tokens(family, prefi
     ours, ck = model_from_checkpoint(timm_folder(tmp_path, family, theirs), img_size=56 if "dinov2" in family else 64,
                                      num_classes=3)
     grid = ours.patch_embed.grid_size
-    expected = resample_abs_pos_embed(theirs.pos_embed, new_size=grid, num_prefix_tokens=prefix_slots)
-    torch.testing.assert_close(ours.pos_embed, expected, atol=1e-6, rtol=0)
+    if prefix_slots is None:  # rotary embeddings only: nothing to resample, the rotations follow the grid
+        assert ours.pos_embed is None and any("rotary" in n for n in ck.notes)
+    else:
+        expected = resample_abs_pos_embed(theirs.pos_embed, new_size=grid, num_prefix_tokens=prefix_slots)
+        torch.testing.assert_close(ours.pos_embed, expected, atol=1e-6, rtol=0)
     for token in ("cls_token", "dist_token", "reg_token"):
         if getattr(theirs, token, None) is not None:
             assert torch.equal(getattr(ours, token), getattr(theirs, token))
@@ -359,3 +380,34 @@ def test_finetune_eval_predict_export_on_digits(family, tmp_path, capsys):
         assert run_cli("export", "--ckpt", str(run), "--format", fmt, "--out", str(out), "--json") == 0
         result = json.loads(capsys.readouterr().out)
         assert result["verified"], (fmt, result)
+
+
+def test_masked_pretraining_of_a_rotary_model_is_one_clear_error(tmp_path, capsys):
+    from test_pretrain import run_cli
+
+    recipe = tmp_path / "mae.yaml"
+    recipe.write_text("# mae on a rotary model: refused before anything starts (vit pretrain)\nobjective: {name: mae}\n"
+                      "model: {name: vit_s16_dinov3, img_size: 32, patch_size: 8, embed_dim: 64, depth: 1, num_heads: 2}\n"
+                      "data: {dataset: digits, num_workers: 0}\ntrain: {steps: 1, batch_size: 8}\n")
+    assert run_cli("pretrain", str(recipe), "--out", str(tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "rotary-embedding ViTs" in err and "Traceback" not in err
+
+
+def test_linear_probe_of_a_distilled_model_trains_both_heads_only(tmp_path):
+    from test_pretrain import run_cli
+
+    torch.manual_seed(0)
+    src = perturbed(timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=8, patch_size=2,
+                                      embed_dim=32, depth=2, num_heads=2, num_classes=3))
+    save_file(src.state_dict(), str(tmp_path / "deit.safetensors"))
+    run = tmp_path / "probe"
+    assert run_cli("finetune", "--ckpt", str(tmp_path / "deit.safetensors"), "--dataset", "digits", "--linear-probe",
+                   "--out", str(run), "--set", "train.steps=3", "--set", "train.batch_size=16", "--set", "optim.lr=0.1",
+                   "--set", "data.num_workers=0", "--set", "data.train_subset=48", "--set", "data.eval_subset=16",
+                   "--set", "schedule.warmup_steps=0") == 0
+    tuned, _ = model_from_checkpoint(run)
+    trained = {k for k, v in tuned.state_dict().items() if k not in src.state_dict() or
+               v.shape != src.state_dict()[k].shape or not torch.equal(v, src.state_dict()[k])}
+    assert trained == {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
+    assert tuned.head_dist.weight.abs().sum() > 0  # started at zero, moved

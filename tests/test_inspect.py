@@ -149,22 +149,46 @@ def test_patch_embedding_pca_equals_numpy_svd():
 # Fig. 7 right and Fig. 6: attention
 
 
-def test_attention_weights_reproduce_the_blocks_own_output():
-    model = tiny(seed=1)
+ROTARY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
+
+
+@pytest.mark.parametrize("name,kw,tokens", [
+    ("vit_pico", {}, 17),
+    ("vit_pico", dict(reg_tokens=4, no_embed_class=True, init_values=0.1, qk_norm=True), 21),
+    ("eva02_b14", dict(ROTARY, scale_attn_inner=True), 17),  # rotary, separate q/k/v, inner norm
+    ("vit_s16_dinov3", ROTARY, 21),  # rotary with half rotation, registers
+])
+def test_attention_weights_reproduce_the_blocks_own_output(name, kw, tokens):
+    model = tiny(seed=1, **kw) if name == "vit_pico" else create_model(name, **kw).eval()
     attn = model.blocks[1].attn
     seen = {}
-    h1 = attn.qkv.register_forward_hook(lambda m, a, out: seen.update(qkv=out))
+    h1 = attn.register_forward_pre_hook(lambda m, a, k: seen.update(x=a[0], kw=k), with_kwargs=True)
     h2 = attn.register_forward_hook(lambda m, a, out: seen.update(out=out))
     with torch.no_grad():
         model(torch.randn(3, 3, 32, 32))
     h1.remove(), h2.remove()
-    weights = ft.attention_from_qkv(seen["qkv"], attn.num_heads)
-    assert weights.shape == (3, 4, 17, 17)
+    with torch.no_grad():
+        weights = ft.attention_weights(attn, seen["x"], **seen["kw"])
+        v = attn.qkv_heads(seen["x"], **seen["kw"])[2]
+    assert weights.shape == (3, 4, tokens, tokens)
     np.testing.assert_allclose(weights.sum(-1).numpy(), 1.0, atol=1e-6)
-    b, n, _ = seen["qkv"].shape
-    v = seen["qkv"].reshape(b, n, 3, attn.num_heads, -1)[:, :, 2].transpose(1, 2)
-    again = attn.proj((weights @ v).transpose(1, 2).reshape(b, n, -1))
+    b, n, _ = seen["x"].shape
+    with torch.no_grad():
+        mixed = (weights @ v).transpose(1, 2).reshape(b, n, -1)
+        again = attn.proj(getattr(attn, "norm", torch.nn.Identity())(mixed))
     torch.testing.assert_close(again, seen["out"], atol=1e-5, rtol=1e-5)
+
+
+def test_registers_are_left_out_of_the_attention_distance_and_rollout():
+    """With uniform attention over 16 patches, a class token and 4 registers, the distance over patch keys
+    is the grid's mean pairwise distance and the class token's rollout spreads over the 4x4 patches only."""
+    model = tiny(reg_tokens=4, no_embed_class=True, init_values=0.1)
+    force_uniform(model)
+    p = probe(model, torch.randn(2, 3, 32, 32), rollout_images=2)
+    np.testing.assert_allclose(p.mean_distance(), brute_mean_distance(4, 4, cell=8.0), rtol=1e-6)
+    maps = p.rollout_maps()
+    assert maps.shape == (2, 4, 4)
+    np.testing.assert_allclose(maps, maps[0, 0, 0], rtol=1e-5)  # the same share from every patch
 
 
 @pytest.mark.parametrize("img_size", [32, (16, 24)])

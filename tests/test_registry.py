@@ -18,7 +18,9 @@ TODAY = ["deit3_b16", "deit3_l16", "deit3_s16", "deit_b16_distilled", "deit_s16_
          "vit_b14_dinov2", "vit_b14_dinov2_reg4", "vit_b16_clip", "vit_b16_clip_quickgelu", "vit_b16_siglip",
          "vit_b16_siglip_gap", "vit_b32_clip", "vit_b32_clip_quickgelu", "vit_g14_dinov2", "vit_g14_dinov2_reg4",
          "vit_l14_clip", "vit_l14_clip_quickgelu", "vit_l14_dinov2", "vit_l14_dinov2_reg4", "vit_l16_siglip",
-         "vit_l16_siglip_gap", "vit_s14_dinov2", "vit_s14_dinov2_reg4", "vit_so400m14_siglip", "vit_so400m14_siglip_gap"]
+         "vit_l16_siglip_gap", "vit_s14_dinov2", "vit_s14_dinov2_reg4", "vit_so400m14_siglip", "vit_so400m14_siglip_gap",
+         "eva02_ti14", "eva02_s14", "eva02_b14", "eva02_l14", "eva02_b16_clip", "eva02_l14_clip",
+         "vit_s16_dinov3", "vit_b16_dinov3", "vit_l16_dinov3", "vit_b16_dinov3_qkvb"]
 ALL = sorted(PAPER + TODAY)
 
 
@@ -28,7 +30,9 @@ def test_list_models_all_sorted():
 
 @pytest.mark.parametrize("pattern, expected", [
     ("vit_b*", ["vit_b14_dinov2", "vit_b14_dinov2_reg4", "vit_b16", "vit_b16_clip", "vit_b16_clip_quickgelu",
-                "vit_b16_siglip", "vit_b16_siglip_gap", "vit_b32", "vit_b32_clip", "vit_b32_clip_quickgelu", "vit_b8"]),
+                "vit_b16_dinov3", "vit_b16_dinov3_qkvb", "vit_b16_siglip", "vit_b16_siglip_gap", "vit_b32",
+                "vit_b32_clip", "vit_b32_clip_quickgelu", "vit_b8"]),
+    ("eva02_*", ["eva02_b14", "eva02_b16_clip", "eva02_l14", "eva02_l14_clip", "eva02_s14", "eva02_ti14"]),
     ("VIT_L??", ["vit_l14", "vit_l16", "vit_l32"]),  # case-insensitive
     ("*16", ["deit3_b16", "deit3_l16", "deit3_s16", "r50_vit_b16", "vit_b16", "vit_l16", "vit_s16", "vit_ti16"]),
     ("*dinov2_reg4", ["vit_b14_dinov2_reg4", "vit_g14_dinov2_reg4", "vit_l14_dinov2_reg4", "vit_s14_dinov2_reg4"]),
@@ -68,7 +72,7 @@ def test_unknown_name_suggests_closest():
         create_model("vit_b61")
     with pytest.raises(VitError, match=r"Did you mean: .*ViT-B/16"):
         resolve_name("ViT-B/15")
-    with pytest.raises(VitError, match="Known models: deit3_b16, .*r50_vit_b16, vit_b14_dinov2, "):
+    with pytest.raises(VitError, match="Known models: deit3_b16, .*eva02_ti14, r50_vit_b16, vit_b14_dinov2, "):
         model_info("resnet50")
 
 

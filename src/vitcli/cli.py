@@ -402,13 +402,15 @@ def models_cmd(
         print(json.dumps(infos, indent=2))
         return
     table = Table(title=f"vitcli models ({len(infos)})")
-    for col in ("name", "paper name", "params", "resolution", "patch", "width", "depth", "heads", "MLP"):
-        table.add_column(col, justify="left" if "name" in col else "right", no_wrap=True)
+    for col in ("name", "paper / timm name", "params", "resolution", "patch", "width", "depth", "heads", "MLP", "pool", "features"):
+        table.add_column(col, justify="left" if col in ("name", "paper / timm name", "pool", "features") else "right", no_wrap=True)
     for i in infos:
         size = i["img_size"]
         res = f"{size}" if isinstance(size, int) else f"{size[0]}x{size[1]}"
-        paper = next((a for a in i.get("aliases", []) if "/" in a), "")
-        table.add_row(i["name"], paper, f"{i['params'] / 1e6:,.1f}M", res, str(i["patch_size"]), str(i["embed_dim"]), str(i["depth"]), str(i["num_heads"]), str(i["mlp_dim"]))
+        aliases = i.get("aliases", [])
+        paper = next((a for a in aliases if "/" in a), aliases[0] if aliases else "")
+        table.add_row(i["name"], paper, f"{i['params'] / 1e6:,.1f}M", res, str(i["patch_size"]), str(i["embed_dim"]),
+                      str(i["depth"]), str(i["num_heads"]), str(i["mlp_dim"]), i["global_pool"], ", ".join(i["features"]))
     # Off a terminal (a pipe, a log) the table keeps its full width instead of squeezing to 80 columns.
     (console if console.is_terminal else Console(width=160)).print(table)
 

@@ -29,14 +29,15 @@ class ModelCfg:
     num_classes: Optional[int] = None  # None: taken from the data set
     img_size: Optional[Union[int, list[int]]] = None  # None: the model's own
     patch_size: Optional[int] = None
-    global_pool: Literal["token", "avg"] = "token"
-    class_token: bool = True
+    # None: the model's own (token for the paper's ViT, map for SigLIP ...); "avg" pools the patch tokens
+    global_pool: Optional[Literal["token", "avg", "map"]] = None
+    class_token: Optional[bool] = None
     in_chans: int = 3
     embed_dim: Optional[int] = None
     depth: Optional[int] = None
     num_heads: Optional[int] = None
     mlp_ratio: Optional[float] = None
-    qkv_bias: bool = True
+    qkv_bias: Optional[bool] = None
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -366,7 +367,8 @@ def validate(r: Recipe) -> None:
     for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
         v = getattr(m, key)
         _check(0.0 <= v < 1.0, f"model.{key}", f"must be in [0, 1); got {v}.")
-    _check(m.class_token or m.global_pool == "avg", "model.class_token", "false needs model.global_pool: avg (there is no class token to pool).")
+    _check(m.class_token is not False or m.global_pool in ("avg", "map"), "model.class_token",
+           "false needs model.global_pool: avg or map (there is no class token to pool).")
 
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0; got {d.num_workers}.")
     for key in ("train_subset", "eval_subset"):

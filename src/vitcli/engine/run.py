@@ -180,7 +180,7 @@ def start_run(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: boo
     model = build_model(recipe.model, data.num_classes, init)
     if t.linear_probe:  # the paper's linear evaluation: a frozen backbone under a trained head
         for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("head."))
+            p.requires_grad_(name.startswith(("head.", "head_dist.")))  # a distilled model has two heads
     model.to(env.device)
     plan = StepPlan.make(t, len(data.train), env.world_size)
     fewshot = fewshot_set(data, recipe, env.device, plan.eval_batch)

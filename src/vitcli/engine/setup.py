@@ -140,8 +140,8 @@ def build_model(cfg: ModelCfg, num_classes: int, init: LoadedCheckpoint | None =
     if init is None:
         return create_model(cfg.name, **model_overrides(cfg, num_classes))
     args = {k: getattr(cfg, k) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")}
-    if cfg.global_pool == "avg":  # asked for (e.g. MAE's fine-tuning); "token", the default, keeps the checkpoint's
-        args["global_pool"] = "avg"
+    if cfg.global_pool is not None:  # asked for (e.g. "avg" for MAE's fine-tuning); unset keeps the checkpoint's
+        args["global_pool"] = cfg.global_pool
     model, _ = model_from_checkpoint(init, img_size=cfg.img_size and tuple(model_img_size(cfg)), patch_size=cfg.patch_size, model_args=args)
     model.reset_classifier(num_classes)
     return model

@@ -166,17 +166,11 @@ def position_structure(sim: np.ndarray, far_from: float = 3.0) -> PositionStruct
 # Fig. 7 right and Fig. 6: attention, from real images
 
 
-def attention_from_qkv(qkv: torch.Tensor, num_heads: int, scale: float | None = None,
-                       attn: nn.Module | None = None) -> torch.Tensor:
-    """(B, N, 3 D) fused qkv output -> (B, heads, N, N) attention weights, softmax(q k^T * scale); with
-    the Attention module `attn`, its per-head query/key norms (qk-norm) are applied first."""
-    b, n, three_d = qkv.shape
-    head_dim = three_d // 3 // num_heads
-    q, k, _ = qkv.float().reshape(b, n, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
-    if attn is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)  # inspect runs in fp32
-    scale = head_dim**-0.5 if scale is None else scale
-    return ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+def attention_weights(attn: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """(B, heads, N, N) attention weights softmax(q k^T / sqrt(head_dim)) of an attention module on its
+    input x, from the module's own queries and keys (`qkv_heads`: qk-norm, rotary embeddings applied)."""
+    q, k, _ = attn.qkv_heads(x.float(), **kwargs)
+    return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)
 
 
 def rollout_step(rollout: torch.Tensor | None, attn: torch.Tensor, residual: bool = True) -> torch.Tensor:
@@ -225,7 +219,7 @@ class AttentionProbe:
     `rollout_images`, it also keeps the attention rollout (Fig. 6) of the first that many images seen.
 
     Args:
-        model: a VisionTransformer (or hybrid); its blocks must have `attn.qkv` and `attn.num_heads`.
+        model: a VisionTransformer, hybrid or Eva; its blocks' `attn` modules must have `qkv_heads`.
         rollout_images: keep the rollout of this many images (the first ones the model sees).
     """
 
@@ -245,7 +239,7 @@ class AttentionProbe:
 
     def __enter__(self) -> AttentionProbe:
         for i, block in enumerate(self.model.blocks):
-            self._handles.append(block.attn.qkv.register_forward_hook(self._hook(i, block.attn)))
+            self._handles.append(block.attn.register_forward_pre_hook(self._hook(i), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -253,9 +247,10 @@ class AttentionProbe:
             h.remove()
         self._handles.clear()
 
-    def _hook(self, index: int, attention: nn.Module):
-        def hook(module: nn.Module, args, output: torch.Tensor) -> None:
-            attn = attention_from_qkv(output.detach(), attention.num_heads, attn=attention)
+    def _hook(self, index: int):
+        def hook(module: nn.Module, args, kwargs) -> None:
+            with torch.no_grad():
+                attn = attention_weights(module, args[0].detach(), **kwargs)
             self._add_distance(index, attn)
             need = self.rollout_images - sum(len(r) for r in self._rollouts)
             if need > 0:

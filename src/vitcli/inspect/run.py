@@ -99,11 +99,14 @@ def run_inspect(
         result["notes"].append("no filter figure: this model's patch embedding projects CNN features, not pixels")
 
     # Fig. 7 centre: the position embeddings.
-    sim = ft.position_similarity(model)
-    stats = ft.position_structure(sim)
-    result["position"] = stats.as_dict()
-    result["figures"]["position"] = str(fg.draw_position_similarity(
-        out / FILES["position"], sim, position_note(stats, "\n"), f"{name}: position embedding similarity"))
+    if getattr(model, "pos_embed", None) is not None:
+        sim = ft.position_similarity(model)
+        stats = ft.position_structure(sim)
+        result["position"] = stats.as_dict()
+        result["figures"]["position"] = str(fg.draw_position_similarity(
+            out / FILES["position"], sim, position_note(stats, "\n"), f"{name}: position embedding similarity"))
+    else:
+        result["notes"].append("no position figure: this model has no learned position table (rotary embeddings only)")
 
     # Fig. 7 right and Fig. 6: attention on real images.
     if dataset is None and not ck.meta.dataset:

@@ -92,7 +92,15 @@ def adapt_checkpoint(ck: LoadedCheckpoint | str | Path, *, img_size: int | tuple
         notes.append("dropped the pre-logits layer and the head behind it")
 
     dst = resolve_config(name, **{**args, **new})
-    pool_before = ck.meta.model_args.get("global_pool", "token")
+    own = resolve_config(name).global_pool  # the checkpoint's pooling: its saved setting, else its model's
+    pool_before = ck.meta.model_args.get("global_pool") or own
+    if dst.global_pool == "map" and pool_before != "map":
+        raise VitError(f"{ck.source} has no attention-pool head to fine-tune with global_pool=map; keep its own "
+                       f"pooling ({pool_before}) or use avg")
+    if pool_before == "map" and dst.global_pool != "map":
+        sd = {k: v for k, v in sd.items() if not k.startswith("attn_pool.")}
+        notes.append(f"global pooling map -> {dst.global_pool}: the attention-pool head was dropped")
+        pool_before = "token"  # its final norm sits on the tokens, where token pooling keeps it
     if dst.global_pool != pool_before and any(k.startswith(("norm.", "fc_norm.")) for k in sd):
         # token pooling normalises all tokens (norm), average pooling the pooled vector (fc_norm): the
         # trained LayerNorm moves to the other slot (MAE re-initialises it; the trained one is a closer start)
@@ -116,6 +124,9 @@ def adapt_checkpoint(ck: LoadedCheckpoint | str | Path, *, img_size: int | tuple
         kept = f", {prefix} prefix slot{'s' * (prefix > 1)} kept" if prefix else ""
         notes.append(f"position embeddings resampled from a {src.grid_size[0]}x{src.grid_size[1]} to a "
                      f"{dst.grid_size[0]}x{dst.grid_size[1]} grid ({interpolation}{kept})")
+    if dst.grid_size != src.grid_size and dst.arch == "eva":
+        notes.append(f"rotary position embeddings: nothing to resample, the rotations follow the "
+                     f"{dst.grid_size[0]}x{dst.grid_size[1]} grid")
     if dst.num_classes != src.num_classes:
         sd = {k: v for k, v in sd.items() if not k.startswith(HEADS)}
         if dst.num_classes > 0:
@@ -165,6 +176,8 @@ def model_from_checkpoint(spec: LoadedCheckpoint | str | Path, *, img_size: int 
         model = create_model(adapted.meta.model, **adapted.meta.model_args)
     _check_fits(model, adapted.state_dict, ck.source)
     model.to_empty(device="cpu")
+    if hasattr(model, "init_non_persistent_buffers"):  # rotary tables and the like are not in a state dict
+        model.init_non_persistent_buffers()
     model.load_state_dict(adapted.state_dict, strict=True)
     if want is not None and want != model.num_classes:
         old = model.num_classes

@@ -49,7 +49,17 @@ class ModelConfig:
     act_layer: str = "gelu"
     mlp_layer: str = "mlp"
     qk_norm: bool = False
+    # Rotary-embedding ViTs (arch "eva": EVA-02, DINOv3; models/eva.py says what each does)
+    rope_type: str = "cat"
+    rope_temperature: float = 10000.0
+    rope_ref_grid: tuple[int, int] | None = None
+    rope_rotate_half: bool = False
+    abs_pos: bool = True
+    qkv_fused: bool = True
+    scale_mlp: bool = False
+    scale_attn_inner: bool = False
     hybrid: bool = False  # fixed by the registered name, never overridden
+    arch: str = "vit"  # "vit" (models/vit.py) or "eva" (models/eva.py); fixed by the registered name
 
     @property
     def mlp_dim(self) -> int:
@@ -80,13 +90,29 @@ class ModelConfig:
         """Plain types only (img_size as a list), ready for JSON / YAML / safetensors metadata."""
         d = dataclasses.asdict(self)
         d["img_size"] = list(self.img_size)
+        if self.rope_ref_grid is not None:
+            d["rope_ref_grid"] = list(self.rope_ref_grid)
         return d
 
     def vit_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for VisionTransformer (everything except name and hybrid)."""
+        """Keyword arguments for VisionTransformer (the rotary settings and name, hybrid, arch left out)."""
         d = dataclasses.asdict(self)
-        del d["name"], d["hybrid"]
+        for key in ("name", "hybrid", "arch", *EVA_ONLY):
+            del d[key]
         return d
+
+    def eva_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for Eva (no distillation token there)."""
+        d = dataclasses.asdict(self)
+        for key in ("name", "hybrid", "arch", "distilled"):
+            del d[key]
+        return d
+
+
+# Settings only the rotary-embedding ViTs (arch "eva") have.
+EVA_ONLY = ("rope_type", "rope_temperature", "rope_ref_grid", "rope_rotate_half", "abs_pos", "qkv_fused",
+            "scale_mlp", "scale_attn_inner")
+ROPE_TYPES = ("cat", "dinov3")
 
 
 def _int(key: str, v: Any, minimum: int) -> int:
@@ -140,6 +166,12 @@ def _positive(key: str, v: Any) -> float:
     return float(v)
 
 
+def _grid(key: str, v: Any) -> tuple[int, int]:
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        return _int(key, v[0], 1), _int(key, v[1], 1)
+    raise VitError(f"model.{key} must be [rows, columns], got {v!r}")
+
+
 def _mlp_ratio(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or v <= 0:
         raise VitError(f"model.mlp_ratio must be a positive number, got {v!r}")
@@ -172,6 +204,14 @@ OVERRIDES = {
     "act_layer": _choice("act_layer", tuple(ACT_LAYERS)),
     "mlp_layer": _choice("mlp_layer", MLP_LAYERS),
     "qk_norm": lambda v: _bool("qk_norm", v),
+    "rope_type": _choice("rope_type", ROPE_TYPES),
+    "rope_temperature": lambda v: _positive("rope_temperature", v),
+    "rope_ref_grid": _optional(lambda v: _grid("rope_ref_grid", v)),
+    "rope_rotate_half": lambda v: _bool("rope_rotate_half", v),
+    "abs_pos": lambda v: _bool("abs_pos", v),
+    "qkv_fused": lambda v: _bool("qkv_fused", v),
+    "scale_mlp": lambda v: _bool("scale_mlp", v),
+    "scale_attn_inner": lambda v: _bool("scale_attn_inner", v),
 }
 
 
@@ -194,10 +234,21 @@ def check(cfg: ModelConfig) -> None:
         raise VitError(f"model.embed_dim {cfg.embed_dim} must be divisible by model.num_heads {cfg.num_heads}")
     if cfg.global_pool == "token" and not cfg.class_token:
         raise VitError("model.class_token=false needs model.global_pool='avg' (there is no token to pool)")
+    plain = ModelConfig(name="")
+    if cfg.arch == "vit" and any(getattr(cfg, k) != getattr(plain, k) for k in EVA_ONLY):
+        changed = [k for k in EVA_ONLY if getattr(cfg, k) != getattr(plain, k)]
+        raise VitError(f"model.{changed[0]} is a setting of the rotary-embedding ViTs (EVA-02, DINOv3: eva02_*, "
+                       f"vit_*_dinov3), not of {cfg.name}")
+    if cfg.arch == "eva" and (cfg.distilled or cfg.mlp_layer == "swiglu_packed" and cfg.scale_mlp):
+        raise VitError(f"{cfg.name} (a rotary-embedding ViT) takes no distillation token, and its packed SwiGLU "
+                       "no inner norm")
+    if cfg.mlp_layer == "swiglu" and cfg.arch != "eva":
+        raise VitError("model.mlp_layer=swiglu (separate gate weights) is the EVA-02 MLP; VisionTransformer models "
+                       "take mlp or swiglu_packed")
     if cfg.distilled and (cfg.global_pool != "token" or cfg.reg_tokens):
         raise VitError("model.distilled (DeiT's distillation token) needs model.global_pool='token' and no "
                        "model.reg_tokens: the two heads read the class and distillation tokens")
-    if cfg.mlp_layer == "swiglu_packed" and cfg.mlp_dim % 2:
+    if cfg.mlp_layer == "swiglu_packed" and cfg.arch == "vit" and cfg.mlp_dim % 2:
         raise VitError(f"a gated MLP needs an even hidden width, got {cfg.mlp_dim} (model.embed_dim x "
                        "model.mlp_ratio); adjust model.mlp_ratio")
     if cfg.hybrid:

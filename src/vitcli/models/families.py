@@ -1,7 +1,9 @@
-"""The ViT families people fine-tune today, registered under short names and timm's names.
+"""The ViT families people fine-tune today, registered under short names and timm's names: DeiT
+(distilled), DeiT III, DINOv2, SigLIP, CLIP, and the rotary-embedding EVA-02 and DINOv3.
 
 Short names follow the paper's: vit_<size><patch> plus the family (`vit_s14_dinov2_reg4`,
-`vit_b16_siglip`, `vit_b16_clip_quickgelu`), `deit_<size><patch>_distilled` and `deit3_<size><patch>`.
+`vit_b16_siglip`, `vit_b16_clip_quickgelu`, `vit_b16_dinov3`), `deit_<size><patch>_distilled`,
+`deit3_<size><patch>` and `eva02_<size><patch>`.
 Each timm name is an alias that presets its input size (`deit3_base_patch16_384` -> img_size 384), so
 `timm:<name>.<tag>` and a timm local-dir folder map onto the same configuration. Architectures and
 preprocessing are those of timm's model definitions and pretrained_cfg.
@@ -10,7 +12,7 @@ preprocessing are those of timm's model definitions and pretrained_cfg.
 from __future__ import annotations
 
 from vitcli.io.meta import Preprocessing
-from vitcli.models.registry import register_model
+from vitcli.models.registry import build_eva, register_model
 from vitcli.models.variants import SIZES
 
 IMAGENET = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic",
@@ -83,7 +85,41 @@ def _clip() -> None:
                        aliases=[f"vit_{long}_patch{patch}_clip_quickgelu_224"], **common)
 
 
+def _eva02() -> None:
+    # EVA-02 (Fang et al., 2024): MIM-pretrained towers with axial RoPE scaled to a 16x16 reference grid
+    # (224/14), SwiGLU (packed for Ti/S; separate gates and an inner LayerNorm for B/L) and a learned table.
+    towers = {
+        "ti": ("tiny", dict(embed_dim=192, depth=12, num_heads=3, mlp_layer="swiglu_packed"), (224, 336)),
+        "s": ("small", dict(embed_dim=384, depth=12, num_heads=6, mlp_layer="swiglu_packed"), (224, 336)),
+        "b": ("base", dict(SIZES["b"][2], mlp_layer="swiglu", qkv_fused=False, scale_mlp=True), (224, 448)),
+        "l": ("large", dict(SIZES["l"][2], mlp_layer="swiglu", qkv_fused=False, scale_mlp=True), (224, 448)),
+    }
+    common = dict(build=build_eva, arch="eva", patch_size=14, mlp_ratio=4 * 2 / 3, rope_type="cat",
+                  rope_ref_grid=(16, 16), global_pool="avg", preprocess=OPENAI_CLIP)
+    for size, (long, arch, sizes) in towers.items():
+        register_model(f"eva02_{size}14", aliases=_aliases(f"eva02_{long}_patch14_{{res}}", sizes, 224), **common, **arch)
+    clip = dict(common, global_pool="token", mlp_layer="swiglu", qkv_fused=False, scale_mlp=True, scale_attn_inner=True)
+    register_model("eva02_b16_clip", aliases=["eva02_base_patch16_clip_224"], **{**clip, "patch_size": 16}, **SIZES["b"][2])
+    register_model("eva02_l14_clip", aliases=_aliases("eva02_large_patch14_clip_{res}", (224, 336), 224), **clip,
+                   **SIZES["l"][2])
+
+
+def _dinov3() -> None:
+    # DINOv3 (Simeoni et al., 2025): 4 registers, LayerScale, RoPE on normalised coordinates (base 100,
+    # half rotation) and no learned position table; timm averages the patch tokens (fc_norm off).
+    common = dict(build=build_eva, arch="eva", patch_size=16, img_size=256, reg_tokens=4, init_values=1e-5,
+                  rope_type="dinov3", rope_temperature=100.0, rope_rotate_half=True, abs_pos=False, fc_norm=False,
+                  global_pool="avg", norm_eps=1e-5, preprocess=DINOV2)
+    for size in ("s", "b", "l"):
+        _, long, dims = SIZES[size]
+        register_model(f"vit_{size}16_dinov3", qkv_bias=False, aliases=[f"vit_{long}_patch16_dinov3"], **common, **dims)
+    register_model("vit_b16_dinov3_qkvb", qkv_bias=True, aliases=["vit_base_patch16_dinov3_qkvb"], **common,
+                   **SIZES["b"][2])
+
+
 _deit()
 _dinov2()
 _siglip()
 _clip()
+_eva02()
+_dinov3()

@@ -16,7 +16,8 @@ from torch import nn
 
 from vitcli.errors import VitError
 
-MLP_LAYERS = ("mlp", "swiglu_packed")  # timm: Mlp, SwiGLUPacked (fc1 holds value and gate side by side)
+# timm: Mlp, SwiGLUPacked (fc1 holds value and gate side by side), SwiGLU (separate fc1_g and fc1_x)
+MLP_LAYERS = ("mlp", "swiglu_packed", "swiglu")
 
 
 class QuickGELU(nn.Module):
@@ -38,6 +39,16 @@ def make_act(name: str) -> nn.Module:
     if name not in ACT_LAYERS:
         raise VitError(f"activation must be one of {', '.join(ACT_LAYERS)}, got {name!r}")
     return ACT_LAYERS[name]()
+
+
+@torch.no_grad()
+def init_linears(module: nn.Module) -> None:
+    """timm's ViT init of every Linear inside `module`: trunc-normal(0.02) weights, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def to_2tuple(size: int | Sequence[int]) -> tuple[int, int]:
@@ -118,10 +129,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values per head, (B, heads, N, head_dim) each, as attention uses them."""
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.q_norm(q), self.k_norm(k), v
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.qkv_heads(x)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
 
@@ -136,15 +152,17 @@ class Mlp(nn.Module):
         act: activation name (ACT_LAYERS).
     """
 
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, act: str = "gelu") -> None:
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, act: str = "gelu", norm: bool = False,
+                 norm_eps: float = 1e-6) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = make_act(act)
         self.drop = nn.Dropout(drop)
+        self.norm = nn.LayerNorm(hidden_dim, eps=norm_eps) if norm else nn.Identity()  # EVA-02's scale_mlp
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop(self.fc2(self.norm(self.drop(self.act(self.fc1(x))))))
 
 
 class PackedGluMlp(nn.Module):
@@ -201,12 +219,44 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
-def make_mlp(kind: str, dim: int, hidden_dim: int, drop: float, act: str) -> nn.Module:
+class SwiGLU(nn.Module):
+    """Gated MLP with separate gate and value projections (timm's SwiGLU, EVA-02): act(fc1_g x) * fc1_x x,
+    an optional LayerNorm on the product (EVA-02's scale_mlp), then fc2.
+
+    Args:
+        dim: input and output width.
+        hidden_dim: width of each of fc1_g and fc1_x.
+        drop: dropout after the gating and after fc2.
+        act: activation of the gate.
+        norm: LayerNorm on the gated product.
+        norm_eps: its epsilon.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, act: str = "silu", norm: bool = False,
+                 norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        self.fc1_g = nn.Linear(dim, hidden_dim)
+        self.fc1_x = nn.Linear(dim, hidden_dim)
+        self.act = make_act(act)
+        self.drop = nn.Dropout(drop)
+        self.norm = nn.LayerNorm(hidden_dim, eps=norm_eps) if norm else nn.Identity()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.norm(self.drop(self.act(self.fc1_g(x)) * self.fc1_x(x)))))
+
+
+def make_mlp(kind: str, dim: int, hidden_dim: int, drop: float, act: str, norm: bool = False,
+             norm_eps: float = 1e-6) -> nn.Module:
+    """The MLP of a block: `mlp`, `swiglu_packed` (hidden_dim = both halves) or `swiglu` (hidden_dim = each
+    gate); `norm` adds EVA-02's LayerNorm before fc2."""
     if kind == "mlp":
-        return Mlp(dim, hidden_dim, drop=drop, act=act)
-    if kind == "swiglu_packed":
+        return Mlp(dim, hidden_dim, drop=drop, act=act, norm=norm, norm_eps=norm_eps)
+    if kind == "swiglu_packed" and not norm:
         return PackedGluMlp(dim, hidden_dim, drop=drop, act=act)
-    raise VitError(f"mlp_layer must be one of {', '.join(MLP_LAYERS)}, got {kind!r}")
+    if kind == "swiglu":
+        return SwiGLU(dim, hidden_dim, drop=drop, act=act, norm=norm, norm_eps=norm_eps)
+    raise VitError(f"mlp_layer must be one of {', '.join(MLP_LAYERS)} (swiglu_packed without an inner norm), got {kind!r}")
 
 
 class Block(nn.Module):

@@ -127,6 +127,8 @@ def _finish(tensors: dict[str, torch.Tensor], saved: dict[str, Any], fmt: str, s
             if img_size is None:
                 raise
             args = infer.infer_model_args(tensors, num_heads=num_heads)  # config size stale: trust the grid
+        if named is not None:  # how the family pools, where the weights allow it
+            args.update(infer.pooling_of(named, args))
         for key in infer.UNSEEN_KEYS:  # what the weights cannot show: the hints', else the named model's
             if key in hints:
                 args[key] = hints[key]

@@ -44,6 +44,13 @@ def build_vit(cfg: ModelConfig) -> VisionTransformer:
     return VisionTransformer(**cfg.vit_kwargs())
 
 
+def build_eva(cfg: ModelConfig) -> nn.Module:
+    """A rotary-embedding ViT (EVA-02, DINOv3) from its config."""
+    from vitcli.models.eva import Eva
+
+    return Eva(**cfg.eva_kwargs())
+
+
 def build_r50_hybrid(cfg: ModelConfig, layers: Sequence[int] = (3, 4, 9)) -> VisionTransformer:
     """R50+ViT: the transformer takes 1x1 patches of the ResNet map (cfg.patch_size is the stride, 16)."""
     return hybrid_vit(layers, **{**cfg.vit_kwargs(), "patch_size": 1})
@@ -51,7 +58,8 @@ def build_r50_hybrid(cfg: ModelConfig, layers: Sequence[int] = (3, 4, 9)) -> Vis
 
 def register_model(name: str, *, build: Builder = build_vit,
                    aliases: Mapping[str, Mapping[str, Any]] | Sequence[str] = (),
-                   hybrid: bool = False, preprocess: Preprocessing | None = None, **defaults: Any) -> ModelSpec:
+                   hybrid: bool = False, arch: str = "vit", preprocess: Preprocessing | None = None,
+                   **defaults: Any) -> ModelSpec:
     """Register `name` with default settings (the create_model override keys) and aliases.
 
     `aliases` is a list of names, or a mapping alias -> default overrides for that alias.
@@ -59,7 +67,7 @@ def register_model(name: str, *, build: Builder = build_vit,
     if name.lower() in _ALIASES:
         raise ValueError(f"model name {name!r} is already registered")
     alias_map = dict(aliases) if isinstance(aliases, Mapping) else {a: {} for a in aliases}
-    cfg = apply_overrides(ModelConfig(name=name, hybrid=hybrid), defaults)
+    cfg = apply_overrides(ModelConfig(name=name, hybrid=hybrid, arch=arch), defaults)
     for alias, overrides in alias_map.items():
         apply_overrides(cfg, overrides)  # fail at import time, not when a user picks the alias
         if alias.lower() in _ALIASES:
@@ -96,6 +104,7 @@ def resolve_config(name: str | ModelConfig | Mapping[str, Any], **overrides: Any
     if isinstance(name, Mapping):
         saved = dict(name)
         saved.pop("hybrid", None)  # fixed by the name
+        saved.pop("arch", None)
         if "name" not in saved:
             raise VitError("a model config needs a 'name'")
         name = saved.pop("name")
@@ -176,8 +185,11 @@ def features(cfg: ModelConfig) -> list[str]:
         out.append("MAP head")
     if cfg.mlp_layer != "mlp":
         out.append("SwiGLU")
-    if cfg.act_layer != "gelu":
+    gate = cfg.mlp_layer != "mlp" and (cfg.arch == "eva" or cfg.act_layer == "silu")  # SwiGLU's own gate is SiLU
+    if cfg.act_layer != "gelu" and not gate:
         out.append(cfg.act_layer)
     if cfg.qk_norm:
         out.append("qk-norm")
+    if cfg.arch == "eva":
+        out.append("RoPE" + ("" if cfg.abs_pos else " only"))
     return out

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from vitcli.errors import VitError
-from vitcli.models.layers import AttentionPoolLatent, Block, PatchEmbed
+from vitcli.models.layers import AttentionPoolLatent, Block, PatchEmbed, init_linears
 
 GLOBAL_POOLS = ("token", "avg", "map")
 
@@ -132,11 +132,7 @@ class VisionTransformer(nn.Module):
                 nn.init.normal_(token, std=1e-6)
         if self.dist_token is not None:
             nn.init.trunc_normal_(self.dist_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names conventionally excluded from weight decay (read by timm.optim)."""

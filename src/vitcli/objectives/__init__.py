@@ -35,6 +35,9 @@ def build_objective(cfg: ObjectiveCfg, model: nn.Module, *, criterion: nn.Module
     if embed is None or not hasattr(embed, "proj") or getattr(getattr(model, "config", None), "hybrid", False):
         raise VitError(f"objective {cfg.name} masks patches of pixels, so it needs a plain ViT; "
                        f"{getattr(model.config, 'name', 'this model')} embeds CNN features. Choose a vit_* model.")
+    if not hasattr(model, "encode_patches"):
+        raise VitError(f"objective {cfg.name} feeds the encoder masked patch tokens, which vitcli's rotary-embedding "
+                       f"ViTs ({model.config.name}) do not take yet; pretrain a vit_* model, or fine-tune this one")
     patch = embed.patch_size[0]
     if cfg.name == "mae":
         if cfg.decoder_dim % 4:

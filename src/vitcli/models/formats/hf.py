@@ -216,6 +216,8 @@ def export_model(cfg: Any, class_names: list[str]) -> tuple[Any, Layout]:
                   image_size=h, patch_size=cfg.patch_size, num_channels=cfg.in_chans, layer_norm_eps=cfg.norm_eps,
                   hidden_act={v: k for k, v in reversed(list(ACTS.items()))}[cfg.act_layer])
     plain = not (cfg.reg_tokens or cfg.init_values or cfg.pre_norm or cfg.qk_norm or cfg.mlp_layer != "mlp")
+    if cfg.arch == "eva":
+        raise _no_class(cfg, "transformers has no classifier with EVA-02's or DINOv3's rotary embeddings in timm's layout")
     if cfg.hybrid or h != w or cfg.qk_norm or cfg.mlp_layer != "mlp":
         raise _no_class(cfg, "hybrids, non-square inputs, qk-norm and gated MLPs have no transformers class")
     if cfg.distilled and plain:

@@ -169,7 +169,7 @@ def hub_snapshot(repo: str) -> Path:
 
 # What a timm config.json's model_args cannot carry (a class, a layer type, a LayerNorm with another eps):
 # the export names a timm architecture of the same family, which fixes them.
-FAMILY_KEYS = ("hybrid", "distilled", "mlp_layer", "norm_eps", "pre_norm")
+FAMILY_KEYS = ("arch", "hybrid", "distilled", "mlp_layer", "norm_eps", "pre_norm")
 
 
 def timm_architecture(cfg: Any) -> tuple[str, dict[str, Any]]:
@@ -182,12 +182,15 @@ def timm_architecture(cfg: Any) -> tuple[str, dict[str, Any]]:
     args: dict[str, Any] = {"img_size": list(cfg.img_size), "num_classes": cfg.num_classes, "global_pool": cfg.global_pool}
     if cfg.hybrid:
         return next(a for a in model_info(cfg.name)["aliases"] if a.endswith("_224")), args
-    args.update(patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim, depth=cfg.depth,
-                num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, class_token=cfg.class_token,
-                no_embed_class=cfg.no_embed_class, init_values=cfg.init_values, pre_norm=cfg.pre_norm,
-                fc_norm=cfg.fc_norm, qk_norm=cfg.qk_norm, act_layer=cfg.act_layer)
-    if not cfg.distilled:
-        args["reg_tokens"] = cfg.reg_tokens
+    if cfg.arch == "eva":
+        args = _eva_args(cfg)
+    else:
+        args.update(patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                    num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, class_token=cfg.class_token,
+                    no_embed_class=cfg.no_embed_class, init_values=cfg.init_values, pre_norm=cfg.pre_norm,
+                    fc_norm=cfg.fc_norm, qk_norm=cfg.qk_norm, act_layer=cfg.act_layer)
+        if not cfg.distilled:
+            args["reg_tokens"] = cfg.reg_tokens
     # its own name first, then the plainest of its family (a paper ViT before DeiT III for vit_pico)
     for name in sorted(list_models(), key=lambda n: (n != cfg.name, len(features(resolve_config(n))), n)):
         other = resolve_config(name)
@@ -196,3 +199,17 @@ def timm_architecture(cfg: Any) -> tuple[str, dict[str, Any]]:
             return timm_names[0], args
     raise VitError(f"no timm architecture has {cfg.name}'s layout "
                    f"({', '.join(f'{k}={getattr(cfg, k)}' for k in FAMILY_KEYS)})")
+
+
+def _eva_args(cfg: Any) -> dict[str, Any]:
+    """timm's Eva arguments for a rotary-embedding config (its own names for the same settings)."""
+    return dict(img_size=list(cfg.img_size), num_classes=cfg.num_classes, global_pool=cfg.global_pool,
+                patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, qkv_fused=cfg.qkv_fused,
+                qk_norm=cfg.qk_norm, swiglu_mlp=cfg.mlp_layer != "mlp", scale_mlp=cfg.scale_mlp,
+                scale_attn_inner=cfg.scale_attn_inner, init_values=cfg.init_values, class_token=cfg.class_token,
+                num_reg_tokens=cfg.reg_tokens, no_embed_class=cfg.no_embed_class, use_abs_pos_emb=cfg.abs_pos,
+                use_rot_pos_emb=True, rope_type=cfg.rope_type, rope_temperature=cfg.rope_temperature,
+                rope_rotate_half=cfg.rope_rotate_half,
+                ref_feat_shape=list(cfg.rope_ref_grid) if cfg.rope_ref_grid else None,
+                use_pre_transformer_norm=cfg.pre_norm, use_fc_norm=cfg.fc_norm)
