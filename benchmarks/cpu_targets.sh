@@ -36,7 +36,7 @@ wait_quiet() {  # until the cores are idle (< QUIET % busy over 5 s), at most WA
 
 run() {  # run NAME ARGS...: one `vit bench --json` per repeat
   local name=$1; shift
-  case "$ONLY" in all|*"$name"*) ;; *) return ;; esac
+  [ "$ONLY" = all ] || case "$name" in *"$ONLY"*) ;; *) return 0 ;; esac  # ONLY=pico: the runs whose name has it
   for i in $(seq 1 "$REPEAT"); do
     wait_quiet
     echo "== $name #$i (load $(cut -d' ' -f1 /proc/loadavg)): vit bench $*" >&2
@@ -57,4 +57,15 @@ run s16-infer-b32   vit_s16 --mode infer --batch-size 32 --steps 10 --compare ti
 # The input pipeline of the quickstart (main process, as its recipe) and with 2 workers.
 run digits-data-w0  --data digits --res 8 --batch-size 64 --num-workers 0 --steps 60
 run digits-data-w2  --data digits --res 8 --batch-size 64 --num-workers 2 --steps 60
+# Today's families against timm's own definitions (ONLY=fam for these alone), at 224.
+run fam-deit-distilled-infer deit_s16_distilled --mode infer --batch-size 8 --steps 3 --compare timm
+run fam-deit3-infer          deit3_s16 --mode infer --batch-size 8 --steps 3 --compare timm
+run fam-dinov2-reg4-infer    vit_s14_dinov2_reg4 --res 224 --mode infer --batch-size 8 --steps 3 --compare timm
+run fam-siglip-infer         vit_b16_siglip --mode infer --batch-size 8 --steps 3 --compare timm
+run fam-clip-infer           vit_b32_clip_quickgelu --mode infer --batch-size 8 --steps 3 --compare timm
+run fam-eva02-infer          eva02_s14 --mode infer --batch-size 8 --steps 3 --compare timm
+run fam-dinov3-infer         vit_s16_dinov3 --res 224 --mode infer --batch-size 8 --steps 3 --compare timm
+run fam-dinov2-reg4-train    vit_s14_dinov2_reg4 --res 224 --mode train --batch-size 8 --steps 2 --compare timm
+run fam-eva02-train          eva02_s14 --mode train --batch-size 8 --steps 2 --compare timm
+run fam-dinov3-train         vit_s16_dinov3 --res 224 --mode train --batch-size 8 --steps 2 --compare timm
 echo "results in $OUT" >&2

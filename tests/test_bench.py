@@ -248,3 +248,18 @@ def test_the_load_note_warns_only_when_other_work_ran_before_the_bench(capsys, m
         print_bench(r, console)
         text = console.export_text()
         assert f"load average {load[0]:.2f} before" in text and ("expect noisy times" in text) == noisy
+
+
+def test_flops_of_an_attention_pool_head_are_counted_in_inference_mode_as_timms():
+    """SigLIP's pool expands a parameter inside inference_mode, which FlopCounterMode's module tracker cannot
+    follow; the count (global totals only) still equals timm's for the same model."""
+    import timm
+
+    cfg = resolve_config("vit_b16_siglip", img_size=32, depth=2, embed_dim=64, num_heads=2, num_classes=5)
+    ours = create_model(cfg).eval()
+    theirs = timm.create_model("vit_base_patch16_siglip_224", img_size=32, depth=2, embed_dim=64, num_heads=2,
+                               num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        counts = [count_flops(lambda m=m: m(x)) for m in (ours, theirs)]
+    assert counts[0] == counts[1] and counts[0][0] > closed_form(cfg, 2, train=False) - 2 * 2 * 64 * 5

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import socket
 
+import numpy as np
+
 import pytest
 import timm
 import torch
@@ -360,9 +362,10 @@ def test_finetune_eval_predict_export_on_digits(family, tmp_path, capsys):
     assert not torch.equal(tuned.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)  # it trained
 
     capsys.readouterr()
-    assert run_cli("eval", "--ckpt", str(run), "--json") == 0
+    assert run_cli("eval", "--ckpt", str(run), "--json", "--fewshot", "1,2") == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["img_size"] == [16, 16] and metrics["num_images"] > 0 and 0.0 <= metrics["top1"] <= 1.0
+    assert set(metrics["fewshot"]) == {"1", "2"}
 
     images_dir = tmp_path / "pngs"
     from vitcli.data import load_split
@@ -392,6 +395,33 @@ def test_masked_pretraining_of_a_rotary_model_is_one_clear_error(tmp_path, capsy
     assert run_cli("pretrain", str(recipe), "--out", str(tmp_path / "run")) == 2
     err = capsys.readouterr().err
     assert "rotary-embedding ViTs" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("family", ["deit_distilled", "dinov2_reg4", "siglip", "eva02_clip"])
+def test_few_shot_features_are_the_models_pre_logits(family):
+    """vit eval --fewshot reads the head's input: timm's forward_head(pre_logits=True), which for a
+    distilled model averages the class and distillation tokens."""
+    from vitcli.engine.evalrun import FeatureCapture
+
+    theirs = small_timm(family)
+    ours, _ = model_from_checkpoint_of(theirs)
+    capture = FeatureCapture(ours)
+    x = images(theirs, 3)
+    with torch.no_grad():
+        ours(x)
+        capture.add_labels(None, torch.zeros(3, dtype=torch.long))
+        expected = theirs.forward_head(theirs.forward_features(x), pre_logits=True)
+    feats, _ = capture.arrays()
+    np.testing.assert_allclose(feats, expected.numpy(), atol=1e-5)
+
+
+def model_from_checkpoint_of(model: torch.nn.Module):
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp()) / "w.safetensors"
+    save_file(model.state_dict(), str(path))
+    return model_from_checkpoint(path)
 
 
 def test_linear_probe_of_a_distilled_model_trains_both_heads_only(tmp_path):

@@ -38,9 +38,25 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=_custom_mapping())
 
 
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's per-module tracker: only the global totals are read, and the tracker's
+    hooks fail on a view of a parameter taken under inference_mode (an attention pool's expanded latent
+    query, SigLIP's in timm as in vitcli)."""
+
+    parents = {"Global"}
+
+    def __enter__(self) -> _GlobalOnly:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
 def count_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
     """Run fn once under the counter: (total FLOPs, FLOPs per aten op name)."""
-    with flop_counter() as counter:
+    counter = flop_counter()
+    counter.mod_tracker = _GlobalOnly()
+    with counter:
         fn()
     per_op = {str(op).removeprefix("aten."): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     return int(counter.get_total_flops()), per_op

@@ -204,23 +204,29 @@ class FeatureCapture:
 
     def __init__(self, model: torch.nn.Module) -> None:
         head = model.get_classifier() if hasattr(model, "get_classifier") else model.head
-        self._feats: list[torch.Tensor] = []
+        # a distilled model's pre-logits are its two heads' inputs averaged (DeiT, timm's pre_logits)
+        heads = [head] + ([model.head_dist] if getattr(model, "dist_token", None) is not None else [])
+        self._per_head: list[list[torch.Tensor]] = [[] for _ in heads]
         self._labels: list[torch.Tensor] = []
-        self._handle = head.register_forward_pre_hook(self._hook)
+        self._handles = [h.register_forward_pre_hook(self._hook(i)) for i, h in enumerate(heads)]
 
-    def _hook(self, module, args) -> None:
-        self._feats.append(args[0].detach().float().cpu())
+    def _hook(self, index: int):
+        def hook(module, args) -> None:
+            self._per_head[index].append(args[0].detach().float().cpu())
+        return hook
 
     def add_labels(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self._labels.append(labels.cpu())
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        if not self._feats:
+        if not self._per_head[0]:
             return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
-        return torch.cat(self._feats).numpy(), torch.cat(self._labels).numpy()
+        feats = torch.stack([torch.cat(f) for f in self._per_head]).mean(dim=0)
+        return feats.numpy(), torch.cat(self._labels).numpy()
 
     def close(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
 
 def _callbacks(log, capture, progress, total: int):
