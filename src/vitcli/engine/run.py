@@ -30,6 +30,7 @@ from vitcli.engine.step import StepParts, StepResult, build_step
 from vitcli.io.checkpoint import LoadedStep, newest_loadable, read_state, read_weights, save_checkpoint, staging_dir
 from vitcli.io.paths import write_text
 from vitcli.io.rundir import CHECKPOINTS, SHARDED, STATE, SUMMARY_FILE, WEIGHTS
+from vitcli.io.runlock import RunLock
 from vitcli.io.sharded import consolidate_checkpoint, load_full_optimizer, load_sharded, save_sharded
 from vitcli.models.load import LoadedCheckpoint, load_checkpoint
 from vitcli.recipe import Recipe
@@ -51,6 +52,12 @@ class TrainingRun:
     logger: RunLogger
     progress: ProgressDisplay
     say: Callable[..., Any]
+    lock: RunLock | None = None  # rank 0's hold on the run directory
+
+    def release(self) -> None:
+        """Give up the run directory (the process's exit does it too)."""
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -129,8 +136,10 @@ class TrainingRun:
         cluster.barrier(env)
 
     def close(self) -> None:
+        """The end of training, however it ends: display, logs, and the run directory's lock."""
         self.progress.stop()
         self.logger.close()
+        self.release()
 
     def finish(self) -> dict[str, Any]:
         """Write summary.json (rank 0) and return it; a sharded best checkpoint is consolidated first."""
@@ -164,8 +173,23 @@ def start_run(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: boo
     """Build (or, resuming, rebuild at its last checkpoint) the run in run_dir. `init`: the recipe's
     model.init_ckpt already read by the caller (read here otherwise)."""
     console = console or Console()
-    state = TrainState()
     env = cluster.init(recipe.train.device)
+    held: list[RunLock] = []
+    # rank 0 locks the run directory before it looks at it: a second process is refused untouched
+    cluster.on_main(env, lambda: held.append(RunLock.acquire(run_dir)))
+    try:
+        run = _start(recipe, run_dir, env, console, resume=resume, force=force, init=init)
+    except BaseException:
+        for lock in held:
+            lock.release(aborted=True)
+        raise
+    run.lock = held[0] if held else None
+    return run
+
+
+def _start(recipe: Recipe, run_dir: Path, env: DistEnv, console: Console, *, resume: bool, force: bool,
+           init: LoadedCheckpoint | None) -> TrainingRun:
+    state = TrainState()
     say = env.say(console.print)
     # rank 0 prepares the run directory; every rank then uses its answer
     recipe, resuming, run_dir = cluster.on_main(env, lambda: _open(run_dir, recipe, resume, force, say))

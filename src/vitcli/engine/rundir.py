@@ -11,6 +11,7 @@ import yaml
 from vitcli.errors import VitError
 from vitcli.io.paths import make_dirs, writable_dir, write_text
 from vitcli.io.rundir import RECIPE_FILE, is_run
+from vitcli.io.runlock import entries
 from vitcli.recipe import Recipe, load_recipe
 
 
@@ -25,10 +26,11 @@ def open_run_dir(run_dir: Path, recipe: Recipe, *, resume: bool, force: bool, sa
     """
     writable_dir(run_dir, "--out")  # a file in the way, no permission, a read-only disk: before any work
     if force and run_dir.exists():
-        if any(run_dir.iterdir()) and not is_run(run_dir):
+        if entries(run_dir) and not is_run(run_dir):
             raise VitError(f"--out {run_dir} is not empty and is not a vitcli run; --force only replaces runs. Choose another --out.")
-        shutil.rmtree(run_dir)
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+        for path in entries(run_dir):  # everything but the lock this process holds
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    if run_dir.is_dir() and entries(run_dir):
         if not is_run(run_dir):
             raise VitError(f"--out {run_dir} is not empty and holds no vitcli run. Choose an empty or new directory.")
         saved = load_recipe(run_dir / RECIPE_FILE)
