@@ -120,3 +120,30 @@ def test_eval_cli_json_on_the_run(pretrained, capsys):
     result = json.loads(capsys.readouterr().out)
     assert {"top1", "top5", "loss", "num_images", "images_per_second"} <= set(result)
     assert result["num_images"] == 360 and 0 <= result["top1"] <= 1 and result["dataset"] == "digits"
+
+
+def test_the_trained_head_is_kept_for_the_checkpoints_own_classes_unless_new_head(pretrained):
+    from vitcli.engine.setup import keeps_head
+
+    src = load_checkpoint(pretrained)
+    names = src.meta.class_names
+    assert src.meta.dataset == "digits" and len(names) == 10
+    recipe = load_recipe(None, ["train.steps=1", f"model.init_ckpt={pretrained}", "model.img_size=16", "data.dataset=digits"])
+    assert keeps_head(recipe.model, src, "digits", names)
+    kept = build_model(recipe.model, num_classes=10, init=src, keep_head=True)
+    assert torch.equal(kept.head.weight, src.state_dict["head.weight"])  # trained, not zero
+    # --new-head, another data set, other class names: the paper's zero-initialised head
+    forced = load_recipe(None, ["train.steps=1", f"model.init_ckpt={pretrained}", "data.dataset=digits", "model.new_head=true"])
+    assert not keeps_head(forced.model, src, "digits", names)
+    assert not keeps_head(recipe.model, src, "cifar10", names)
+    assert not keeps_head(recipe.model, src, "digits", [f"d{i}" for i in range(10)])
+    new = build_model(recipe.model, num_classes=10, init=src, keep_head=False)
+    assert torch.count_nonzero(new.head.weight) == 0
+
+
+def test_finetune_cli_says_it_keeps_the_head(pretrained, tmp_path, capsys):
+    out = tmp_path / "kept"
+    assert run_cli("finetune", "--ckpt", str(pretrained), "--out", str(out), *FT) == 0
+    assert "Keeping the checkpoint's trained head" in capsys.readouterr().out
+    assert run_cli("finetune", "--ckpt", str(pretrained), "--out", str(tmp_path / "new"), "--new-head", *FT) == 0
+    assert "Keeping" not in capsys.readouterr().out

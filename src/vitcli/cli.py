@@ -61,10 +61,10 @@ def pretrain(
 
 
 def _overrides(set_: list[str] | None, *, device: str | None = None, keep: int | None = None,
-               layer_decay: float | None = None, linear_probe: bool = False) -> list[str]:
+               layer_decay: float | None = None, linear_probe: bool = False, new_head: bool = False) -> list[str]:
     """The recipe overrides of a command: its --set items, then the dedicated flags that map onto fields."""
     flags = {"train.device": device, "train.keep": keep, "optim.layer_decay": layer_decay,
-             "train.linear_probe": "true" if linear_probe else None}
+             "train.linear_probe": "true" if linear_probe else None, "model.new_head": "true" if new_head else None}
     return [*(set_ or []), *(f"{key}={value}" for key, value in flags.items() if value is not None)]
 
 
@@ -119,6 +119,7 @@ def finetune(
     lr_sweep: Optional[str] = typer.Option(None, "--lr-sweep", help="Try these rates on a held-out 10% first, e.g. 0.001,0.003,0.01,0.03."),
     layer_decay: Optional[float] = typer.Option(None, "--layer-decay", help="Layer-wise lr decay, e.g. 0.75."),
     linear_probe: bool = typer.Option(False, "--linear-probe", help="Train only the new head on a frozen backbone."),
+    new_head: bool = typer.Option(False, "--new-head", help="A zero-initialised head even when the classes are the checkpoint's own (kept by default)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Delete the run already in --out and start again."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda."),
@@ -128,7 +129,8 @@ def finetune(
     from vitcli.engine.finetune import build_finetune_recipe, finetune as run_finetune
     from vitcli.io.rundir import default_run_dir
 
-    overrides = _overrides(set_, device=device, keep=keep, layer_decay=layer_decay, linear_probe=linear_probe)
+    overrides = _overrides(set_, device=device, keep=keep, layer_decay=layer_decay, linear_probe=linear_probe,
+                           new_head=new_head)
     plan = build_finetune_recipe(ckpt, res=_parse_res(res), dataset=dataset, recipe_path=recipe, overrides=overrides)
     for note in plan.init.notes:
         console.print(f"[dim]{note}[/]")

@@ -41,6 +41,9 @@ class ModelCfg:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    # Fine-tuning: a head trained on the very classes being fine-tuned on (same data set, same class names)
+    # is kept; true replaces it by a zero-initialised one anyway (the paper's §3.2 head for new classes).
+    new_head: bool = False
 
 
 @dataclass

@@ -24,7 +24,8 @@ from vitcli.engine.logger import ProgressDisplay, RunLogger
 from vitcli.engine.plan import StepPlan
 from vitcli.engine.rundir import create_run_dir, open_run_dir
 from vitcli.engine.runtime import autocast_dtype, configure_device
-from vitcli.engine.setup import RunData, build_data, build_model, build_objective, checkpoint_meta, precheck
+from vitcli.engine.setup import (RunData, build_data, build_model, build_objective, checkpoint_meta, keeps_head,
+                                 precheck)
 from vitcli.engine.state import TrainState
 from vitcli.engine.step import StepParts, StepResult, build_step
 from vitcli.io.checkpoint import LoadedStep, newest_loadable, read_state, read_weights, save_checkpoint, staging_dir
@@ -201,7 +202,11 @@ def _start(recipe: Recipe, run_dir: Path, env: DistEnv, console: Console, *, res
         if init is None and recipe.model.init_ckpt:
             init = load_checkpoint(recipe.model.init_ckpt)
         data = build_data(recipe, init, say)
-    model = build_model(recipe.model, data.num_classes, init)
+    keep_head = not resuming and keeps_head(recipe.model, init, recipe.data.dataset, data.class_names)
+    model = build_model(recipe.model, data.num_classes, init, keep_head=keep_head)
+    if keep_head:
+        say(f"Keeping the checkpoint's trained head: its {data.num_classes} classes are {data.name}'s own "
+            "(--new-head starts a zero-initialised one).")
     if t.linear_probe:  # the paper's linear evaluation: a frozen backbone under a trained head
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(("head.", "head_dist.")))  # a distilled model has two heads

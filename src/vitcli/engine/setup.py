@@ -128,22 +128,33 @@ def _stratify(labels: np.ndarray, fraction: float) -> np.ndarray | None:
 def model_overrides(cfg: ModelCfg, num_classes: int) -> dict[str, Any]:
     """The recipe's model fields as create_model overrides; unset (None) fields keep the model's own."""
     fields = dataclasses.asdict(cfg)
-    for key in ("name", "init_ckpt"):
+    for key in ("name", "init_ckpt", "new_head"):
         fields.pop(key)
     fields["num_classes"] = num_classes
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in fields.items() if v is not None}
 
 
-def build_model(cfg: ModelCfg, num_classes: int, init: LoadedCheckpoint | None = None) -> torch.nn.Module:
+def keeps_head(cfg: ModelCfg, init: LoadedCheckpoint | None, dataset: str, class_names: list[str] | None) -> bool:
+    """Whether fine-tuning keeps the checkpoint's trained head: its classes are the ones trained on now (same
+    data set, same class names), as DeiT and timm fine-tune at a higher resolution, unless model.new_head."""
+    if init is None or cfg.new_head or not class_names:
+        return False
+    return init.meta.dataset == dataset and init.meta.class_names == list(class_names)
+
+
+def build_model(cfg: ModelCfg, num_classes: int, init: LoadedCheckpoint | None = None,
+                keep_head: bool = False) -> torch.nn.Module:
     """A fresh model, or (fine-tuning) the init checkpoint's model resampled to the recipe's
-    resolution/patch size with its head replaced by a zero-initialised one (paper §3.2)."""
+    resolution/patch size with its head replaced by a zero-initialised one (paper §3.2), unless
+    `keep_head` (the same classes: see keeps_head)."""
     if init is None:
         return create_model(cfg.name, **model_overrides(cfg, num_classes))
     args = {k: getattr(cfg, k) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")}
     if cfg.global_pool is not None:  # asked for (e.g. "avg" for MAE's fine-tuning); unset keeps the checkpoint's
         args["global_pool"] = cfg.global_pool
     model, _ = model_from_checkpoint(init, img_size=cfg.img_size and tuple(model_img_size(cfg)), patch_size=cfg.patch_size, model_args=args)
-    model.reset_classifier(num_classes)
+    if not (keep_head and model.num_classes == num_classes):
+        model.reset_classifier(num_classes)
     return model
 
 
