@@ -28,22 +28,25 @@ from vitcli.models.load import load_checkpoint
 ATOL = 1e-4
 SMALL = dict(embed_dim=128, depth=2, num_heads=2, num_classes=5)  # head width 64: a bare file says no head count
 
+P8 = dict(SMALL, img_size=32, patch_size=8)  # a 4x4 grid
+P7 = dict(SMALL, img_size=28, patch_size=7)  # DINOv2's patch 14 halved
+
 # family -> (timm name, small settings: the family's own layout at a test size)
 FAMILIES = {
-    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(SMALL, img_size=32, patch_size=8)),
-    "deit3": ("deit3_small_patch16_224", dict(SMALL, img_size=32, patch_size=8)),
-    "dinov2": ("vit_small_patch14_dinov2", dict(SMALL, img_size=28, patch_size=7)),
-    "dinov2_reg4": ("vit_small_patch14_reg4_dinov2", dict(SMALL, img_size=28, patch_size=7)),
-    "dinov2_swiglu": ("vit_giant_patch14_dinov2", dict(SMALL, img_size=28, patch_size=7)),
-    "siglip": ("vit_base_patch16_siglip_224", dict(SMALL, img_size=32, patch_size=8)),
-    "siglip_gap": ("vit_base_patch16_siglip_gap_224", dict(SMALL, img_size=32, patch_size=8)),
-    "clip": ("vit_base_patch16_clip_224", dict(SMALL, img_size=32, patch_size=8)),
-    "clip_quickgelu": ("vit_base_patch16_clip_quickgelu_224", dict(SMALL, img_size=32, patch_size=8)),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", P8),
+    "deit3": ("deit3_small_patch16_224", P8),
+    "dinov2": ("vit_small_patch14_dinov2", P7),
+    "dinov2_reg4": ("vit_small_patch14_reg4_dinov2", P7),
+    "dinov2_swiglu": ("vit_giant_patch14_dinov2", P7),
+    "siglip": ("vit_base_patch16_siglip_224", P8),
+    "siglip_gap": ("vit_base_patch16_siglip_gap_224", P8),
+    "clip": ("vit_base_patch16_clip_224", P8),
+    "clip_quickgelu": ("vit_base_patch16_clip_quickgelu_224", P8),
     # timm's Eva class: rotary embeddings
-    "eva02_packed": ("eva02_tiny_patch14_224", dict(SMALL, img_size=32, patch_size=8)),
-    "eva02_swiglu": ("eva02_base_patch14_448", dict(SMALL, img_size=32, patch_size=8)),
-    "eva02_clip": ("eva02_base_patch16_clip_224", dict(SMALL, img_size=32, patch_size=8)),
-    "dinov3": ("vit_small_patch16_dinov3", dict(SMALL, img_size=32, patch_size=8)),
+    "eva02_packed": ("eva02_tiny_patch14_224", P8),
+    "eva02_swiglu": ("eva02_base_patch14_448", P8),
+    "eva02_clip": ("eva02_base_patch16_clip_224", P8),
+    "dinov3": ("vit_small_patch16_dinov3", P8),
 }
 
 
@@ -398,13 +401,14 @@ def test_masked_pretraining_of_a_rotary_model_is_one_clear_error(tmp_path, capsy
 
 
 @pytest.mark.parametrize("family", ["deit_distilled", "dinov2_reg4", "siglip", "eva02_clip"])
-def test_few_shot_features_are_the_models_pre_logits(family):
+def test_few_shot_features_are_the_models_pre_logits(family, tmp_path):
     """vit eval --fewshot reads the head's input: timm's forward_head(pre_logits=True), which for a
     distilled model averages the class and distillation tokens."""
     from vitcli.engine.evalrun import FeatureCapture
 
     theirs = small_timm(family)
-    ours, _ = model_from_checkpoint_of(theirs)
+    save_file(theirs.state_dict(), str(tmp_path / "w.safetensors"))
+    ours, _ = model_from_checkpoint(tmp_path / "w.safetensors")
     capture = FeatureCapture(ours)
     x = images(theirs, 3)
     with torch.no_grad():
@@ -413,15 +417,6 @@ def test_few_shot_features_are_the_models_pre_logits(family):
         expected = theirs.forward_head(theirs.forward_features(x), pre_logits=True)
     feats, _ = capture.arrays()
     np.testing.assert_allclose(feats, expected.numpy(), atol=1e-5)
-
-
-def model_from_checkpoint_of(model: torch.nn.Module):
-    import tempfile
-    from pathlib import Path
-
-    path = Path(tempfile.mkdtemp()) / "w.safetensors"
-    save_file(model.state_dict(), str(path))
-    return model_from_checkpoint(path)
 
 
 def test_linear_probe_of_a_distilled_model_trains_both_heads_only(tmp_path):

@@ -156,9 +156,7 @@ def infer_model_args(state_dict: Mapping[str, torch.Tensor], *, num_heads: int |
                      scale_mlp="blocks.0.mlp.norm.weight" in sd, scale_attn_inner="blocks.0.attn.norm.weight" in sd)
         args["qkv_bias"] = "blocks.0.attn.q_bias" in sd or "blocks.0.attn.q_proj.bias" in sd
         args["arch"] = "eva"
-    from vitcli.models.config import ModelConfig
-
-    plain = ModelConfig(name="")
+    plain = _plain()
     args.update({k: v for k, v in found.items() if v != getattr(plain, k)})
     return args
 

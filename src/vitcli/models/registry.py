@@ -124,6 +124,11 @@ def create_model(name: str | ModelConfig | Mapping[str, Any], **overrides: Any) 
     return model
 
 
+def aliases(name: str) -> tuple[str, ...]:
+    """The aliases a registered model (name or alias) is reachable by."""
+    return _MODELS[_lookup(name)[0]].aliases
+
+
 def preprocessing(name: str) -> Preprocessing | None:
     """The registered preprocessing of a model name or alias (None when unknown or the paper's)."""
     try:
@@ -160,7 +165,7 @@ def model_info(name: str, **overrides: Any) -> dict[str, Any]:
         "num_heads": cfg.num_heads,
         "mlp_dim": cfg.mlp_dim,
         "hybrid": cfg.hybrid,
-        "aliases": list(_MODELS[cfg.name].aliases),
+        "aliases": list(aliases(cfg.name)),
         "num_classes": cfg.num_classes,
         "global_pool": cfg.global_pool,
         "seq_len": cfg.seq_len,

@@ -224,7 +224,7 @@ def export_model(cfg: Any, class_names: list[str]) -> tuple[Any, Layout]:
         c = transformers.DeiTConfig(intermediate_size=cfg.mlp_dim, qkv_bias=cfg.qkv_bias, **common, **labels)
         return transformers.DeiTForImageClassificationWithTeacher(c), DEIT
     if cfg.init_values and cfg.class_token and cfg.global_pool == "token" and not (cfg.pre_norm or cfg.distilled) \
-            and (not cfg.reg_tokens or cfg.no_embed_class) and (cfg.reg_tokens or not cfg.no_embed_class):
+            and bool(cfg.reg_tokens) == cfg.no_embed_class:  # DINOv2's layouts: registers exactly without slots
         if not float(cfg.mlp_ratio).is_integer():
             raise _no_class(cfg, "transformers' DINOv2 takes a whole-number mlp_ratio")
         args = dict(mlp_ratio=int(cfg.mlp_ratio), qkv_bias=cfg.qkv_bias, layerscale_value=cfg.init_values, **common, **labels)

@@ -177,11 +177,11 @@ def timm_architecture(cfg: Any) -> tuple[str, dict[str, Any]]:
     (any size), for `vit export --format timm` and `vit bench --compare timm`."""
     import timm
 
-    from vitcli.models.registry import features, list_models, model_info, resolve_config
+    from vitcli.models.registry import aliases, features, list_models, resolve_config
 
     args: dict[str, Any] = {"img_size": list(cfg.img_size), "num_classes": cfg.num_classes, "global_pool": cfg.global_pool}
     if cfg.hybrid:
-        return next(a for a in model_info(cfg.name)["aliases"] if a.endswith("_224")), args
+        return next(a for a in aliases(cfg.name) if a.endswith("_224")), args
     if cfg.arch == "eva":
         args = _eva_args(cfg)
     else:
@@ -194,7 +194,7 @@ def timm_architecture(cfg: Any) -> tuple[str, dict[str, Any]]:
     # its own name first, then the plainest of its family (a paper ViT before DeiT III for vit_pico)
     for name in sorted(list_models(), key=lambda n: (n != cfg.name, len(features(resolve_config(n))), n)):
         other = resolve_config(name)
-        timm_names = [a for a in model_info(name)["aliases"] if timm.is_model(a)]
+        timm_names = [a for a in aliases(name) if timm.is_model(a)]
         if timm_names and all(getattr(other, k) == getattr(cfg, k) for k in FAMILY_KEYS):
             return timm_names[0], args
     raise VitError(f"no timm architecture has {cfg.name}'s layout "
