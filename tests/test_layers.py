@@ -18,7 +18,7 @@ LAYERS = [
     {"engine"},
     {"objectives"},
     {"models", "data"},
-    {"io", "recipe", "rng"},
+    {"io", "recipe", "recipe_files", "rng"},
     {"errors"},
 ]
 RANK = {part: depth for depth, parts in enumerate(LAYERS) for part in parts}

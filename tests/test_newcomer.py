@@ -73,7 +73,7 @@ def test_finetune_without_a_recipe_takes_the_sets_shipped_recipe(pretrained, tmp
     out = tmp_path / "ft"
     assert run_cli("finetune", "--ckpt", str(pretrained), "--out", str(out), "--set", "train.steps=2",
                    "--set", "data.train_subset=300", "--set", "data.eval_subset=20") == 0
-    assert "finetune_digits.yaml" in capsys.readouterr().out
+    assert "Fine-tuning with the shipped recipe 'finetune_digits' for digits" in capsys.readouterr().out
     used, shipped = load_recipe(out / "recipe.yaml"), load_recipe(REPO / "recipes" / "finetune_digits.yaml")
     assert (used.train.batch_size, used.optim.lr, used.schedule.warmup_steps, used.data.crop_scale) == \
         (shipped.train.batch_size, shipped.optim.lr, shipped.schedule.warmup_steps, shipped.data.crop_scale)

@@ -115,3 +115,64 @@ def test_paper_recipes_use_the_papers_hyperparameters():
         assert r.train.batch_size % r.train.micro_batch_size == 0
         expected_wd = {"imagenet-1k": 0.3, "imagenet-21k": 0.03}[r.data.dataset]
         assert r.optim.weight_decay == expected_wd
+
+
+# ---------------------------------------------------------------------------------------------
+# Naming a recipe: a file, or a shipped recipe by name
+
+
+def test_every_shipped_recipe_is_the_checkouts_file():
+    from vitcli import recipe_files
+
+    assert recipe_files.shipped_names() == sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    for name in recipe_files.shipped_names():
+        assert recipe_files.shipped(name).read_text() == (RECIPES / f"{name}.yaml").read_text()
+
+
+def test_a_recipe_is_found_by_name_and_a_working_directory_file_wins(tmp_path, monkeypatch):
+    from vitcli.recipe_files import locate
+
+    monkeypatch.chdir(tmp_path)
+    for arg in ("quickstart", "quickstart.yaml", "recipes/quickstart.yaml"):  # the last: outside the checkout
+        found = locate(arg)
+        assert found.shipped and found.path.read_text() == (RECIPES / "quickstart.yaml").read_text(), arg
+        assert "the shipped recipe 'quickstart'" in found.origin
+    (tmp_path / "quickstart.yaml").write_text("train: {epochs: 1}\n")
+    for arg in ("quickstart", "quickstart.yaml"):
+        found = locate(arg)
+        assert not found.shipped and found.path.resolve() == (tmp_path / "quickstart.yaml").resolve()
+        assert "working directory" in found.origin and "shadows the shipped recipe 'quickstart'" in found.origin
+    assert load_recipe(locate("quickstart").path).train.epochs == 1
+    (tmp_path / "mine.yaml").write_text("train: {epochs: 3}\n")
+    assert locate("mine").origin == "the recipe file mine.yaml"
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("quickstrat", "Did you mean: quickstart"),
+    ("elsewhere/quickstart.yaml", "Recipe file 'elsewhere/quickstart.yaml' does not exist"),  # a path names a file, never a shipped recipe
+    (".", "is a folder"),
+])
+def test_a_recipe_that_is_not_there_says_what_is(tmp_path, monkeypatch, arg, message):
+    from vitcli.recipe_files import locate
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(VitError, match=message):
+        locate(arg)
+
+
+def test_vit_recipes_lists_each_with_its_purpose_and_show_prints_it(capsys):
+    from vitcli.cli import main
+    from vitcli.recipe_files import purpose
+
+    outputs = []
+    for args in (["recipes"], ["recipes", "show", "vit_l16"], ["recipes", "show", "vit_l61"]):
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        outputs.append((stop.value.code, *capsys.readouterr()))
+    (code, listed, _), (code_show, shown, _), (code_bad, _, err) = outputs
+    assert code == 0 and code_show == 0
+    assert "quickstart" in listed and "vit_l16" in listed
+    assert purpose(RECIPES / "vit_l16.yaml") == "ViT-L/16 pretraining on imagenet-21k with the hyper-parameters of the ViT paper"
+    assert purpose(RECIPES / "vit_l16.yaml") in listed
+    assert shown == (RECIPES / "vit_l16.yaml").read_text()
+    assert code_bad == 2 and "Did you mean: vit_l16" in err

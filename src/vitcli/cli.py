@@ -37,7 +37,7 @@ SET_HELP = "Override a recipe field, e.g. --set optim.lr=3e-4 (repeatable)."
 
 @app.command()
 def pretrain(
-    recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/quickstart.yaml."),
+    recipe: str = typer.Argument(..., help="A YAML recipe file, or a shipped recipe's name (quickstart, vit_b16; `vit recipes` lists them)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<recipe>-<time>)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (or the newest run of this recipe) from its last checkpoint."),
@@ -49,8 +49,11 @@ def pretrain(
     from vitcli.engine.trainer import train
     from vitcli.io.rundir import default_run_dir, newest_run
     from vitcli.recipe import load_recipe
+    from vitcli.recipe_files import locate
 
-    r = load_recipe(recipe, _overrides(set_, device=device, keep=keep))
+    found = locate(recipe)
+    r = load_recipe(found.path, _overrides(set_, device=device, keep=keep))
+    console.print(f"Training with {found.origin}.", highlight=False)
     if out is None:
         out = newest_run(prefix=f"{r.name}-") if resume else None
         if resume and out is None:
@@ -113,7 +116,7 @@ def finetune(
     ckpt: str = typer.Option(..., "--ckpt", help="Pretrained weights: a vitcli run or checkpoint, a timm/HF .safetensors/.pth/.bin, a Google .npz, or timm:<name>."),
     res: Optional[str] = typer.Option(None, "--res", help="Fine-tuning resolution, 384 or 384x512; position embeddings are 2D-interpolated."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set name or path (default: the one the checkpoint was trained on)."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="A fine-tuning recipe (default: the paper's settings for the data set)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A fine-tuning recipe file or shipped name (default: the one shipped for the data set, else the paper's settings)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/finetune_<dataset>-<time>)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     lr_sweep: Optional[str] = typer.Option(None, "--lr-sweep", help="Try these rates on a held-out 10% first, e.g. 0.001,0.003,0.01,0.03."),
@@ -128,10 +131,12 @@ def finetune(
     """Fine-tune a pretrained model on a (smaller) data set, at a higher resolution (paper §3.2)."""
     from vitcli.engine.finetune import build_finetune_recipe, finetune as run_finetune
     from vitcli.io.rundir import default_run_dir
+    from vitcli.recipe_files import locate
 
     overrides = _overrides(set_, device=device, keep=keep, layer_decay=layer_decay, linear_probe=linear_probe,
                            new_head=new_head)
-    plan = build_finetune_recipe(ckpt, res=_parse_res(res), dataset=dataset, recipe_path=recipe, overrides=overrides)
+    plan = build_finetune_recipe(ckpt, res=_parse_res(res), dataset=dataset, recipe_file=locate(recipe) if recipe else None,
+                                 overrides=overrides)
     for note in plan.init.notes:
         console.print(f"[dim]{note}[/]")
     console.print(f"Fine-tuning with {plan.source}.", highlight=False)
@@ -415,6 +420,40 @@ def models_cmd(
                       str(i["depth"]), str(i["num_heads"]), str(i["mlp_dim"]), i["global_pool"], ", ".join(i["features"]))
     # Off a terminal (a pipe, a log) the table keeps its full width instead of squeezing to 80 columns.
     (console if console.is_terminal else Console(width=160)).print(table)
+
+
+recipes_app = typer.Typer(help="The recipes shipped with vitcli: list them, print one to copy and edit.",
+                          add_completion=False, pretty_exceptions_enable=False)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback(invoke_without_command=True)
+def recipes_list(ctx: typer.Context) -> None:
+    """List the shipped recipes with their purpose (`vit pretrain NAME` runs one)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.markup import escape
+
+    from vitcli.recipe_files import purpose, shipped, shipped_names
+
+    table = Table(title="vitcli recipes (vit pretrain NAME; vit recipes show NAME > my.yaml to edit one)")
+    table.add_column("name", no_wrap=True)
+    table.add_column("purpose")
+    for name in shipped_names():
+        table.add_row(name, escape(purpose(shipped(name))))
+    (console if console.is_terminal else Console(width=200)).print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(name: str = typer.Argument(..., help="A shipped recipe's name, e.g. quickstart.")) -> None:
+    """Print a shipped recipe, comments included (redirect it to a file to edit it)."""
+    from vitcli.recipe_files import shipped, shipped_names
+    from vitcli.errors import did_you_mean
+
+    path = shipped(name)
+    if path is None:
+        raise VitError(f"No shipped recipe is called '{name}'.{did_you_mean(name, shipped_names())} `vit recipes` lists them.")
+    sys.stdout.write(path.read_text())
 
 
 def main(argv: list[str] | None = None) -> None:

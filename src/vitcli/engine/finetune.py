@@ -22,6 +22,7 @@ from vitcli.errors import VitError
 from vitcli.io.meta import CheckpointMeta
 from vitcli.models.load import LoadedCheckpoint, load_checkpoint
 from vitcli.recipe import Recipe, load_recipe, parse_yaml, recipe_from_dict
+from vitcli.recipe_files import RecipeFile, shipped_dir
 
 # Paper Table 4: fine-tuning steps at batch 512 per data set (VTAB-style sets: 2500).
 PAPER_STEPS = {"imagenet-1k": 20_000, "cifar10": 10_000, "cifar100": 10_000, "oxford-iiit-pet": 500, "oxford-flowers102": 500}
@@ -34,7 +35,6 @@ MIN_BATCH = 16  # ... but not below 16
 MICRO_BATCH = 64  # images per forward pass; accumulated to the batch
 # The paper's learning-rate grid; held-out fractions it used for choosing from it (Appendix B.1.1).
 PAPER_LR_GRID = (0.001, 0.003, 0.01, 0.03)
-RECIPES = Path(__file__).resolve().parents[3] / "recipes"  # the shipped recipes of a source checkout
 MAE_LAYER_DECAY, MAE_LAYER_DECAY_DEEP = 0.65, 0.75  # MAE's FINETUNE.md: ViT-B 0.65, ViT-L/H 0.75
 
 
@@ -80,9 +80,9 @@ def paper_finetune_recipe(num_train: int, dataset: str) -> dict:
 def shipped_recipe(dataset: str) -> Path | None:
     """recipes/finetune_*.yaml whose data.dataset is this set (digits -> finetune_digits.yaml), if any."""
     spec = lookup(dataset)
-    if spec is None or not RECIPES.is_dir():
+    if spec is None:
         return None
-    for path in sorted(RECIPES.glob("finetune_*.yaml")):
+    for path in sorted(shipped_dir().glob("finetune_*.yaml")):
         named = (parse_yaml(path.read_text(), str(path)).get("data") or {}).get("dataset")
         if isinstance(named, str) and lookup(named) == spec:
             return path
@@ -94,10 +94,10 @@ def build_finetune_recipe(
     *,
     res: tuple[int, int] | None,
     dataset: str | None,
-    recipe_path: Path | None,
+    recipe_file: RecipeFile | None,
     overrides: list[str],
 ) -> FinetunePlan:
-    """The recipe of a fine-tuning run, checkpoint, data set and resolution filled in: `recipe_path`,
+    """The recipe of a fine-tuning run, checkpoint, data set and resolution filled in: `recipe_file`,
     else the shipped recipe for the data set, else the paper's settings fitted to its size."""
     init = load_checkpoint(ckpt)
     meta = init.meta
@@ -111,11 +111,12 @@ def build_finetune_recipe(
         fixed.append(f"data.data_dir={meta.data_dir}")
     if meta.preprocess is not None:  # feed the model the normalisation it was trained with
         fixed += [f"data.mean={list(meta.preprocess.mean)}", f"data.std={list(meta.preprocess.std)}"]
-    recipe_path = recipe_path or shipped_recipe(dataset)
+    if recipe_file is None and (found := shipped_recipe(dataset)) is not None:
+        recipe_file = RecipeFile(found, f"the shipped recipe '{found.stem}' for {dataset}")
+    recipe_path = recipe_file.path if recipe_file is not None else None
     fixed += _mae_defaults(meta, recipe_path, overrides)
-    if recipe_path is not None:
-        source = f"recipe {recipe_path}" + ("" if recipe_path.parent != RECIPES else f" (shipped for {dataset})")
-        return FinetunePlan(load_recipe(recipe_path, fixed + overrides), init, _with_mae_note(source, meta))
+    if recipe_file is not None:
+        return FinetunePlan(load_recipe(recipe_file.path, fixed + overrides), init, _with_mae_note(recipe_file.origin, meta))
     name = f"finetune_{Path(str(dataset)).name}"
     data_only = recipe_from_dict({"name": name, "train": {"steps": 1}}, fixed + [o for o in overrides if o.startswith("data.")])
     num_train = len(vdata.build(vdata.SourceSpec.of(data_only.data), "train"))
