@@ -71,7 +71,7 @@ def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_sur
     run = tmp_path / "run"
     assert run_cli("pretrain", str(recipe), "--out", str(run), *args) == 2
     err = capsys.readouterr().err
-    assert "No space left on device" in err and "Free disk space" in err and "--resume" in err
+    assert "the disk is full" in err and "Free disk space" in err and "--resume" in err
     found = ckpt.newest_loadable(run / "checkpoints")
     assert found.step == 2 and found.state["step"] == 2
     assert not list((run / "checkpoints").glob(".tmp*")), "the half-written checkpoint is cleaned up"

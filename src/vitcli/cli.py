@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vitcli.engine.signals import STOPPED_EXIT_CODE, StopRequested
-from vitcli.errors import VitError
-from vitcli.errors import path_error
+from vitcli.errors import DiskFull, VitError, path_error
 from vitcli.io.paths import writable_file
 
 app = typer.Typer(
@@ -432,8 +433,6 @@ def recipes_list(ctx: typer.Context) -> None:
     """List the shipped recipes with their purpose (`vit pretrain NAME` runs one)."""
     if ctx.invoked_subcommand is not None:
         return
-    from rich.markup import escape
-
     from vitcli.recipe_files import purpose, shipped, shipped_names
 
     table = Table(title="vitcli recipes (vit pretrain NAME; vit recipes show NAME > my.yaml to edit one)")
@@ -456,6 +455,14 @@ def recipes_show(name: str = typer.Argument(..., help="A shipped recipe's name, 
     sys.stdout.write(path.read_text())
 
 
+def _resume_command(args: list[str], run_dir) -> str:
+    """The command line that continues the run: these arguments without --force, with --out and --resume."""
+    args = [a for a in args if a != "--force"]
+    if "--out" not in args and not any(a.startswith("--out=") for a in args):
+        args += ["--out", str(run_dir)]
+    return shlex.join(["vit", *args, *([] if "--resume" in args else ["--resume"])])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
@@ -466,7 +473,9 @@ def main(argv: list[str] | None = None) -> None:
     except VitError as e:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        resume = f" Free space (or move {e.run_dir} to a larger disk), then resume: {_resume_command(args, e.run_dir)}" \
+            if isinstance(e, DiskFull) and e.run_dir is not None else ""
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}{escape(resume)}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except StopRequested as e:
         if os.environ.get("RANK", "0") == "0":  # every rank stopped at the same step; one says so

@@ -17,6 +17,19 @@ class VitError(Exception):
     exit_code = 2
 
 
+class DiskFull(VitError):
+    """A write failed because its disk (or quota) is full. What was written before is intact; a training
+    run adds what its next checkpoint needs and the command that resumes it (`run_dir`)."""
+
+    def __init__(self, message: str, path: str | os.PathLike, run_dir: str | os.PathLike | None = None):
+        super().__init__(message)
+        self.path = path
+        self.run_dir = run_dir
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """Up to n choices that look like word, best first (for 'did you mean' hints)."""
     choices = list(choices)
@@ -70,4 +83,5 @@ def path_error(e: OSError, path: str | os.PathLike, what: str = "", *, reading: 
     if reading:
         reason = "it does not exist" if e.errno == errno.ENOENT else reason
         fix = _READ_FIXES.get(e.errno, "Pass another path")
-    return VitError(f"{named(what, path)}: cannot {'read' if reading else 'write'} ({reason}). {fix}.")
+    message = f"{named(what, path)}: cannot {'read' if reading else 'write'} ({reason}). {fix}."
+    return DiskFull(message, path) if e.errno in FULL and not reading else VitError(message)

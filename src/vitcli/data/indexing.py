@@ -20,7 +20,7 @@ from typing import Optional
 import datasets
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
-from vitcli.errors import VitError, path_error
+from vitcli.errors import FULL, VitError, path_error
 
 SHOW_BAR_AFTER_S = 1.0
 
@@ -80,17 +80,27 @@ def index_folder(path: Path, config: Optional[str], say: Optional[Callable[[str]
     try:
         with quiet_bars(), _bar_when_slow(text):
             return datasets.load_dataset(str(path), config)
-    except OSError as e:
-        if _in_cache(e.filename):
-            raise VitError(
-                f"{path_error(e, e.filename, 'the Hugging Face datasets cache')} The cache folder is "
-                f"{datasets.config.HF_DATASETS_CACHE}: set HF_DATASETS_CACHE to a writable folder with free space."
-            ) from e
-        if e.errno is not None:  # the system refused a file (permissions, a vanished disk ...)
+    except Exception as e:  # noqa: BLE001
+        cause = _os_error(e)  # datasets wraps a writer's OSError (a full cache disk) in DatasetGenerationError
+        if cause is not None and (_in_cache(cause.filename) or cause.errno in FULL):
+            error = path_error(cause, cause.filename or datasets.config.HF_DATASETS_CACHE, "the Hugging Face datasets cache")
+            error.args = (f"{error} The cache folder is {datasets.config.HF_DATASETS_CACHE}: set HF_DATASETS_CACHE "
+                          "to a writable folder with free space.",)
+            raise error from e
+        if isinstance(e, OSError) and e.errno is not None:  # the system refused a file (permissions, a vanished disk ...)
             raise path_error(e, e.filename or path, "data set", reading=True) from e
         raise _no_images(path, e) from e  # datasets' own FileNotFoundError: no data files there
-    except Exception as e:  # noqa: BLE001
-        raise _no_images(path, e) from e
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError e is, or was raised from (through __cause__ / __context__)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _no_images(path: Path, e: Exception) -> VitError:

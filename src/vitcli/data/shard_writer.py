@@ -60,13 +60,18 @@ def write_shards(src: str, out: Path, plan: ShardPlan, *, splits: Optional[list[
     chosen = _splits(src, splits, say)
     names = [name for name, _ in chosen]
     written, classes = {}, chosen[0][1].class_names
-    for name, image_set in chosen:
-        shuffle = plan.shuffle_seed is not None and name == "train"
-        with _progress(len(image_set), f"writing {name} shards", say) as advance:
-            written[name] = _write_split(image_set, out, name, plan, shuffle, advance)
-        total = sum(s["bytes"] for s in written[name])
-        say(f"{name}: {len(image_set):,} images -> {len(written[name])} shard(s), {total / 1e6:,.1f} MB")
-    index = write_index(str(out), src, list(classes), written)
+    try:
+        for name, image_set in chosen:
+            shuffle = plan.shuffle_seed is not None and name == "train"
+            with _progress(len(image_set), f"writing {name} shards", say) as advance:
+                written[name] = _write_split(image_set, out, name, plan, shuffle, advance, done=written)
+            total = sum(s["bytes"] for s in written[name])
+            say(f"{name}: {len(image_set):,} images -> {len(written[name])} shard(s), {total / 1e6:,.1f} MB")
+        index = write_index(str(out), src, list(classes), written)
+    except BaseException:  # a full disk, Ctrl-C: shards without their index are no set; leave none behind
+        for shard in (s for shards in written.values() for s in shards):
+            (out / shard["name"]).unlink(missing_ok=True)
+        raise
     return {"index": index, "splits": {n: {"samples": sum(s["samples"] for s in written[n]), "shards": len(written[n])}
                                        for n in names}}
 
@@ -103,11 +108,12 @@ def _progress(total: int, text: str, say: Callable[[str], object]) -> Iterator[C
 
 
 def _write_split(image_set: ImageSet, out: Path, split: str, plan: ShardPlan, shuffle: bool,
-                 advance: Callable[[], None] = lambda: None) -> list[dict]:
+                 advance: Callable[[], None] = lambda: None, *, done: dict[str, list[dict]]) -> list[dict]:
+    """The split's shards; each closed one is also listed in done[split] at once (removed if a later one fails)."""
     ds = image_set.dataset.cast_column("image", datasets.Image(decode=False))
     order = np.random.default_rng(plan.shuffle_seed).permutation(len(ds)) if shuffle else np.arange(len(ds))
     labelled = image_set.num_classes > 0
-    shards: list[dict] = []
+    shards: list[dict] = done.setdefault(split, [])
     writer: Optional[ShardWriter] = None
     size = 0
     try:
@@ -126,10 +132,12 @@ def _write_split(image_set: ImageSet, out: Path, split: str, plan: ShardPlan, sh
             advance()
         if writer is not None:
             shards.append(_close(writer))
-    except OSError as e:
+    except BaseException as e:
         if writer is not None:
             writer.abort()
-        raise path_error(e, Path(e.filename or out), "the shards") from e
+        if isinstance(e, OSError):
+            raise path_error(e, Path(e.filename or out), "the shards") from e
+        raise
     return shards
 
 

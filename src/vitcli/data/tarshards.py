@@ -195,6 +195,9 @@ class ShardWriter:
         return size, digest.hexdigest()
 
     def abort(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # its buffer could not be flushed (a full disk): the file goes anyway
+            pass
         if os.path.exists(self.partial):
             os.remove(self.partial)

@@ -23,6 +23,7 @@ class RunLogger:
         self.path = run_dir / METRICS_FILE
         self.tb = None
         self.wandb = None
+        self.dropped_partial = 0  # half-written lines found on resume (and dropped)
         if not enabled:
             return
         if resume_step is not None:
@@ -44,13 +45,13 @@ class RunLogger:
         """On resume, drop events logged after the checkpoint, so the file reads as one clean run."""
         if not self.path.exists():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
+        kept, self.dropped_partial = [], 0
+        for line in self.path.read_text(errors="replace").splitlines():
             try:
                 if json.loads(line).get("step", 0) <= step:
                     kept.append(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
+            except json.JSONDecodeError:  # a line cut short by a kill or a full disk
+                self.dropped_partial += 1
         write_text(self.path, "".join(k + "\n" for k in kept), "the run's")
 
     def log(self, event: dict[str, Any]) -> None:

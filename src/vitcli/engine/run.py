@@ -30,7 +30,8 @@ from vitcli.engine.state import TrainState
 from vitcli.engine.step import StepParts, StepResult, build_step
 from vitcli.io.checkpoint import LoadedStep, newest_loadable, read_state, read_weights, save_checkpoint, staging_dir
 from vitcli.io.paths import write_text
-from vitcli.io.rundir import CHECKPOINTS, SHARDED, STATE, SUMMARY_FILE, WEIGHTS
+from vitcli.errors import DiskFull
+from vitcli.io.rundir import CHECKPOINTS, SHARDED, STATE, SUMMARY_FILE, WEIGHTS, step_dirs
 from vitcli.io.runlock import RunLock
 from vitcli.io.sharded import consolidate_checkpoint, load_full_optimizer, load_sharded, save_sharded
 from vitcli.models.load import LoadedCheckpoint, load_checkpoint
@@ -135,6 +136,25 @@ class TrainingRun:
                                       staged=staged)
             self.logger.log({"kind": "checkpoint", "step": state.step, "path": str(written.path)})
         cluster.barrier(env)
+
+    def disk_full(self, e: DiskFull) -> DiskFull:
+        """`e` (a write on a full disk stopped the run) with what the next checkpoint needs, the space
+        free, and the last complete checkpoint; the CLI adds the command that resumes."""
+        newest = max(step_dirs(self.checkpoints), key=lambda c: c.step, default=None)
+        need = _folder_bytes(newest.path) if newest is not None else self._checkpoint_bytes()
+        free = shutil.disk_usage(_existing(self.run_dir)).free
+        kept = (f"The last complete checkpoint ({newest.path.name}) is intact." if newest is not None
+                else "No checkpoint was written yet.")
+        return DiskFull(f"{e} Training stopped at step {self.state.step}: a checkpoint of this run needs about "
+                        f"{_megabytes(need)} and {_megabytes(free)} are free there. {kept}", e.path, run_dir=self.run_dir)
+
+    def _checkpoint_bytes(self) -> int:
+        """What the first checkpoint will take: weights, optimizer state (and the raw weights under EMA)."""
+        tensors = [*self.eval_model.state_dict().values(),
+                   *(v for s in self.parts.optimizer.state.values() for v in s.values() if torch.is_tensor(v))]
+        if self.parts.ema is not None:
+            tensors += list(self.parts.model.state_dict().values())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def close(self) -> None:
         """The end of training, however it ends: display, logs, and the run directory's lock."""
@@ -244,13 +264,16 @@ def _start(recipe: Recipe, run_dir: Path, env: DistEnv, console: Console, *, res
     if train_batches.restarted_epoch is not None:
         say(f"The checkpoint's shard stream position was saved with another number of readers (processes x loader "
             f"workers); epoch {train_batches.restarted_epoch} restarts from its first shards.")
+    logger = RunLogger(run_dir, resume_step=state.step, tensorboard=t.tensorboard, wandb_project=t.wandb,
+                       config=recipe.to_dict(), enabled=env.is_main)
+    if logger.dropped_partial:
+        say(f"Dropped {logger.dropped_partial} half-written line(s) from {run_dir / 'metrics.jsonl'} (cut short by a kill or a full disk).")
     return TrainingRun(
         recipe, run_dir, env, data, plan, objective, parts, state,
         train_batches=train_batches,
         eval_batches=eval_batches(data, recipe, env.device, plan.eval_batch, rank=env.rank, world_size=env.world_size,
                                   lockstep=env.active and t.strategy == "fsdp"),
-        logger=RunLogger(run_dir, resume_step=state.step, tensorboard=t.tensorboard, wandb_project=t.wandb,
-                         config=recipe.to_dict(), enabled=env.is_main),
+        logger=logger,
         progress=ProgressDisplay(plan.total_steps, state.step, console, enabled=env.is_main),
         say=say,
     )
@@ -317,6 +340,18 @@ def _stream_state(found: LoadedStep | None, env: DistEnv) -> dict | None:
     """This rank's saved shard stream position (None: none saved, or saved by another number of processes)."""
     streams = found.state.get("data_per_rank") if found is not None else None
     return streams[env.rank] if streams and len(streams) == env.world_size else None
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _existing(path: Path) -> Path:
+    return next((p for p in (path, *path.parents) if p.exists()), Path("."))
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
 
 
 def _epochs(n: float) -> str:

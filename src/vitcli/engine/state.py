@@ -28,9 +28,12 @@ class TrainState:
 
     def state_dict(self) -> dict[str, Any]:
         """The keys of state.pt this state owns (names kept from the first checkpoint format)."""
+        # the latest evaluation's numbers: a run resumed after its last step (summary.json lost) reports them
+        last = {k: float(v) for k, v in (self.last_eval or {}).items() if isinstance(v, (int, float))}
         return {"step": self.step, "best_top1": self.best, "bad_in_a_row": self.bad_in_a_row,
-                "wall_seconds": self.wall_seconds()}
+                "wall_seconds": self.wall_seconds(), "last_eval": last or None}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.step, self.best = saved["step"], saved["best_top1"]
         self.bad_in_a_row, self.wall_before = saved.get("bad_in_a_row", 0), saved.get("wall_seconds", 0.0)
+        self.last_eval = saved.get("last_eval")

@@ -17,7 +17,7 @@ from vitcli.engine.optim import lr_at
 from vitcli.engine.run import start_run
 from vitcli.engine.signals import StopRequested, graceful_stop
 from vitcli.engine.step import train_step
-from vitcli.errors import VitError
+from vitcli.errors import DiskFull, VitError
 from vitcli.models.load import LoadedCheckpoint
 from vitcli.recipe import Recipe
 
@@ -68,6 +68,8 @@ def train(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = 
                     run.save(score)
                 if result.stop:
                     raise StopRequested(state.step, str(run.run_dir))
+        return run.finish()
+    except DiskFull as e:  # a checkpoint, a metrics line or summary.json: stop with what it needs, resumable
+        raise run.disk_full(e) from e
     finally:
         run.close()
-    return run.finish()

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from vitcli.errors import VitError, path_error
-from vitcli.io.paths import atomic_write
+from vitcli.io.checkpoint import safetensors_os_errors, write_safetensors
+from vitcli.io.paths import atomic_write, write_through
 from vitcli.io.meta import CheckpointMeta, Preprocessing
 from vitcli.models.adapt import meta_for_model, model_from_checkpoint, save_state_dict
 from vitcli.models.formats import hf as hf_format
@@ -40,7 +41,8 @@ def _replace_folder(out: Path, write: Callable[[Path], None]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        write(tmp)
+        with safetensors_os_errors(tmp):  # transformers' save_pretrained writes through safetensors too
+            write(tmp)
         if out.is_dir():
             shutil.rmtree(out)
         elif out.exists():
@@ -66,7 +68,7 @@ def write_onnx(model: nn.Module, meta: CheckpointMeta, out: Path, example: torch
 def write_exported_program(model: nn.Module, meta: CheckpointMeta, out: Path, example: torch.Tensor, *, dynamic_batch: bool) -> Runner:
     """A torch.export ExportedProgram (.pt2), loaded back with torch.export.load."""
     program = torch.export.export(model, (example,), dynamic_shapes=_batch_axis(dynamic_batch))
-    atomic_write(out, lambda tmp: torch.export.save(program, str(tmp)), "--out")
+    atomic_write(out, lambda tmp: write_through(tmp, lambda f: torch.export.save(program, f)), "--out")
     loaded = torch.export.load(str(out)).module()
     return lambda x: loaded(x)
 
@@ -120,11 +122,9 @@ def write_timm(model: nn.Module, meta: CheckpointMeta, out: Path, example: torch
             "first_conv": "patch_embed.proj", "classifier": "head"},
         "label_names": _class_names(meta, cfg.num_classes),
     }
-    from safetensors.torch import save_file
-
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        write_safetensors({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
 
     _replace_folder(out, write)
     loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()

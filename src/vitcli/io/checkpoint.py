@@ -20,9 +20,13 @@ takes the first that loads, so a corrupted newest one costs only the steps since
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +35,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vitcli.errors import VitError
-from vitcli.io.paths import atomic_write
+from vitcli.errors import VitError, path_error
+from vitcli.io.paths import atomic_write, write_through
 from vitcli.io.rundir import STATE, WEIGHTS, StepDir, is_sharded, step_dir_name, step_dirs
 
 META_KEY = "vitcli"
@@ -63,11 +67,26 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _disk_full_hint(err: OSError, where: Path) -> VitError:
-    return VitError(
-        f"Could not write a checkpoint to {where}: {err.strerror or err}. Free disk space (or pass "
-        f"--out on a larger disk) and resume with --resume; the previous checkpoint is intact."
-    )
+@contextlib.contextmanager
+def safetensors_os_errors(path: Path) -> Iterator[None]:
+    """safetensors' I/O failures (a full disk reads "... (os error 28)") raised as the OSError they are."""
+    try:
+        yield
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    with safetensors_os_errors(path):
+        save_file(tensors, str(path), metadata=metadata)
+
+
+def save_state(state: dict[str, Any], path: Path) -> None:
+    """torch.save(state, path), with an OSError (a full disk) raised as one."""
+    write_through(path, lambda f: torch.save(state, f))
 
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any], what: str = "") -> None:
@@ -75,7 +94,7 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+        write_safetensors(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
         _fsync_file(tmp)
 
     atomic_write(path, write, what)
@@ -112,9 +131,10 @@ def save_checkpoint(
         tmp.mkdir(exist_ok=staged is not None)
         names = [STATE]
         if weights is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS), metadata={META_KEY: json.dumps(meta)})
+            write_safetensors({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS,
+                              metadata={META_KEY: json.dumps(meta)})
             names.append(WEIGHTS)
-        torch.save(state, tmp / STATE)
+        save_state(state, tmp / STATE)
         for name in names:
             _fsync_file(tmp / name)
         for sub in tmp.iterdir():
@@ -130,7 +150,10 @@ def save_checkpoint(
             _point(root, "best", final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _disk_full_hint(e, root) from e
+        raise path_error(e, root, f"the checkpoint of step {step} in") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _prune(root, keep)
     return StepDir(final, step)
 

@@ -9,6 +9,7 @@ and every OS error on a path turned into one message that says what is wrong and
 from __future__ import annotations
 
 import errno
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -97,3 +98,46 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], what:
 def write_text(path: str | os.PathLike, text: str, what: str = "") -> Path:
     """atomic_write of a text file."""
     return atomic_write(path, lambda tmp: tmp.write_text(text), what)
+
+
+class _KeepWriteErrors(io.RawIOBase):
+    """A file torch's zip writers write through, keeping the OSError they turn into a bare RuntimeError
+    ("unexpected pos ...", "iostream error"): a full disk then reads as one."""
+
+    def __init__(self, file):
+        super().__init__()
+        self.file, self.error = file, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def seekable(self) -> bool:  # torch.export.save's archive writer seeks back to patch headers
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+
+def write_through(path: Path, save: Callable[[io.RawIOBase], object]) -> None:
+    """save(file) into path (torch.save, torch.export.save), its write errors raised as the OSError they are."""
+    with open(path, "wb") as f:
+        writer = _KeepWriteErrors(f)
+        try:
+            save(writer)
+        except RuntimeError as e:
+            if writer.error is not None:
+                raise writer.error from e
+            raise
