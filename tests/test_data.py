@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import random
 
@@ -14,6 +16,7 @@ from timm.loss import SoftTargetCrossEntropy
 
 from vitcli.data import (
     ImageSet,
+    LoaderSpec,
     MixSpec,
     TransformSpec,
     build_mixup,
@@ -124,7 +127,7 @@ def test_mixup_and_loss_choice():
 
 def test_batches_have_the_right_shape_and_labels(digits_train):
     tf = build_transform(TransformSpec(), SIZE, train=False)
-    loader = make_loader(digits_train, tf, 64, shuffle=False, drop_last=False)
+    loader = make_loader(digits_train, tf, LoaderSpec.evaluation(64))
     batches = collect(loader)
     assert len(loader) == loader.batches_per_epoch == len(batches) == 4
     assert [len(y) for _, y in batches] == [64, 64, 64, 8]
@@ -137,7 +140,7 @@ def test_order_is_a_pure_function_of_seed_and_epoch_and_leaves_the_global_rng_al
     tf = build_transform(train_cfg, SIZE, train=True)
 
     def run(seed, epoch):
-        return collect(make_loader(digits_train, tf, 32, shuffle=True, drop_last=True, seed=seed, epoch=epoch))
+        return collect(make_loader(digits_train, tf, LoaderSpec.training(32, seed=seed), epoch=epoch))
 
     torch.manual_seed(123), random.seed(123), np.random.seed(123)
     a = run(0, 1)
@@ -152,7 +155,7 @@ def test_order_is_a_pure_function_of_seed_and_epoch_and_leaves_the_global_rng_al
     other_epoch, other_seed = run(0, 2), run(1, 0)
     assert not torch.equal(a[0][1], other_epoch[0][1]) and not torch.equal(run(0, 0)[0][1], other_seed[0][1])
 
-    loader = make_loader(digits_train, tf, 32, shuffle=True, drop_last=True, seed=0, epoch=0)
+    loader = make_loader(digits_train, tf, LoaderSpec.training(32, seed=0), epoch=0)
     collect(loader)
     loader.set_epoch(1)
     again = collect(loader)
@@ -161,8 +164,8 @@ def test_order_is_a_pure_function_of_seed_and_epoch_and_leaves_the_global_rng_al
 
 def test_start_batch_yields_exactly_the_tail_of_the_epoch(digits_train, train_cfg):
     tf = build_transform(train_cfg, SIZE, train=True)
-    full = collect(make_loader(digits_train, tf, 24, shuffle=True, drop_last=True, seed=5, epoch=3))
-    resumed_loader = make_loader(digits_train, tf, 24, shuffle=True, drop_last=True, seed=5, epoch=3, start_batch=5)
+    full = collect(make_loader(digits_train, tf, LoaderSpec.training(24, seed=5), epoch=3))
+    resumed_loader = make_loader(digits_train, tf, LoaderSpec.training(24, seed=5), epoch=3, start_batch=5)
     assert len(resumed_loader) == len(full) - 5
     tail = collect(resumed_loader)
     assert len(tail) == len(full) - 5
@@ -173,9 +176,9 @@ def test_start_batch_yields_exactly_the_tail_of_the_epoch(digits_train, train_cf
 
 def test_ranks_partition_every_global_batch(digits_train, train_cfg):
     tf = build_transform(train_cfg, SIZE, train=True)
-    kwargs = dict(shuffle=True, drop_last=True, seed=2, epoch=1)
-    whole = collect(make_loader(digits_train, tf, 30, **kwargs))
-    shards = [collect(make_loader(digits_train, tf, 30, rank=r, world_size=3, **kwargs)) for r in range(3)]
+    whole = collect(make_loader(digits_train, tf, LoaderSpec.training(30, seed=2), epoch=1))
+    shards = [collect(make_loader(digits_train, tf, LoaderSpec.training(30, seed=2), epoch=1, rank=r, world_size=3))
+              for r in range(3)]
     assert all(len(s) == len(whole) for s in shards)
     for step, (x, y) in enumerate(whole):
         assert [len(s[step][1]) for s in shards] == [10, 10, 10]
@@ -183,19 +186,19 @@ def test_ranks_partition_every_global_batch(digits_train, train_cfg):
         assert torch.equal(torch.cat([s[step][0] for s in shards]), x)
         assert torch.equal(torch.cat([s[step][1] for s in shards]), y)
     with pytest.raises(VitError, match="multiple of the number of processes"):
-        make_loader(digits_train, tf, 31, world_size=3, **kwargs)
+        make_loader(digits_train, tf, LoaderSpec.training(31, seed=2), epoch=1, world_size=3)
 
 
 def test_workers_give_the_same_batches_as_the_main_process(digits_train, train_cfg):
     tf = build_transform(train_cfg, SIZE, train=True)
-    kwargs = dict(shuffle=True, drop_last=False, seed=4, epoch=2)
-    main = collect(make_loader(digits_train, tf, 50, num_workers=0, **kwargs))
-    loader = make_loader(digits_train, tf, 50, num_workers=2, **kwargs)
+    spec = LoaderSpec(50, shuffle=True, drop_last=False, seed=4)
+    main = collect(make_loader(digits_train, tf, spec, epoch=2))
+    loader = make_loader(digits_train, tf, dataclasses.replace(spec, num_workers=2), epoch=2)
     workers = collect(loader)
     assert len(main) == len(workers) == 4
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(main, workers))
     loader.set_epoch(3)  # persistent workers still follow the epoch
-    main3 = collect(make_loader(digits_train, tf, 50, num_workers=0, **{**kwargs, "epoch": 3}))
+    main3 = collect(make_loader(digits_train, tf, spec, epoch=3))
     assert all(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(main3, collect(loader)))
     loader.close()  # frees the workers; the next iteration starts new ones
     assert all(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(main3, collect(loader)))
@@ -208,8 +211,7 @@ PIPELINES = [("pil", False), ("tensor", False), ("tensor", True)]  # (data.pipel
 @pytest.mark.parametrize("pipeline,on_device", PIPELINES)
 def test_bad_image_error_names_the_image_and_the_fix(num_workers, pipeline, on_device):
     tf = build_transform(TransformSpec(pipeline=pipeline), SIZE, train=False)
-    loader = make_loader(image_set_with_bad_image(6), tf, 4, shuffle=False, drop_last=False, num_workers=num_workers,
-                         decode_on_device=on_device)
+    loader = make_loader(image_set_with_bad_image(6), tf, LoaderSpec.evaluation(4, num_workers=num_workers, decode_on_device=on_device))
     with pytest.raises(VitError) as err:
         collect(loader)
     message = str(err.value)
@@ -221,8 +223,7 @@ def test_bad_image_error_names_the_image_and_the_fix(num_workers, pipeline, on_d
 @pytest.mark.parametrize("pipeline,on_device", PIPELINES)
 def test_bad_image_skip_drops_and_counts_it(num_workers, pipeline, on_device):
     tf = build_transform(TransformSpec(pipeline=pipeline), SIZE, train=False)
-    loader = make_loader(image_set_with_bad_image(6, truncated_index=1), tf, 4, shuffle=False, drop_last=False,
-                         bad_images="skip", num_workers=num_workers, decode_on_device=on_device)
+    loader = make_loader(image_set_with_bad_image(6, truncated_index=1), tf, LoaderSpec.evaluation(4, bad_images="skip", num_workers=num_workers, decode_on_device=on_device))
     batches = collect(loader)
     assert [len(y) for _, y in batches] == [3, 3, 2]
     assert torch.cat([y for _, y in batches]).tolist() == [i % 2 for i in range(10) if i not in (1, 6)]
@@ -234,24 +235,22 @@ def test_bad_image_skip_drops_and_counts_it(num_workers, pipeline, on_device):
 def test_an_eval_loader_within_its_cache_budget_replays_its_first_pass(digits_train, pipeline, monkeypatch):
     tf = build_transform(TransformSpec(pipeline=pipeline), SIZE, train=False)
     one_pass = 200 * (3 * 16 * 16 * 4 + 8)  # float images + int64 labels
-    loader = make_loader(digits_train, tf, 64, shuffle=False, drop_last=False, cache_bytes=one_pass)
+    loader = make_loader(digits_train, tf, LoaderSpec.evaluation(64, cache_bytes=one_pass))
     first = collect(loader)
     monkeypatch.setattr(loader.dataset, "load", lambda *a: pytest.fail("a cached pass must not read images"))
     again = collect(loader)
     assert len(again) == len(first) == 4
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(first, again))
 
-    small = make_loader(digits_train, tf, 64, shuffle=False, drop_last=False, cache_bytes=one_pass - 1)
+    small = make_loader(digits_train, tf, LoaderSpec.evaluation(64, cache_bytes=one_pass - 1))
     collect(small)
     assert small.cached is None  # over budget: every pass reads again
     with pytest.raises(ValueError, match="evaluation loaders only"):
-        make_loader(digits_train, build_transform(TransformSpec(), SIZE, train=True), 64, shuffle=True, drop_last=True,
-                    cache_bytes=one_pass)
+        make_loader(digits_train, build_transform(TransformSpec(), SIZE, train=True), LoaderSpec.training(64, cache_bytes=one_pass))
 
 
 @pytest.mark.parametrize("pipeline,on_device", PIPELINES)
 def test_a_batch_with_no_readable_image_is_dropped_and_counted(pipeline, on_device):
     tf = build_transform(TransformSpec(pipeline=pipeline), SIZE, train=False)
-    loader = make_loader(image_set_with_bad_image(2, n=4, truncated_index=3), tf, 2, shuffle=False, drop_last=False,
-                         bad_images="skip", decode_on_device=on_device)
+    loader = make_loader(image_set_with_bad_image(2, n=4, truncated_index=3), tf, LoaderSpec.evaluation(2, bad_images="skip", decode_on_device=on_device))
     assert [y.tolist() for _, y in loader] == [[0, 1]] and loader.skipped == 2

@@ -18,7 +18,8 @@ from rich.console import Console
 
 from vitcli import data as vdata
 from vitcli.io import checkpoint as ckpt
-from vitcli.engine.evalrun import run_eval
+from vitcli.data import LoaderSpec
+from vitcli.engine.evalrun import EvalSpec, FewshotSpec, run_eval
 from vitcli.engine.report import confusion_matrix, print_eval, worst_classes
 from vitcli.errors import VitError
 from vitcli.models import create_model
@@ -30,6 +31,12 @@ from test_pretrain import run_cli
 KEYS = ("top1", "top5", "loss", "ece", "num_images", "images_per_second", "per_class_accuracy", "checkpoint",
         "dataset", "split", "img_size")
 
+
+
+def eval_spec(ckpt, dataset, *, batch_size: int = 256, num_workers: int = 2, fewshot=(), res=None, **settings) -> EvalSpec:
+    """run_eval's spec, with the command line's shapes (an int resolution, a list of shots)."""
+    return EvalSpec(ckpt, dataset, res=(res, res) if isinstance(res, int) else res, fewshot=FewshotSpec(tuple(fewshot)),
+                    loader=LoaderSpec.evaluation(batch_size, num_workers=num_workers), **settings)
 
 def make_ckpt(path: Path, num_classes: int = 10, dataset: str | None = "digits", seed: int = 0, **meta) -> Path:
     torch.manual_seed(seed)
@@ -62,8 +69,9 @@ def digits_run(tmp_path_factory):
         mp.setenv("HF_DATASETS_OFFLINE", "1")
         mp.setenv("HF_DATASETS_CACHE", str(tmp / "hf-cache"))
         mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp / "hf-cache")
-        result = run_eval(str(path), None, num_workers=0, batch_size=100, predictions=tmp / "out" / "pred.csv",
-                          confusion=tmp / "out" / "confusion.png", fewshot=[1, 10], say=said.append)
+        spec = eval_spec(str(path), None, num_workers=0, batch_size=100, predictions=tmp / "out" / "pred.csv",
+                         confusion=tmp / "out" / "confusion.png", fewshot=[1, 10])
+        result = run_eval(spec, say=said.append)
     return path, result, said
 
 
@@ -145,7 +153,7 @@ def test_res_different_from_the_checkpoint_interpolates(tmp_path):
     path = make_ckpt(tmp_path / "p.safetensors")
     said: list[str] = []
     seen: list[tuple[int, int]] = []
-    r = run_eval(path, "digits", res=16, num_workers=0, subset=50, batch_size=32, say=said.append,
+    r = run_eval(eval_spec(path, "digits", res=16, num_workers=0, subset=50, batch_size=32), say=said.append,
                  progress=lambda done, total: seen.append((done, total)))
     assert r["img_size"] == [16, 16] and r["num_images"] == 50 and seen == [(32, 50), (50, 50)]
     assert any("position embeddings resampled" in s for s in said)
@@ -169,27 +177,27 @@ def test_no_ckpt_takes_the_newest_runs_best_checkpoint(tmp_path):
 
     os.utime(root / "new" / "recipe.yaml")
     said: list[str] = []
-    r = run_eval(None, None, runs_root=root, num_workers=0, subset=20, say=said.append)
+    r = run_eval(eval_spec(None, None, runs_root=root, num_workers=0, subset=20), say=said.append)
     assert "new" in r["checkpoint"] and r["checkpoint"].endswith("model.safetensors")
     assert any("new" in s and "--ckpt" in s for s in said)
 
 
 def test_no_ckpt_and_no_run_says_to_pass_ckpt(tmp_path):
     with pytest.raises(VitError, match="--ckpt"):
-        run_eval(None, "digits", runs_root=tmp_path / "runs")
+        run_eval(eval_spec(None, "digits", runs_root=tmp_path / "runs"))
 
 
 def test_checkpoint_without_dataset_needs_dataset(tmp_path):
     path = make_ckpt(tmp_path / "p.safetensors", dataset=None)
     with pytest.raises(VitError, match="--dataset"):
-        run_eval(path, None, num_workers=0)
+        run_eval(eval_spec(path, None, num_workers=0))
 
 
 def test_class_count_mismatch_is_a_clear_error_unless_fewshot(tmp_path):
     path = make_ckpt(tmp_path / "p.safetensors", num_classes=7)
     with pytest.raises(VitError, match=r"7 classes.*vit finetune.*--fewshot"):
-        run_eval(path, "digits", num_workers=0)
-    r = run_eval(path, "digits", num_workers=0, subset=100, fewshot=[5])
+        run_eval(eval_spec(path, "digits", num_workers=0))
+    r = run_eval(eval_spec(path, "digits", num_workers=0, subset=100, fewshot=[5]))
     assert r["top1"] is None and r["num_images"] == 100 and 0.0 <= r["fewshot"]["5"] <= 1.0
     json.dumps(r, allow_nan=False)
 
@@ -199,7 +207,7 @@ def test_offline_named_set_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
     path = make_ckpt(tmp_path / "p.safetensors", num_classes=100, dataset="cifar100")
     start = time.perf_counter()
     with pytest.raises(VitError) as e:
-        run_eval(path, "cifar100", num_workers=0)
+        run_eval(eval_spec(path, "cifar100", num_workers=0))
     assert time.perf_counter() - start < 15
     msg = str(e.value)
     assert "cifar100" in msg and "offline" in msg and "--data-dir" in msg and "save_to_disk" in msg
@@ -224,8 +232,8 @@ def test_cifar100_local_copy_end_to_end(tmp_path):
     copy = tmp_path / "cifar100-copy"
     datasets.DatasetDict({"train": split(200), "test": split(120)}).save_to_disk(str(copy))
     path = make_ckpt(tmp_path / "c100.safetensors", num_classes=100, dataset="cifar100")
-    r = run_eval(path, "cifar100", data_dir=str(copy), num_workers=0, batch_size=64, fewshot=[1],
-                 confusion=tmp_path / "c.png")
+    r = run_eval(eval_spec(path, "cifar100", data_dir=str(copy), num_workers=0, batch_size=64, fewshot=[1],
+                           confusion=tmp_path / "c.png"))
     assert r["dataset"] == "cifar100" and r["split"] == "test" and r["num_images"] == 120
     assert r["class_names"][:2] == ["class_00", "class_01"] and len(r["per_class_accuracy"]) == 100
     assert 0.0 <= r["top1"] <= r["top5"] <= 1.0 and "1" in r["fewshot"]

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from vitcli.cli import main
-from vitcli.data import make_loader
+from vitcli.data import LoaderSpec, make_loader
 from vitcli.engine.setup import build_data
 from vitcli.io import checkpoint as ckpt
 from vitcli.models import create_model
@@ -134,7 +134,7 @@ def test_pretrain_on_an_image_folder_writes_a_complete_run(tmp_path, image_folde
         weights, meta = ckpt.read_weights(path)
         model = create_model(meta["model"], **meta["model_args"])
         model.load_state_dict(weights)
-        loader = make_loader(data.eval, data.eval_transform, 4, shuffle=False, drop_last=False)
+        loader = make_loader(data.eval, data.eval_transform, LoaderSpec.evaluation(4))
         scores = evaluate(model, loader, data.num_classes, torch.device("cpu"))
         assert scores["top1"] == logged == meta["top1"] and scores["num_images"] == 8
     state = ckpt.read_state(run / "checkpoints" / "last" / ckpt.STATE)

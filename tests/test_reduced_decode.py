@@ -15,7 +15,7 @@ from PIL import Image
 from test_predict_export import by_hand, trained  # noqa: F401 -- trained: a module fixture used below
 from test_pretrain import run_cli
 from test_tensor_pipeline import coordinate_image, encode, image_set, rotated_jpeg
-from vitcli.data import build_transform, make_loader, make_stream_loader, TransformSpec
+from vitcli.data import LoaderSpec, TransformSpec, build_transform, make_loader, make_stream_loader
 from vitcli.data import collate
 from vitcli.data.decode import decode_reduced, scalable_jpeg_size
 from vitcli.data.shard_sets import ShardSet
@@ -120,7 +120,7 @@ def test_the_loader_gives_the_full_size_images_from_reduced_decodes(factors, tra
     out = {}
     for reduced in (False, True):
         tf = build_transform(TransformSpec(crop_scale=(0.2, 1.0), reduced_decode=reduced), (24, 32), train=train)
-        loader = make_loader(image_set(cells, "large"), tf, 2, shuffle=False, drop_last=False, seed=5)
+        loader = make_loader(image_set(cells, "large"), tf, LoaderSpec.evaluation(2, seed=5))
         out[reduced] = [(x.clone(), y.clone()) for x, y in loader]
     assert len(factors) == len(LARGE) and all(f > 1 for f in factors)  # only the reduced run decoded smaller
     assert [y.tolist() for _, y in out[False]] == [y.tolist() for _, y in out[True]]
@@ -136,7 +136,7 @@ def test_tar_shards_stream_reduced_decodes_too(tmp_path, factors):
     out = {}
     for reduced in (False, True):
         tf = build_transform(TransformSpec(crop_scale=(0.2, 1.0), reduced_decode=reduced), (24, 32), train=True)
-        batches = iter(make_stream_loader(shards, tf, len(LARGE), num_workers=0, seed=2, buffer=2))
+        batches = iter(make_stream_loader(shards, tf, LoaderSpec.training(len(LARGE), num_workers=0, seed=2), buffer=2))
         out[reduced] = next(batches)
     assert len(factors) == len(LARGE) and all(f > 1 for f in factors)
     assert torch.equal(out[False][1], out[True][1])
@@ -148,7 +148,7 @@ def test_an_exif_rotated_jpeg_is_decoded_whole_and_rotated(factors):
     out = {}
     for reduced in (False, True):
         tf = build_transform(TransformSpec(reduced_decode=reduced), (24, 32), train=True)
-        out[reduced] = next(iter(make_loader(image_set(cells, "rotated"), tf, 2, shuffle=False, drop_last=False)))[0]
+        out[reduced] = next(iter(make_loader(image_set(cells, "rotated"), tf, LoaderSpec.evaluation(2))))[0]
     assert factors == [] and torch.equal(out[False], out[True])
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from test_preemption import comparable, start_training, train_steps
 from test_pretrain import TINY, offline_env, recipe_file, run_cli
-from vitcli.data import build_transform, make_stream_loader, TransformSpec
+from vitcli.data import LoaderSpec, TransformSpec, build_transform, make_stream_loader
 from vitcli.data.builtin import digits_splits
 from vitcli.data.shard_index import expand, load_index
 from vitcli.data.shard_sets import ShardSet
@@ -155,8 +155,8 @@ def loader(urls, *, workers=0, world_size=1, rank=0, buffer=4, batch=5, epoch=0,
     transform = build_transform(TransformSpec(crop_scale=(0.5, 1.0), hflip=0.5, crop_pct=1.0, interpolation="bilinear",
                                               mean=(0.5,), std=(0.5,)), (8, 8), train=True)
     shards = ShardSet(None, 0, [], "numbered", "train", urls=urls)
-    return make_stream_loader(shards, transform, batch, num_workers=workers, seed=3, epoch=epoch, buffer=buffer,
-                             rank=rank, world_size=world_size, bad_images=bad)
+    return make_stream_loader(shards, transform, LoaderSpec.training(batch, num_workers=workers, seed=3, bad_images=bad),
+                              epoch=epoch, buffer=buffer, rank=rank, world_size=world_size)
 
 
 def take(batches, n):

@@ -8,7 +8,7 @@ import torch
 
 from test_pretrain import TINY, recipe_file, run_cli
 from test_shards import sigterm_then_resume_matches_an_uninterrupted_run, take
-from vitcli.data import ImageSet, TransformSpec, build_transform, load_split, make_stream_loader
+from vitcli.data import ImageSet, LoaderSpec, TransformSpec, build_transform, load_split, make_stream_loader
 from vitcli.data.hub_stream import SNAPSHOT_EVERY, streamed
 
 
@@ -16,7 +16,8 @@ def loader(*, workers=0, buffer=40, batch=8, epoch=0):
     transform = build_transform(TransformSpec(crop_scale=(0.5, 1.0), hflip=0.5, crop_pct=1.0, interpolation="bilinear"),
                                 (8, 8), train=True)
     digits = load_split("digits", "train")
-    return make_stream_loader(streamed(digits), transform, batch, num_workers=workers, seed=5, epoch=epoch, buffer=buffer)
+    return make_stream_loader(streamed(digits), transform, LoaderSpec.training(batch, num_workers=workers, seed=5), epoch=epoch,
+                              buffer=buffer)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -41,7 +42,7 @@ def test_a_streamed_epoch_emits_every_image_once_but_the_buffered():
     transform = build_transform(TransformSpec(crop_pct=1.0), (8, 8), train=False)
 
     def emitted(epoch):
-        stream = make_stream_loader(streamed(numbered), transform, 37, seed=5, epoch=epoch, buffer=40)
+        stream = make_stream_loader(streamed(numbered), transform, LoaderSpec.training(37, seed=5), epoch=epoch, buffer=40)
         return torch.cat([y for _, y in take(stream, (n - 40) // 37)]).tolist()
 
     first = emitted(0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vitcli.data import ImageSet, TensorTransform, TransformSpec, build_transform, make_loader
+from vitcli.data import ImageSet, LoaderSpec, TensorTransform, TransformSpec, build_transform, make_loader
 from vitcli.data.decode import decode_host, decode_on_device, jpeg_size
 from vitcli.errors import VitError
 from vitcli.recipe import DataCfg, recipe_from_dict
@@ -45,9 +45,11 @@ def mixed_set() -> ImageSet:
     return image_set(cells)
 
 
-def batches(image_set: ImageSet, cfg: TransformSpec, train: bool, **kwargs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(image_set: ImageSet, cfg: TransformSpec, train: bool, *, epoch: int = 0, device=None,
+            **settings) -> list[tuple[torch.Tensor, torch.Tensor]]:
     tf = build_transform(cfg, (24, 32), train=train)
-    loader = make_loader(image_set, tf, 4, shuffle=train, drop_last=False, seed=3, **kwargs)
+    loader = make_loader(image_set, tf, LoaderSpec(4, shuffle=train, drop_last=False, seed=3, **settings), epoch=epoch,
+                         device=device)
     return [(x.clone(), y.clone()) for x, y in loader]
 
 
@@ -83,7 +85,7 @@ def test_jpegs_left_for_the_device_give_the_same_batches(mixed_set, num_workers)
 
 def test_deferred_batches_merge_in_order_and_send_only_plain_jpegs(mixed_set):
     tf = build_transform(TransformSpec(pipeline="tensor"), (24, 32), train=True)
-    loader = make_loader(mixed_set, tf, 8, shuffle=False, drop_last=False, decode_on_device=True)
+    loader = make_loader(mixed_set, tf, LoaderSpec.evaluation(8, decode_on_device=True))
     batch = loader.dataset.load(list(range(8)), epoch=0)
     assert [d.position for d in batch.deferred] == [1, 3, 5, 7]  # the JPEGs; the PNGs were decoded in the worker
     assert batch.images.dtype == torch.uint8 and batch.images.shape == (4, 3, 24, 32)
@@ -146,11 +148,10 @@ def truncated_jpeg_set() -> ImageSet:
 
 def test_a_truncated_jpeg_decoded_on_the_device_is_named_or_skipped():
     tf = build_transform(TransformSpec(pipeline="tensor"), (24, 32), train=False)
-    loader = make_loader(truncated_jpeg_set(), tf, 4, shuffle=False, drop_last=False, decode_on_device=True)
+    loader = make_loader(truncated_jpeg_set(), tf, LoaderSpec.evaluation(4, decode_on_device=True))
     with pytest.raises(VitError, match=r"Image 2 of data set 'cut'.*bad_images"):
         list(loader)
-    loader = make_loader(truncated_jpeg_set(), tf, 4, shuffle=False, drop_last=False, decode_on_device=True,
-                         bad_images="skip")
+    loader = make_loader(truncated_jpeg_set(), tf, LoaderSpec.evaluation(4, decode_on_device=True, bad_images="skip"))
     got = [(x.shape[0], y.tolist()) for x, y in loader]
     assert got == [(3, [0, 1, 1]), (2, [0, 1])] and loader.skipped == 1 and "Image 2" in loader.skipped_examples[0]
 
@@ -197,7 +198,7 @@ def test_batches_with_deferred_jpegs_survive_the_dataloaders_pinning_step(mixed_
     pinned: list[torch.Tensor] = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pinned.append(self) or self)
     tf = build_transform(TransformSpec(pipeline="tensor"), (24, 32), train=True)
-    loader = make_loader(mixed_set, tf, 8, shuffle=False, drop_last=False, decode_on_device=True)
+    loader = make_loader(mixed_set, tf, LoaderSpec.evaluation(8, decode_on_device=True))
     batch = loader.dataset.load(list(range(8)), epoch=0)
     out = pin_memory(batch)
     assert isinstance(out, Batch) and all(isinstance(d, Deferred) for d in out.deferred)
@@ -208,7 +209,7 @@ def test_batches_with_deferred_jpegs_survive_the_dataloaders_pinning_step(mixed_
 @pytest.mark.parametrize("pipeline", ["pil", "tensor"])
 def test_the_dataset_indexed_directly_gives_the_loaders_image(mixed_set, pipeline):
     tf = build_transform(TransformSpec(pipeline=pipeline), (24, 32), train=True)
-    loader = make_loader(mixed_set, tf, 4, shuffle=False, drop_last=False, seed=3, epoch=2)
+    loader = make_loader(mixed_set, tf, LoaderSpec.evaluation(4, seed=3), epoch=2)
     first_batch, labels = next(iter(loader))
     loader.dataset.set_epoch(2)
     image, label = loader.dataset[1]

@@ -200,21 +200,16 @@ def eval_cmd(
     reduced_decode: bool = typer.Option(True, "--reduced-decode/--full-decode", help="Decode a large JPEG at 1/2-1/8 size when its short side is 2-8x the resize target, or every image whole (as timm's validate.py)."),
 ) -> None:
     """Evaluate a checkpoint: top-1/top-5, loss, calibration, per-class accuracy, few-shot."""
-    from vitcli.engine.evalrun import print_eval, run_eval
+    from vitcli.data import LoaderSpec
+    from vitcli.engine.evalrun import EvalSpec, FewshotSpec, print_eval, run_eval
 
-    shots = None
-    if fewshot:
-        try:
-            shots = [int(k) for k in fewshot.split(",") if k.strip()]
-        except ValueError:
-            raise VitError(f"--fewshot {fewshot!r} must be comma-separated whole numbers, e.g. 1,5,10,25.") from None
-        if not shots or min(shots) < 1:
-            raise VitError(f"--fewshot {fewshot!r}: each K must be >= 1.")
+    spec = EvalSpec(ckpt, dataset, split=split, res=_parse_res(res), data_dir=data_dir, device=device,
+                    predictions=predictions, confusion=confusion, reduced_decode=reduced_decode,
+                    loader=LoaderSpec.evaluation(batch_size, num_workers=num_workers, bad_images=bad_images),
+                    fewshot=FewshotSpec.parse(fewshot))
     shown = err_console if as_json else console
     say = lambda message: shown.print(message, markup=False, highlight=False)  # noqa: E731
-    result = run_eval(ckpt, dataset, split=split, res=_parse_res(res), batch_size=batch_size, data_dir=data_dir, device=device,
-                      fewshot=shots, predictions=predictions, confusion=confusion, num_workers=num_workers,
-                      bad_images=bad_images, reduced_decode=reduced_decode, say=say)
+    result = run_eval(spec, say=say)
     if as_json:
         print(json.dumps(result))
     else:
@@ -381,14 +376,14 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Time training or inference steps (images/s, step time, memory, FLOP/s, MFU), optionally against timm."""
-    from vitcli.bench import print_bench, run_bench
+    from vitcli.bench import BenchSpec, print_bench, run_bench
 
     shown = err_console if as_json else console
     say = lambda message: shown.print(f"[dim]{message}[/]", highlight=False)  # noqa: E731
-    result = run_bench(model, data=data, mode=mode, batch_size=batch_size, img_size=_parse_res(res), dtype=dtype,
-                       compile=compile_, compare=compare, device=device, steps=steps, warmup=warmup,
-                       num_workers=num_workers, pipeline=pipeline, reduced_decode=reduced_decode, peak_tflops=peak_tflops,
-                       objective=objective, say=say)
+    spec = BenchSpec(model, data=data, mode=mode, batch_size=batch_size, img_size=_parse_res(res), dtype=dtype,
+                     compile=compile_, compare=compare, device=device, steps=steps, warmup=warmup, num_workers=num_workers,
+                     pipeline=pipeline, reduced_decode=reduced_decode, peak_tflops=peak_tflops, objective=objective)
+    result = run_bench(spec, say=say)
     if as_json:
         print(json.dumps(result))
     else:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vitcli import data as vdata
+from vitcli.bench.spec import BenchSpec
 from vitcli.bench.timing import Stats, synchronize
 from vitcli.engine.runtime import pick_device
 from vitcli.errors import VitError
@@ -29,38 +30,26 @@ def _batches(loader: vdata.Loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]
         epoch += 1
 
 
-def bench_data(
-    dataset: str,
-    *,
-    img_size: tuple[int, int] = (224, 224),
-    batch_size: int = 64,
-    num_workers: int = 2,
-    steps: int = 20,
-    warmup: int = 2,
-    device: str = "auto",
-    data_dir: str | None = None,
-    pipeline: str = "auto",
-    reduced_decode: bool = True,
-    say: Callable[[str], Any] = lambda message: None,
-) -> dict[str, Any]:
-    """Time `steps` batches after `warmup` (worker start-up included there); a JSON-ready dict."""
-    if min(batch_size, steps) < 1 or warmup < 0 or num_workers < 0:
-        raise VitError("--batch-size and --steps must be >= 1, --warmup and --num-workers >= 0.")
-    dev = pick_device(device)
-    if pipeline not in ("auto", "pil", "tensor"):
-        raise VitError(f"--pipeline {pipeline!r}: choose auto, pil or tensor.")
-    cfg = vdata.TransformSpec(pipeline=pipeline, reduced_decode=reduced_decode)  # the recipe defaults' training transforms
+def bench_data(spec: BenchSpec, *, img_size: tuple[int, int], batch_size: int,
+               say: Callable[[str], Any] = lambda message: None) -> dict[str, Any]:
+    """Time spec.steps (default 20) batches of spec.data after spec.warmup (default 2; worker start-up
+    included there); a JSON-ready dict."""
+    dataset, num_workers, pipeline = spec.data, spec.num_workers, spec.pipeline
+    steps, warmup = spec.steps or 20, 2 if spec.warmup is None else spec.warmup
+    dev = pick_device(spec.device)
+    cfg = vdata.TransformSpec(pipeline=pipeline, reduced_decode=spec.reduced_decode)  # the recipe defaults' training transforms
     say(f"loading the training split of {dataset}")
-    image_set = vdata.build(vdata.SourceSpec(dataset=dataset, data_dir=data_dir), "train", img_size=img_size, say=say)
+    image_set = vdata.build(vdata.SourceSpec(dataset=dataset, data_dir=spec.data_dir), "train", img_size=img_size, say=say)
     if batch_size > len(image_set) and len(image_set):
         raise VitError(f"--batch-size {batch_size} is larger than the {len(image_set)} training images of {dataset}; lower it.")
     transform = vdata.build_transform(cfg, img_size, train=True)
     if vdata.is_streamed(image_set):  # endless by itself
-        loader = vdata.make_stream_loader(image_set, transform, batch_size, num_workers=num_workers, device=dev)
+        loader = vdata.make_stream_loader(image_set, transform, vdata.LoaderSpec.training(batch_size, num_workers=num_workers),
+                                          device=dev)
         batches, on_device = iter(loader), loader.stream.decode_on_device
     else:
-        loader = vdata.make_loader(image_set, transform, batch_size, shuffle=True, drop_last=True,
-                                   num_workers=num_workers, device=dev)
+        loader = vdata.make_loader(image_set, transform, vdata.LoaderSpec.training(batch_size, num_workers=num_workers),
+                                   device=dev)
         batches, on_device = _batches(loader), loader.dataset.decode_on_device
 
     def next_batch() -> int:
@@ -99,7 +88,7 @@ def bench_data(
         "first_batch_seconds": round(first, 3),
         "pipeline": "tensor" if cfg.tensor_pipeline else "pil",
         "decode_on_device": on_device,
-        "reduced_decode": cfg.tensor_pipeline and reduced_decode and not on_device,
+        "reduced_decode": cfg.tensor_pipeline and spec.reduced_decode and not on_device,
         "streamed": vdata.is_streamed(image_set),
         "transforms": repr(transform),
     }

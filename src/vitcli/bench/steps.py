@@ -30,8 +30,6 @@ from vitcli.models import create_model
 from vitcli.models.config import ModelConfig
 from vitcli.recipe import ObjectiveCfg, OptimCfg
 
-MODES = ("train", "infer")
-
 
 @dataclass
 class ModelUnderTest:
@@ -110,8 +108,6 @@ def bench_objective(name: str, model: nn.Module, num_classes: int) -> nn.Module:
 def prepare(label: str, name: str, model: nn.Module, cfg: ModelConfig, *, mode: str, batch_size: int, device: torch.device,
             amp_dtype: torch.dtype | None, compile: bool, seed: int = 0, objective: str = "supervised") -> ModelUnderTest:
     """Move the model to device and build its step; inputs are a fixed random batch on the device."""
-    if mode not in MODES:
-        raise VitError(f"--mode must be train or infer, got {mode!r}.")
     model.to(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
     h, w = cfg.img_size

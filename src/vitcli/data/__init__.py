@@ -2,7 +2,7 @@
 
     train_set = build(SourceSpec.of(recipe.data), "train", img_size=224, seed=recipe.train.seed)
     tf = build_transform(TransformSpec.of(recipe.data), (224, 224), train=True)
-    loader = make_loader(train_set, tf, batch_size, shuffle=True, drop_last=True, seed=seed)
+    loader = make_loader(train_set, tf, LoaderSpec.training(batch_size, seed=seed))
 """
 
 from vitcli.data.loader import BatchDataset, EpochBatchSampler, Loader, make_loader
@@ -12,7 +12,7 @@ from vitcli.data.stream_loader import StreamLoader, first_images, is_streamed, m
 from vitcli.data.shard_sets import ShardSet
 from vitcli.data.sources import ImageSet, build, load_split, take_subset
 from vitcli.data.tensor_transforms import TensorTransform
-from vitcli.data.specs import MixSpec, SourceSpec, TransformSpec
+from vitcli.data.specs import LoaderSpec, MixSpec, SourceSpec, TransformSpec
 from vitcli.data.transforms import build_mixup, build_train_loss, build_transform
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "load_split",
     "lookup",
     "make_loader",
+    "LoaderSpec",
     "is_streamed",
     "make_stream_loader",
     "take_subset",

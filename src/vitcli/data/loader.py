@@ -27,6 +27,7 @@ import torch
 from vitcli.data.batches import BadImages, Batch, finish_batch
 from vitcli.data.collate import build_batch
 from vitcli.data.sources import ImageSet
+from vitcli.data.specs import LoaderSpec
 from vitcli.data.tensor_transforms import TensorTransform
 from vitcli.errors import VitError
 from vitcli.rng import derive_seed
@@ -223,61 +224,45 @@ class Loader(Delivery):
 def make_loader(
     image_set: ImageSet,
     transform: Callable,
-    batch_size: int,
+    spec: LoaderSpec,
     *,
-    shuffle: bool,
-    drop_last: bool,
-    num_workers: int = 0,
-    seed: int = 0,
     epoch: int = 0,
     start_batch: int = 0,
     rank: int = 0,
     world_size: int = 1,
-    bad_images: BadImages = "error",
-    pin_memory: Optional[bool] = None,
     device: Optional[torch.device] = None,
-    decode_on_device: Optional[bool] = None,
-    cache_bytes: int = 0,
 ) -> Loader:
-    """A Loader over image_set (see the module docstring for the guarantees).
+    """A Loader over image_set (see the module docstring for the guarantees), batched as `spec` says.
 
     Args:
-        batch_size: the global batch per step, split across `world_size` ranks (must divide evenly).
-        shuffle / drop_last: True / True for training, False / False for evaluation.
-        num_workers: loader processes (0: load in this process); kept alive across epochs.
-        seed, epoch: fix the order and the augmentation; change epoch with `loader.set_epoch`.
+        epoch: fixes, with spec.seed, the order and the augmentation; change it with `loader.set_epoch`.
         start_batch: skip this many batches of the first iteration (resume mid-epoch).
-        rank, world_size: this process's shard.
-        bad_images: "error" or "skip" (data.bad_images).
-        pin_memory: None: when CUDA is available.
+        rank, world_size: this process's slice of every global batch (spec.batch_size must divide evenly).
         device: where batches are delivered (and the tensor pipeline's normalised); default CPU.
-        decode_on_device: tensor pipeline only: workers send JPEGs undecoded and the main process
-            decodes and crops them on `device` (nvJPEG on CUDA). None: when device is CUDA.
-        cache_bytes: keep the first full pass in memory and replay it when its batches fit in this many
-            bytes; only for loaders whose batches never change (evaluation: no shuffle, no augmentation).
     """
-    if cache_bytes and (shuffle or getattr(transform, "train", False)):
+    batch_size, seed = spec.batch_size, spec.seed
+    if spec.cache_bytes and getattr(transform, "train", False):
         raise ValueError("cache_bytes is for evaluation loaders only (no shuffling, no augmentation).")
     device = torch.device(device or "cpu")
-    if batch_size < 1 or batch_size % world_size:
+    if batch_size % world_size:
         raise VitError(
             f"The global batch size ({batch_size}) must be a positive multiple of the number of processes "
             f"({world_size})."
         )
-    on_device = device.type == "cuda" if decode_on_device is None else decode_on_device
-    dataset = BatchDataset(image_set, transform, seed=seed, bad_images=bad_images, decode_on_device=on_device)
+    on_device = device.type == "cuda" if spec.decode_on_device is None else spec.decode_on_device
+    dataset = BatchDataset(image_set, transform, seed=seed, bad_images=spec.bad_images, decode_on_device=on_device)
     dataset.set_epoch(epoch)
-    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed,
+    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=spec.shuffle, drop_last=spec.drop_last, seed=seed,
                                 epoch=epoch, start_batch=start_batch, rank=rank, world_size=world_size)
     dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
-        num_workers=num_workers,
+        num_workers=spec.num_workers,
         collate_fn=_keep_batch,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        persistent_workers=num_workers > 0,  # safe: workers hold no epoch state, it comes with each batch
+        pin_memory=torch.cuda.is_available() if spec.pin_memory is None else spec.pin_memory,
+        persistent_workers=spec.num_workers > 0,  # safe: workers hold no epoch state, it comes with each batch
         # A private generator: DataLoader draws worker base seeds from it instead of the global torch RNG,
         # which would otherwise shift the training RNG at every epoch start (and break exact resume).
         generator=torch.Generator().manual_seed(derive_seed(seed, rank)),
     )
-    return Loader(dataloader, sampler, dataset, device, cache_bytes)
+    return Loader(dataloader, sampler, dataset, device, spec.cache_bytes)

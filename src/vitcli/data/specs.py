@@ -4,6 +4,7 @@
     transform = TransformSpec.of(recipe.data)    # crops, flips, RandAugment, normalisation, pipeline
     mixing = MixSpec.of(recipe.data)             # Mixup / CutMix / label smoothing
     TransformSpec.from_checkpoint(meta)          # the eval transform a checkpoint was trained with
+    LoaderSpec.evaluation(256, num_workers=2)    # how a loader batches: checked once, here
 
 `of(obj)` copies the same-named fields from any object (a recipe's data section has them all); the
 defaults equal the recipe's.
@@ -15,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, TypeVar
 
+from vitcli.errors import VitError
 from vitcli.io.meta import CheckpointMeta, Preprocessing
 
 S = TypeVar("S")
@@ -84,3 +86,45 @@ class MixSpec(_FromFields):
     mixup: float = 0.0
     cutmix: float = 0.0
     label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """How a loader batches a set; the values users give (batch size, workers, bad images) are checked
+    here, once, whichever command passed them.
+
+    batch_size: the global batch per step (split across ranks). shuffle / drop_last: True / True for
+    training, False / False for evaluation. seed: fixes the order and the augmentation. bad_images:
+    "error" (stop, naming the image) or "skip" (drop it, counted). pin_memory None: when CUDA is
+    available. decode_on_device (tensor pipeline): workers send JPEG bytes and the main process decodes
+    on the device; None: when the device is CUDA. cache_bytes: replay the first pass from memory when its
+    batches fit (evaluation loaders only: no shuffling, no augmentation).
+    """
+
+    batch_size: int
+    shuffle: bool = False
+    drop_last: bool = False
+    num_workers: int = 0
+    seed: int = 0
+    bad_images: Literal["error", "skip"] = "error"
+    pin_memory: Optional[bool] = None
+    decode_on_device: Optional[bool] = None
+    cache_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise VitError(f"The batch size must be at least 1, got {self.batch_size} (--batch-size, train.batch_size).")
+        if self.num_workers < 0:
+            raise VitError(f"The number of loader workers must be 0 or more, got {self.num_workers} (--num-workers, data.num_workers).")
+        if self.bad_images not in ("error", "skip"):
+            raise VitError(f"bad images must be 'error' or 'skip', got {self.bad_images!r} (--bad-images, data.bad_images).")
+        if self.cache_bytes and self.shuffle:
+            raise ValueError("cache_bytes is for evaluation loaders only (no shuffling, no augmentation).")
+
+    @classmethod
+    def training(cls, batch_size: int, **settings: Any) -> LoaderSpec:
+        return cls(batch_size, shuffle=True, drop_last=True, **settings)
+
+    @classmethod
+    def evaluation(cls, batch_size: int, **settings: Any) -> LoaderSpec:
+        return cls(batch_size, shuffle=False, drop_last=False, **settings)

@@ -15,9 +15,10 @@ import datasets
 import numpy as np
 import torch
 
-from vitcli.data.batches import BadImages, Batch
+from vitcli.data.batches import Batch
 from vitcli.data.hub_stream import HubSet, HubStream
 from vitcli.data.loader import Delivery
+from vitcli.data.specs import LoaderSpec
 from vitcli.data.sample_stream import BufferedStream, StreamedSet
 from vitcli.data.shard_sets import ShardSet, labelled_cells
 from vitcli.data.shard_stream import ShardStream
@@ -89,16 +90,17 @@ def first_images(train: StreamedSet, shots: int) -> datasets.Dataset:
     return datasets.Dataset.from_dict(rows, features=features)
 
 
-def make_stream_loader(train: StreamedSet, transform: Callable, batch_size: int, *, num_workers: int = 0, seed: int = 0,
-                       epoch: int = 0, buffer: int = 1000, rank: int = 0, world_size: int = 1,
-                       bad_images: BadImages = "error", device: Optional[torch.device] = None,
-                       decode_on_device: Optional[bool] = None, pin_memory: Optional[bool] = None) -> StreamLoader:
-    """This rank's loader of `batch_size` images per batch (the global batch / world_size) from a stream."""
+def make_stream_loader(train: StreamedSet, transform: Callable, spec: LoaderSpec, *, epoch: int = 0, buffer: int = 1000,
+                       rank: int = 0, world_size: int = 1, device: Optional[torch.device] = None) -> StreamLoader:
+    """This rank's loader of spec.batch_size images per batch (here: the global batch / world_size) from a
+    stream; a stream always shuffles (through `buffer`) and keeps its last, partial batch."""
     device = torch.device(device or "cpu")
+    num_workers, batch_size = spec.num_workers, spec.batch_size
     readers = world_size * max(1, num_workers)
-    on_device = (device.type == "cuda" if decode_on_device is None else decode_on_device) and isinstance(transform, TensorTransform)
-    common = dict(seed=seed, epoch=epoch, buffer=buffer, rank=rank, world_size=world_size, num_workers=num_workers,
-                  bad_images=bad_images, decode_on_device=on_device, name=train.name, split=train.split,
+    on_device = (device.type == "cuda" if spec.decode_on_device is None else spec.decode_on_device) and \
+        isinstance(transform, TensorTransform)
+    common = dict(seed=spec.seed, epoch=epoch, buffer=buffer, rank=rank, world_size=world_size, num_workers=num_workers,
+                  bad_images=spec.bad_images, decode_on_device=on_device, name=train.name, split=train.split,
                   labels=train.num_classes > 0)
     if isinstance(train, HubSet):
         stream: BufferedStream = HubStream(train.dataset, transform, batch_size, **common)
@@ -110,4 +112,4 @@ def make_stream_loader(train: StreamedSet, transform: Callable, batch_size: int,
                 "(vit shards --samples-per-shard N) or use fewer workers (data.num_workers)."
             )
         stream = ShardStream(train.urls, transform, batch_size, **common)
-    return StreamLoader(stream, num_workers, device, torch.cuda.is_available() if pin_memory is None else pin_memory)
+    return StreamLoader(stream, num_workers, device, torch.cuda.is_available() if spec.pin_memory is None else spec.pin_memory)

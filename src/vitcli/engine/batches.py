@@ -34,30 +34,20 @@ class TrainStream:
         self.mixup = data.mixup
         self.restarted_epoch: int | None = None  # set when a shard stream could not resume exactly
         if vdata.is_streamed(data.train):
-            self.loader = vdata.make_stream_loader(
-                data.train, data.train_transform, plan.micro_batch, num_workers=recipe.data.num_workers,
-                seed=recipe.train.seed, epoch=epoch, buffer=recipe.data.shuffle_buffer, rank=rank, world_size=world_size,
-                bad_images=recipe.data.bad_images, device=device, pin_memory=device.type == "cuda")
+            spec = vdata.LoaderSpec.training(plan.micro_batch, num_workers=recipe.data.num_workers, seed=recipe.train.seed,
+                                             bad_images=recipe.data.bad_images, pin_memory=device.type == "cuda")
+            self.loader = vdata.make_stream_loader(data.train, data.train_transform, spec, epoch=epoch,
+                                                   buffer=recipe.data.shuffle_buffer, rank=rank, world_size=world_size,
+                                                   device=device)
             if start_step and not (saved and self.loader.load_state_dict(saved)):
                 self.restarted_epoch = epoch  # saved by another number of readers (or before streams kept state)
             self._batches = self._mixed(iter(self.loader))
             return
-        self.loader = vdata.make_loader(
-            data.train,
-            data.train_transform,
-            plan.micro_batch * world_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=recipe.data.num_workers,
-            seed=recipe.train.seed,
-            epoch=epoch,
-            start_batch=pos * plan.accum,
-            rank=rank,
-            world_size=world_size,
-            bad_images=recipe.data.bad_images,
-            pin_memory=device.type == "cuda",
-            device=device,
-        )
+        spec = vdata.LoaderSpec.training(plan.micro_batch * world_size, num_workers=recipe.data.num_workers,
+                                         seed=recipe.train.seed, bad_images=recipe.data.bad_images,
+                                         pin_memory=device.type == "cuda")
+        self.loader = vdata.make_loader(data.train, data.train_transform, spec, epoch=epoch, start_batch=pos * plan.accum,
+                                        rank=rank, world_size=world_size, device=device)
         self._batches = self._epochs(epoch, taken=pos * plan.accum)
 
     @property
@@ -103,21 +93,10 @@ def eval_batches(data: RunData, recipe: Recipe, device: torch.device, batch_size
     collective) makes every rank yield the same number of batches: a rank whose share ran out runs a
     one-image dummy batch with no labels, which evaluate() does not count.
     """
-    loader = vdata.make_loader(
-        data.eval,
-        data.eval_transform,
-        batch_size * world_size,
-        shuffle=False,
-        drop_last=False,
-        num_workers=recipe.data.num_workers,
-        seed=recipe.train.seed,
-        rank=rank,
-        world_size=world_size,
-        bad_images=recipe.data.bad_images,
-        pin_memory=device.type == "cuda",
-        device=device,
-        cache_bytes=EVAL_CACHE_BYTES,
-    )
+    spec = vdata.LoaderSpec.evaluation(batch_size * world_size, num_workers=recipe.data.num_workers, seed=recipe.train.seed,
+                                       bad_images=recipe.data.bad_images, pin_memory=device.type == "cuda",
+                                       cache_bytes=EVAL_CACHE_BYTES)
+    loader = vdata.make_loader(data.eval, data.eval_transform, spec, rank=rank, world_size=world_size, device=device)
     if not lockstep:
         return loader
     dummy = (torch.zeros(1, recipe.model.in_chans, *data.img_size), torch.zeros(0, dtype=torch.int64))
@@ -154,6 +133,6 @@ def fewshot_set(data: RunData, recipe: Recipe, device: torch.device, batch_size:
     index = needed_images(labels, num_classes, shots, FEWSHOT_SEEDS)
     chosen = vdata.ImageSet(train.select(index, keep_in_memory=True), num_classes,
                             data.class_names, data.train.name, f"{data.train.split}[few-shot]")
-    loader = vdata.make_loader(chosen, data.eval_transform, batch_size, shuffle=False, drop_last=False, num_workers=0,
-                               seed=0, bad_images=recipe.data.bad_images, device=device, cache_bytes=EVAL_CACHE_BYTES)
+    spec = vdata.LoaderSpec.evaluation(batch_size, bad_images=recipe.data.bad_images, cache_bytes=EVAL_CACHE_BYTES)
+    loader = vdata.make_loader(chosen, data.eval_transform, spec, device=device)
     return FewshotSet(loader, index, labels, data.train.num_classes, shots, FEWSHOT_SEEDS)

@@ -1,6 +1,6 @@
 """`vit eval`: score a checkpoint on a data set, with the same `evaluate` that training runs.
 
-    result = run_eval("runs/b16-cifar100", "cifar100", res=384, fewshot=[1, 5, 10, 25])
+    result = run_eval(EvalSpec("runs/b16-cifar100", "cifar100", res=(384, 384), fewshot=FewshotSpec((1, 5, 10, 25))))
     print_eval(result)                    # rich table (vitcli.engine.report)
     print(json.dumps(result))             # --json: plain types only, NaN -> null
 
@@ -12,7 +12,8 @@ checkpoint was trained with (normalisation, interpolation, crop_pct from its met
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 
 from vitcli import data as vdata
 from vitcli.objectives import fewshot as fs
+from vitcli.engine.evalspec import EvalSpec, FewshotSpec
 from vitcli.engine.report import PredictionLog, draw_confusion, figure_path, print_eval, write_predictions
 from vitcli.engine.resolve import load_for_inference, resolve_dataset
 from vitcli.engine.runtime import autocast_dtype, pick_device
@@ -29,57 +31,15 @@ from vitcli.io.paths import writable_file
 from vitcli.models import input_channels, input_size
 from vitcli.objectives import evaluate
 
-__all__ = ["print_eval", "run_eval"]  # print_eval lives in engine.report
+__all__ = ["EvalSpec", "FewshotSpec", "print_eval", "run_eval"]  # print_eval lives in engine.report
 
 
-def run_eval(
-    ckpt: str | Path | None,
-    dataset: str | None,
-    *,
-    split: str | None = None,
-    res: int | tuple[int, int] | None = None,
-    batch_size: int = 256,
-    data_dir: str | None = None,
-    device: str = "auto",
-    fewshot: list[int] | None = None,
-    predictions: Path | None = None,
-    confusion: Path | None = None,
-    num_workers: int = 2,
-    seed: int = 0,
-    runs_root: Path = Path("runs"),
-    subset: int | None = None,
-    fewshot_seeds: int = 1,
-    fewshot_l2: float = fs.DEFAULT_L2,
-    bad_images: str = "error",
-    reduced_decode: bool = True,
-    progress: Callable[[int, int], None] | None = None,
-    say: Callable[[str], Any] = print,
-) -> dict[str, Any]:
-    """Evaluate a checkpoint; return a JSON-ready dict of metrics.
+def run_eval(spec: EvalSpec, *, progress: Callable[[int, int], None] | None = None,
+             say: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Evaluate a checkpoint as `spec` says; return a JSON-ready dict of metrics.
 
-    Args:
-        ckpt: anything `load_checkpoint` accepts; None: the best checkpoint of the newest run under
-            `runs_root`.
-        dataset: registry name or path; None: the data set the checkpoint was trained on.
-        split: evaluation split; None: the data set's own test/validation split, or the whole of a folder
-            of class folders (its carved parts: "train[90%]", "train[10%]").
-        res: evaluate at this resolution (position embeddings resampled); None: the checkpoint's.
-        batch_size: images per forward pass.
-        data_dir: a local copy of a named set with the Hub schema.
-        device: auto, cpu or cuda (bf16 autocast on CUDA, fp32 on CPU).
-        fewshot: K values for the few-shot linear evaluation on frozen pre-logit features.
-        predictions / confusion: write a per-image CSV / a confusion-matrix image there.
-        num_workers: data loader processes.
-        seed: seeds the few-shot choice of training images (seeds seed .. seed+fewshot_seeds-1).
-        runs_root: where to look for runs when ckpt is None.
-        subset: evaluate on a seeded random choice of this many images only.
-        fewshot_seeds: average few-shot accuracy over this many choices of the K images (big_vision: 3).
-        fewshot_l2: ridge strength of the few-shot regression.
-        bad_images: "error" (stop, naming the unreadable image) or "skip" (drop it; counted).
-        reduced_decode: decode a JPEG at 1/2-1/8 size when its short side is 2-8x the resize target
-            (False: every image at full size, as timm's validate.py).
-        progress: called as progress(images_done, images_total) after every batch.
-        say: where one-line notes go (which checkpoint was taken, what was adapted).
+    progress(images_done, images_total) is called after every batch; `say` takes one-line notes (which
+    checkpoint was taken, what was adapted).
 
     Returns:
         top1, top5, loss, ece (fractions; None when the head does not fit the data set and only
@@ -87,28 +47,22 @@ def run_eval(
         without images), class_names, checkpoint, model, dataset, split, img_size, device, skipped_images,
         and, when asked, fewshot {str(K): accuracy}, fewshot_l2, fewshot_seeds, predictions, confusion (paths).
     """
-    shots = _check_shots(fewshot)
-    if fewshot_seeds < 1:
-        raise VitError(f"the number of few-shot seeds must be at least 1, got {fewshot_seeds}")
-    if batch_size < 1:
-        raise VitError(f"--batch-size must be positive, got {batch_size}")
-    if bad_images not in ("error", "skip"):
-        raise VitError(f"--bad-images must be error or skip, got {bad_images!r}")
-    predictions = writable_file(predictions, "--predictions") if predictions else None  # before any work
-    confusion = figure_path(confusion, "--confusion") if confusion else None
-    model, ck, run_dir = load_for_inference(ckpt, Path(runs_root), say, img_size=res)
-    dataset, data_dir = resolve_dataset(dataset, data_dir, ck, run_dir)
-    dev = pick_device(device)
+    shots = list(spec.fewshot.shots)
+    predictions = writable_file(spec.predictions, "--predictions") if spec.predictions else None  # before any work
+    confusion = figure_path(spec.confusion, "--confusion") if spec.confusion else None
+    model, ck, run_dir = load_for_inference(spec.ckpt, Path(spec.runs_root), say, img_size=spec.res)
+    dataset, data_dir = resolve_dataset(spec.dataset, spec.data_dir, ck, run_dir)
+    dev = pick_device(spec.device)
     amp = autocast_dtype("auto", dev)
     img_size = input_size(model)
-    eval_set = vdata.load_split(dataset, split, role="eval", data_dir=data_dir, img_size=img_size, seed=0,
-                                subset=subset, carve=False, say=say)  # a folder of class folders: every image
+    eval_set = vdata.load_split(dataset, spec.split, role="eval", data_dir=data_dir, img_size=img_size, seed=0,
+                                subset=spec.subset, carve=False, say=say)  # a folder of class folders: every image
     head_fits = _head_fits(model, eval_set, ck, shots, bool(predictions or confusion), say)
     _warn_class_names(ck.meta.class_names, eval_set, say)
 
-    spec = vdata.TransformSpec.from_checkpoint(ck.meta, input_channels(model), reduced_decode=reduced_decode)
-    tf = vdata.build_transform(spec, img_size, train=False)
-    loader = _loader(eval_set, tf, batch_size, num_workers, seed, dev, bad_images)
+    transform = vdata.TransformSpec.from_checkpoint(ck.meta, input_channels(model), reduced_decode=spec.reduced_decode)
+    tf = vdata.build_transform(transform, img_size, train=False)
+    loader = _loader(eval_set, tf, spec.loader, dev)
     model.to(dev)
     log = PredictionLog() if (predictions or confusion) else None
     capture = FeatureCapture(model) if shots else None
@@ -141,23 +95,15 @@ def run_eval(
                                                  eval_set.class_names, title))
     if shots:
         eval_feats, eval_labels = capture.arrays()
-        result["fewshot"] = _fewshot(model, tf, dataset, data_dir, eval_set, eval_feats, eval_labels, shots,
-                                     list(range(seed, seed + fewshot_seeds)), fewshot_l2, batch_size, num_workers,
-                                     dev, amp, say)
-        result["fewshot_l2"] = fewshot_l2
-        result["fewshot_seeds"] = fewshot_seeds
+        few = _FewshotRun(model, tf, dataset, data_dir, spec, dev, amp)
+        result["fewshot"] = few.scores(eval_set, eval_feats, eval_labels, say)
+        result["fewshot_l2"] = spec.fewshot.l2
+        result["fewshot_seeds"] = spec.fewshot.seeds
     return result
 
 
 # ---------------------------------------------------------------------------------------------------
 # What to evaluate
-
-
-def _check_shots(fewshot: Iterable[int] | None) -> list[int]:
-    shots = sorted({int(k) for k in fewshot or []})
-    if any(k < 1 for k in shots):
-        raise VitError(f"--fewshot takes positive numbers of images per class (e.g. 1,5,10,25), got {shots}")
-    return shots
 
 
 def _head_fits(model: torch.nn.Module, eval_set, ck, shots: list[int], writes: bool, say) -> bool:
@@ -186,9 +132,8 @@ def _warn_class_names(trained: list[str] | None, eval_set, say) -> None:
             f"(e.g. {trained[0]!r} vs {names[0]!r}); scores assume class i of the checkpoint is class i of the data")
 
 
-def _loader(image_set, tf, batch_size: int, num_workers: int, seed: int, dev: torch.device, bad_images: str = "error"):
-    return vdata.make_loader(image_set, tf, batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
-                             seed=seed, pin_memory=dev.type == "cuda", device=dev, bad_images=bad_images)
+def _loader(image_set, tf, spec: vdata.LoaderSpec, dev: torch.device):
+    return vdata.make_loader(image_set, tf, replace(spec, pin_memory=dev.type == "cuda"), device=dev)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,29 +188,42 @@ def _callbacks(log, capture, progress, total: int):
     return on_batch if (calls or progress) else None
 
 
-def _fewshot(model, tf, dataset: str, data_dir: str | None, eval_set, eval_feats: np.ndarray,
-             eval_labels: np.ndarray, shots: list[int], seeds: list[int], l2: float, batch_size: int,
-             num_workers: int, dev: torch.device, amp, say) -> dict[str, float]:
-    """Few-shot linear accuracy on the evaluation features for each K (see objectives.fewshot)."""
-    train = vdata.load_split(dataset, None, role="train", data_dir=data_dir, img_size=input_size(model), seed=0)
-    if train.split.split("[")[0] == eval_set.split.split("[")[0]:
-        say(f"warning: the few-shot training images come from split '{train.split}', the split being evaluated")
-    if train.num_classes != eval_set.num_classes:
-        raise VitError(f"the training split of '{train.name}' has {train.num_classes} classes but the evaluation "
-                       f"split has {eval_set.num_classes}; few-shot evaluation needs the same classes")
-    labels = np.asarray(train.dataset.select_columns(["label"]).with_format("numpy")["label"], dtype=np.int64)
-    need = fs.needed_images(labels, train.num_classes, shots, seeds)
-    short = [train.class_names[c] for c in range(train.num_classes) if np.sum(labels == c) < max(shots)]
-    if short:
-        say(f"few-shot: {len(short)} class(es) have fewer than {max(shots)} training images "
-            f"(e.g. {short[0]!r}); they use all they have")
-    subset = vdata.ImageSet(train.dataset.select(need, keep_in_memory=True), train.num_classes, train.class_names,
-                            train.name, f"{train.split}[few-shot]")
-    capture = FeatureCapture(model)
-    try:
-        evaluate(model, _loader(subset, tf, batch_size, num_workers, seeds[0], dev), None, dev, amp,
-                 on_batch=capture.add_labels)
-    finally:
-        capture.close()
-    feats, _ = capture.arrays()
-    return fs.fewshot_results(feats, need, labels, eval_feats, eval_labels, train.num_classes, shots, seeds, l2)
+@dataclass
+class _FewshotRun:
+    """Few-shot linear accuracy on the evaluation features for each K (see objectives.fewshot): the
+    model's features of the K training images per class chosen for each seed."""
+
+    model: torch.nn.Module
+    tf: Callable
+    dataset: str
+    data_dir: str | None
+    spec: EvalSpec
+    dev: torch.device
+    amp: Any
+
+    def scores(self, eval_set, eval_feats: np.ndarray, eval_labels: np.ndarray, say) -> dict[str, float]:
+        few = self.spec.fewshot
+        shots, seeds = list(few.shots), few.seed_list
+        train = vdata.load_split(self.dataset, None, role="train", data_dir=self.data_dir, img_size=input_size(self.model),
+                                 seed=0)
+        if train.split.split("[")[0] == eval_set.split.split("[")[0]:
+            say(f"warning: the few-shot training images come from split '{train.split}', the split being evaluated")
+        if train.num_classes != eval_set.num_classes:
+            raise VitError(f"the training split of '{train.name}' has {train.num_classes} classes but the evaluation "
+                           f"split has {eval_set.num_classes}; few-shot evaluation needs the same classes")
+        labels = np.asarray(train.dataset.select_columns(["label"]).with_format("numpy")["label"], dtype=np.int64)
+        need = fs.needed_images(labels, train.num_classes, shots, seeds)
+        short = [train.class_names[c] for c in range(train.num_classes) if np.sum(labels == c) < max(shots)]
+        if short:
+            say(f"few-shot: {len(short)} class(es) have fewer than {max(shots)} training images "
+                f"(e.g. {short[0]!r}); they use all they have")
+        subset = vdata.ImageSet(train.dataset.select(need, keep_in_memory=True), train.num_classes, train.class_names,
+                                train.name, f"{train.split}[few-shot]")
+        capture = FeatureCapture(self.model)
+        try:
+            loader = _loader(subset, self.tf, replace(self.spec.loader, seed=seeds[0]), self.dev)
+            evaluate(self.model, loader, None, self.dev, self.amp, on_batch=capture.add_labels)
+        finally:
+            capture.close()
+        feats, _ = capture.arrays()
+        return fs.fewshot_results(feats, need, labels, eval_feats, eval_labels, train.num_classes, shots, seeds, few.l2)

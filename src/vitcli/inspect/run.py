@@ -77,8 +77,7 @@ def run_inspect(
         raise VitError(f"--images must be at least 1, got {num_images}")
     if show < 0:
         raise VitError(f"--show must be 0 or more, got {show}")
-    if batch_size < 1:
-        raise VitError(f"--batch-size must be positive, got {batch_size}")
+    batching = vdata.LoaderSpec.evaluation(batch_size, pin_memory=False)  # checks the batch size before any work
     model, ck, run_dir = load_for_inference(ckpt, Path(runs_root), say)
     out = writable_dir(Path(out) if out is not None else _default_out(ck.source, run_dir), "--out")
     name = run_dir.name if run_dir is not None else Path(str(ck.source)).name
@@ -115,7 +114,7 @@ def run_inspect(
     else:
         dataset, data_dir = resolve_dataset(dataset, data_dir, ck, run_dir)
         mae = load_mae(ck, run_dir, model)
-        result.update(_attention_figures(model, ck, dataset, split, data_dir, out, num_images, show, batch_size,
+        result.update(_attention_figures(model, ck, dataset, split, data_dir, out, num_images, show, batching,
                                          pick_device(device), name, mae))
         result["figures"].update(result.pop("_figures"))
 
@@ -150,14 +149,13 @@ def _plain(x):
 
 @torch.no_grad()
 def _attention_figures(model, ck, dataset: str, split, data_dir, out: Path, num_images: int, show: int,
-                       batch_size: int, dev: torch.device, name: str, mae=None) -> dict[str, Any]:
+                       batching: vdata.LoaderSpec, dev: torch.device, name: str, mae=None) -> dict[str, Any]:
     img_size = input_size(model)
     images = vdata.load_split(dataset, split, role="eval", data_dir=data_dir, img_size=img_size, seed=0,
                               subset=num_images)
     cfg = vdata.TransformSpec.from_checkpoint(ck.meta, input_channels(model))
     tf = vdata.build_transform(cfg, img_size, train=False)
-    loader = vdata.make_loader(images, tf, batch_size, shuffle=False, drop_last=False, num_workers=0, seed=0,
-                               pin_memory=False)
+    loader = vdata.make_loader(images, tf, batching)
     model.to(dev)
     probe = ft.AttentionProbe(model, rollout_images=show)
     shown: list[torch.Tensor] = []

@@ -21,7 +21,6 @@ takes the first that loads, so a corrupted newest one costs only the steps since
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import re

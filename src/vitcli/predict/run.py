@@ -6,7 +6,7 @@ import glob
 import os
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +67,7 @@ def predict(ckpt: str | Path | None, inputs: list[str], *, topk: int = 5, batch_
     """Yield one Prediction per readable image, batch by batch; `info` (when given) is filled in as it goes."""
     if topk < 1:
         raise VitError(f"--topk must be at least 1, got {topk}")
-    if batch_size < 1:
-        raise VitError(f"--batch-size must be positive, got {batch_size}")
+    batching = vdata.LoaderSpec.evaluation(batch_size, num_workers=num_workers, bad_images="skip")  # checked before any work
     info = info if info is not None else Predictions()
     paths = find_images(inputs)
     model, ck, _ = load_for_inference(ckpt, Path(runs_root), say, needs_head="it cannot predict classes")
@@ -83,8 +82,7 @@ def predict(ckpt: str | Path | None, inputs: list[str], *, topk: int = 5, batch_
     image_set = vdata.ImageSet(files, len(paths), [p.name for p in paths], "images", "predict")
     spec = vdata.TransformSpec.from_checkpoint(ck.meta, input_channels(model), reduced_decode=reduced_decode)
     tf = vdata.build_transform(spec, size, train=False)
-    loader = vdata.make_loader(image_set, tf, batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
-                               bad_images="skip", pin_memory=dev.type == "cuda", device=dev)
+    loader = vdata.make_loader(image_set, tf, replace(batching, pin_memory=dev.type == "cuda"), device=dev)
     model.to(dev).eval()
     k = min(topk, model.num_classes)
     predicted: set[int] = set()
