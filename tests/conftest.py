@@ -1,9 +1,14 @@
-"""Every test runs offline (the hub cannot be reached here) with a private Hugging Face cache."""
+"""Every test runs offline (the hub cannot be reached here) with a private Hugging Face cache; the
+fixtures several modules share."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import datasets
 import pytest
+
+from helpers import DIGITS, offline_env, recipe_file, run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -13,3 +18,20 @@ def _offline_private_hf_cache(monkeypatch, tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "hf-datasets-cache"
     monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+
+
+@pytest.fixture
+def fresh_hf_cache(monkeypatch, tmp_path):
+    """A datasets cache of this test's own (for tests about what indexing writes there)."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A vit_pico trained 8 steps on digits (8x8, bilinear, crop_pct 1): a run directory."""
+    tmp = tmp_path_factory.mktemp("run")
+    with offline_env():
+        assert run_cli("pretrain", str(recipe_file(tmp, "train: {steps: 8}\n")), "--out", str(tmp / "run"), *DIGITS,
+                       "--set", "data.interpolation=bilinear", "--set", "data.crop_pct=1.0") == 0
+    return tmp / "run"

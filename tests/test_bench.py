@@ -20,7 +20,7 @@ from vitcli.bench.steps import build_models, prepare
 from vitcli.bench.timing import Contestant, Stats, run_rounds
 from vitcli.models import create_model, resolve_config
 
-from test_pretrain import run_cli
+from helpers import run_cli
 
 CPU = torch.device("cpu")
 FAST = ("--steps", "2", "--warmup", "1", "--batch-size", "4")

@@ -10,7 +10,7 @@ import pytest
 
 from vitcli.models import model_info
 
-from test_pretrain import run_cli
+from helpers import run_cli
 
 
 def test_models_json_lists_every_variant_with_its_size(capsys):

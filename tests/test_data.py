@@ -30,11 +30,8 @@ from vitcli.errors import VitError
 SIZE = (16, 16)
 
 
-@pytest.fixture(autouse=True)
-def offline_and_private_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+# offline (conftest), and a datasets cache of each test's own
+pytestmark = pytest.mark.usefixtures("fresh_hf_cache")
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +220,8 @@ def test_bad_image_error_names_the_image_and_the_fix(num_workers, pipeline, on_d
 @pytest.mark.parametrize("pipeline,on_device", PIPELINES)
 def test_bad_image_skip_drops_and_counts_it(num_workers, pipeline, on_device):
     tf = build_transform(TransformSpec(pipeline=pipeline), SIZE, train=False)
-    loader = make_loader(image_set_with_bad_image(6, truncated_index=1), tf, LoaderSpec.evaluation(4, bad_images="skip", num_workers=num_workers, decode_on_device=on_device))
+    spec = LoaderSpec.evaluation(4, bad_images="skip", num_workers=num_workers, decode_on_device=on_device)
+    loader = make_loader(image_set_with_bad_image(6, truncated_index=1), tf, spec)
     batches = collect(loader)
     assert [len(y) for _, y in batches] == [3, 3, 2]
     assert torch.cat([y for _, y in batches]).tolist() == [i % 2 for i in range(10) if i not in (1, 6)]

@@ -14,12 +14,8 @@ from vitcli.data import SourceSpec, build, hub, list_datasets, load_split, looku
 from vitcli.errors import VitError
 
 
-@pytest.fixture(autouse=True)
-def offline_and_private_cache(monkeypatch, tmp_path):
-    """No test may reach the Hub or write to the user's HF cache."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+# offline (conftest), and a datasets cache of each test's own
+pytestmark = pytest.mark.usefixtures("fresh_hf_cache")
 
 
 def make_folder(root: Path, classes=("cat", "dog", "emu"), per_class=10, fmt="png") -> None:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from test_preemption import comparable
-from test_pretrain import run_cli
+from helpers import comparable
+from helpers import run_cli
 from vitcli.io.checkpoint import newest_loadable
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_pretrain import run_cli
+from helpers import offline_env, run_cli
 from vitcli.engine.batches import eval_batches
 from vitcli.engine.plan import StepPlan
 from vitcli.engine.setup import build_data
@@ -98,9 +98,7 @@ def recipe(tmp_path_factory) -> Path:
 def reference(recipe, tmp_path_factory) -> Path:
     """The same recipe in one process, without torchrun."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_DATASETS_OFFLINE", "1")
+    with offline_env():
         assert run_cli("pretrain", str(recipe), "--out", str(run)) == 0
     return run
 

@@ -24,9 +24,9 @@ from vitcli.engine.report import confusion_matrix, print_eval, worst_classes
 from vitcli.errors import VitError
 from vitcli.models import create_model
 from vitcli.io.meta import CheckpointMeta
-from vitcli.models.adapt import meta_for_model, save_state_dict
+from vitcli.models.adapt import meta_for_model
 
-from test_pretrain import run_cli
+from helpers import make_ckpt, offline_env, run_cli
 
 KEYS = ("top1", "top5", "loss", "ece", "num_images", "images_per_second", "per_class_accuracy", "checkpoint",
         "dataset", "split", "img_size")
@@ -38,11 +38,6 @@ def eval_spec(ckpt, dataset, *, batch_size: int = 256, num_workers: int = 2, few
     return EvalSpec(ckpt, dataset, res=(res, res) if isinstance(res, int) else res, fewshot=FewshotSpec(tuple(fewshot)),
                     loader=LoaderSpec.evaluation(batch_size, num_workers=num_workers), **settings)
 
-def make_ckpt(path: Path, num_classes: int = 10, dataset: str | None = "digits", seed: int = 0, **meta) -> Path:
-    torch.manual_seed(seed)
-    model = create_model("vit_pico", num_classes=num_classes)
-    base = {"dataset": dataset, **meta} if dataset else dict(meta)
-    return save_state_dict(path, model.state_dict(), meta_for_model(model, base))
 
 
 def direct_logits(ckpt_path: Path, img_size=(8, 8)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,9 +59,7 @@ def digits_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     path = make_ckpt(tmp / "pico.safetensors")
     said: list[str] = []
-    with pytest.MonkeyPatch.context() as mp:  # module-scoped: conftest's per-test offline env is not active
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_DATASETS_OFFLINE", "1")
+    with offline_env() as mp:  # module-scoped: conftest's per-test offline env is not active
         mp.setenv("HF_DATASETS_CACHE", str(tmp / "hf-cache"))
         mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp / "hf-cache")
         spec = eval_spec(str(path), None, num_workers=0, batch_size=100, predictions=tmp / "out" / "pred.csv",

@@ -343,7 +343,7 @@ E2E = {
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(E2E))
 def test_finetune_eval_predict_export_on_digits(family, tmp_path, capsys):
-    from test_pretrain import run_cli
+    from helpers import run_cli
 
     name, kw = E2E[family]
     torch.manual_seed(0)
@@ -389,7 +389,7 @@ def test_finetune_eval_predict_export_on_digits(family, tmp_path, capsys):
 
 
 def test_masked_pretraining_of_a_rotary_model_is_one_clear_error(tmp_path, capsys):
-    from test_pretrain import run_cli
+    from helpers import run_cli
 
     recipe = tmp_path / "mae.yaml"
     recipe.write_text("# mae on a rotary model: refused before anything starts (vit pretrain)\nobjective: {name: mae}\n"
@@ -420,7 +420,7 @@ def test_few_shot_features_are_the_models_pre_logits(family, tmp_path):
 
 
 def test_linear_probe_of_a_distilled_model_trains_both_heads_only(tmp_path):
-    from test_pretrain import run_cli
+    from helpers import run_cli
 
     torch.manual_seed(0)
     src = perturbed(timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=8, patch_size=2,

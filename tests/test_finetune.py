@@ -14,7 +14,7 @@ from vitcli.engine.setup import build_model
 from vitcli.models.load import load_checkpoint
 from vitcli.recipe import load_recipe
 
-from test_pretrain import TINY, read_metrics, recipe_file, run_cli
+from helpers import TINY, read_metrics, recipe_file, run_cli
 
 DIGITS = [*sum((["--set", s] for s in TINY), []), "--set", "data.dataset=digits", "--set", "data.train_subset=96",
           "--set", "data.eval_subset=40", "--set", "model.img_size=8", "--set", "model.patch_size=2"]

@@ -21,7 +21,7 @@ from vitcli.inspect import features as ft
 from vitcli.inspect.run import FILES, run_inspect
 from vitcli.models.adapt import meta_for_model, model_from_checkpoint, save_state_dict
 
-from test_pretrain import run_cli
+from helpers import run_cli
 
 
 def tiny(seed: int = 0, **kw) -> torch.nn.Module:

@@ -18,11 +18,10 @@ from PIL import Image
 import vitcli.io.paths as paths
 from vitcli.data import TransformSpec, build_transform
 from vitcli.engine.finetune import MAX_EPOCHS, MIN_BATCH, MIN_BATCHES_PER_EPOCH, fitted_schedule
-from vitcli.io import checkpoint as ckpt
 from vitcli.models.adapt import model_from_checkpoint
 from vitcli.recipe import load_recipe
 
-from test_pretrain import REPO, TINY, offline_env, read_metrics, recipe_file, run_cli
+from helpers import REPO, TINY, offline_env, recipe_file, run_cli
 
 SETS = [x for s in TINY for x in ("--set", s)]
 DIGITS = [*SETS, "--set", "data.dataset=digits", "--set", "data.train_subset=64", "--set", "data.eval_subset=20",
@@ -111,7 +110,7 @@ def test_finetune_on_a_set_without_recipe_states_its_fitted_plan_and_time(pretra
 
 
 def test_eval_scores_every_image_of_a_folder(folder, tmp_path, capsys):
-    from test_eval import make_ckpt
+    from helpers import make_ckpt
 
     path = make_ckpt(tmp_path / "m.safetensors", num_classes=3, dataset=None)
     assert run_cli("eval", "--ckpt", str(path), "--dataset", str(folder), "--num-workers", "0", "--json",
@@ -133,7 +132,7 @@ def test_eval_scores_every_image_of_a_folder(folder, tmp_path, capsys):
 
 
 def test_eval_names_an_unreadable_image_anywhere_or_skips_and_counts_it(folder, tmp_path, capsys):
-    from test_eval import make_ckpt
+    from helpers import make_ckpt
 
     broken = tmp_path / "shapes"
     shutil.copytree(folder, broken)
@@ -246,7 +245,7 @@ def test_unreadable_inputs_are_one_clear_error(tmp_path, capsys, monkeypatch):
 
 
 def test_indexing_a_folder_prints_one_line_of_ours_and_none_of_datasets_bars(folder, tmp_path, capfd, monkeypatch):
-    from test_eval import make_ckpt
+    from helpers import make_ckpt
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "fresh-cache")  # nothing cached yet
     path = make_ckpt(tmp_path / "m.safetensors", num_classes=3, dataset=None)

@@ -10,7 +10,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 from vitcli.errors import VitError
 from vitcli.models import create_model
-from vitcli.objectives import MaskedAutoencoder, MaskedPatchPrediction, build_objective
+from vitcli.objectives import MaskedPatchPrediction, build_objective
 from vitcli.objectives.mae import sincos_pos_embed
 from vitcli.objectives.patches import MASK, RANDOM, UNCHANGED, draw_corruption, patchify, random_masking, unpatchify
 from vitcli.recipe import ObjectiveCfg

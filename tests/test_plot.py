@@ -12,7 +12,7 @@ from PIL import Image
 from vitcli.errors import VitError
 from vitcli.inspect.plots import curves_figure, plot_command, read_curves, run_labels
 
-from test_pretrain import run_cli
+from helpers import run_cli
 
 
 def write_run(folder: Path, steps: int = 40, lr: float = 1e-3, seed: int = 0, extra: list[str] = ()) -> Path:

@@ -11,26 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from vitcli.data import TransformSpec, build_transform
 from vitcli.models.adapt import meta_for_model, model_from_checkpoint, save_state_dict
 from vitcli.predict import PARTIAL_EXIT_CODE
 
-from test_pretrain import TINY, offline_env, recipe_file, run_cli
-
-SETS = [x for s in TINY for x in ("--set", s)]
-DIGITS = [*SETS, "--set", "data.dataset=digits", "--set", "data.train_subset=96", "--set", "data.eval_subset=40",
-          "--set", "model.img_size=8", "--set", "model.patch_size=2"]
+from helpers import DIGITS, by_hand, offline_env, recipe_file, run_cli
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("run")
-    with offline_env():
-        assert run_cli("pretrain", str(recipe_file(tmp, "train: {steps: 8}\n")), "--out", str(tmp / "run"), *DIGITS,
-                       "--set", "data.interpolation=bilinear", "--set", "data.crop_pct=1.0") == 0
-    return tmp / "run"
+
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +35,6 @@ def digit_folder(tmp_path_factory) -> Path:
     return root
 
 
-def by_hand(ckpt: Path, files: list[Path]) -> torch.Tensor:
-    """The checkpoint's logits on files through its own eval transform, one image at a time."""
-    model, ck = model_from_checkpoint(ckpt)
-    tf = build_transform(TransformSpec.from_checkpoint(ck.meta), (8, 8), train=False)
-    with torch.no_grad():
-        return model.eval()(torch.stack([tf(Image.open(f)) for f in files]))
 
 
 # ---- vit predict ---------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vitcli.cli import main
+from helpers import TINY, read_metrics, recipe_file, run_cli
 from vitcli.data import LoaderSpec, make_loader
 from vitcli.engine.setup import build_data
 from vitcli.io import checkpoint as ckpt
@@ -23,45 +22,13 @@ from vitcli.models import create_model
 from vitcli.objectives import evaluate
 from vitcli.recipe import load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
-
-TINY = [
-    "model.name=vit_pico",
-    "model.img_size=16",
-    "model.patch_size=4",
-    "model.embed_dim=32",
-    "model.depth=2",
-    "model.num_heads=2",
-    "data.num_workers=0",
-    "data.hflip=0.0",
-    "optim.lr=1e-3",
-    "schedule.warmup_steps=2",
-    "train.batch_size=8",
-    "train.log_every=1",
-]
 
 
-def run_cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
-@contextlib.contextmanager
-def offline_env():
-    """The per-test offline setting of conftest, for module-scoped fixtures (which run outside it)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_DATASETS_OFFLINE", "1")
-        yield mp
 
 
-def recipe_file(tmp_path: Path, body: str = "train: {steps: 6}\n") -> Path:
-    p = tmp_path / "tiny.yaml"
-    p.write_text("# a tiny test recipe\n" + body)
-    return p
+
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +68,12 @@ def cifar100_copy(tmp_path_factory) -> Path:
     return root
 
 
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_pretrain_on_an_image_folder_writes_a_complete_run(tmp_path, image_folder):
     run = tmp_path / "run"
-    code = run_cli("pretrain", str(recipe_file(tmp_path)), "--out", str(run), "--set", f"data.dataset={image_folder}", *sum((["--set", s] for s in TINY), []), "--set", "train.eval_every=3")
+    code = run_cli("pretrain", str(recipe_file(tmp_path)), "--out", str(run), "--set", f"data.dataset={image_folder}",
+                   *sum((["--set", s] for s in TINY), []), "--set", "train.eval_every=3")
     assert code == 0
     # recipe.yaml is the resolved recipe: loading it gives what ran
     saved = (run / "recipe.yaml").read_text()
@@ -143,7 +109,8 @@ def test_pretrain_on_an_image_folder_writes_a_complete_run(tmp_path, image_folde
 
 def test_pretrain_on_a_save_to_disk_copy_with_cifar100_schema(tmp_path, cifar100_copy):
     run = tmp_path / "run"
-    code = run_cli("pretrain", str(recipe_file(tmp_path, "train: {steps: 4}\n")), "--out", str(run), "--set", f"data.dataset={cifar100_copy}", *sum((["--set", s] for s in TINY), []))
+    code = run_cli("pretrain", str(recipe_file(tmp_path, "train: {steps: 4}\n")), "--out", str(run), "--set", f"data.dataset={cifar100_copy}",
+                   *sum((["--set", s] for s in TINY), []))
     assert code == 0
     weights, meta = ckpt.read_weights(run / "checkpoints" / "last" / ckpt.WEIGHTS)
     assert meta["num_classes"] == 100 and weights["head.weight"].shape == (100, 32)

@@ -10,7 +10,7 @@ import torch
 
 from vitcli.io import checkpoint as ckpt
 
-from test_pretrain import TINY, read_metrics, recipe_file, run_cli
+from helpers import TINY, read_metrics, recipe_file, run_cli
 
 DIGITS = [*sum((["--set", s] for s in TINY), []), "--set", "data.dataset=digits", "--set", "data.train_subset=64",
           "--set", "data.eval_subset=16", "--set", "model.img_size=8", "--set", "model.patch_size=2"]

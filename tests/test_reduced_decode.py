@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from test_predict_export import by_hand, trained  # noqa: F401 -- trained: a module fixture used below
-from test_pretrain import run_cli
-from test_tensor_pipeline import coordinate_image, encode, image_set, rotated_jpeg
+from helpers import by_hand
+from helpers import run_cli
+from helpers import coordinate_image, encode, image_set, rotated_jpeg
 from vitcli.data import LoaderSpec, TransformSpec, build_transform, make_loader, make_stream_loader
 from vitcli.data import collate
 from vitcli.data.decode import decode_reduced, scalable_jpeg_size

@@ -12,8 +12,8 @@ import torch
 
 from vitcli.io import checkpoint as ckpt
 
-from test_preemption import ARGS, comparable, start_training, train_steps
-from test_pretrain import recipe_file, run_cli
+from helpers import ARGS, comparable, start_training, train_steps
+from helpers import recipe_file, run_cli
 
 
 def test_kill_9_at_random_moments_never_costs_the_run(tmp_path):

@@ -14,8 +14,8 @@ import pytest
 from vitcli.errors import VitError
 from vitcli.io.runlock import LOCK_FILE, RunLock
 
-from test_preemption import ARGS, start_training, train_steps
-from test_pretrain import recipe_file, run_cli
+from helpers import ARGS, start_training, train_steps
+from helpers import recipe_file, run_cli
 
 
 def test_a_second_lock_on_a_locked_directory_names_the_holder_and_release_frees_it(tmp_path):

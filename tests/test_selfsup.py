@@ -18,8 +18,8 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 from vitcli.io import checkpoint as ckpt
 from vitcli.recipe import load_recipe
 
-from test_pretrain import TINY, offline_env, read_metrics, recipe_file, run_cli
-from test_preemption import comparable
+from helpers import TINY, offline_env, read_metrics, recipe_file, run_cli
+from helpers import comparable
 
 SETS = [x for s in TINY for x in ("--set", s)]
 DIGITS = [*SETS, "--set", "data.dataset=digits", "--set", "data.train_subset=96", "--set", "data.eval_subset=40",

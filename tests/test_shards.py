@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import signal
 import tarfile
 from pathlib import Path
 
@@ -15,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from test_preemption import comparable, start_training, train_steps
-from test_pretrain import TINY, offline_env, recipe_file, run_cli
+from helpers import comparable, sigterm_then_resume_matches_an_uninterrupted_run, take
+from helpers import TINY, offline_env, recipe_file, run_cli
 from vitcli.data import LoaderSpec, TransformSpec, build_transform, make_stream_loader
 from vitcli.data.builtin import digits_splits
 from vitcli.data.shard_index import expand, load_index
@@ -159,13 +158,6 @@ def loader(urls, *, workers=0, world_size=1, rank=0, buffer=4, batch=5, epoch=0,
                               epoch=epoch, buffer=buffer, rank=rank, world_size=world_size)
 
 
-def take(batches, n):
-    out = []
-    for images, labels in batches:
-        out.append((images.clone(), labels.clone()))
-        if len(out) == n:
-            break
-    return out
 
 
 def test_each_reader_reads_its_own_shards_and_an_epoch_covers_every_sample_once(tmp_path):
@@ -238,19 +230,6 @@ ARGS = [*sum((["--set", s] for s in TINY), []), "--set", "model.img_size=8", "--
         "--set", "data.shuffle_buffer=50"]
 
 
-def sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, args: list[str]) -> None:
-    """SIGTERM at step 30 of 120 (89 steps an epoch: mid-epoch), resume; the metrics equal a run left alone."""
-    recipe = recipe_file(tmp_path, "train: {steps: 120}\n")
-    cut = tmp_path / "cut"
-    proc = start_training(recipe, cut, args, until_step=30)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 3, err
-    assert 30 <= train_steps(cut) < 120
-    assert run_cli("pretrain", str(recipe), "--out", str(cut), "--resume", *args) == 0
-    full = tmp_path / "full"
-    assert run_cli("pretrain", str(recipe), "--out", str(full), *args) == 0
-    assert comparable(cut) == comparable(full)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

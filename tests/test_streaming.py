@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_pretrain import TINY, recipe_file, run_cli
-from test_shards import sigterm_then_resume_matches_an_uninterrupted_run, take
+from helpers import TINY, recipe_file, run_cli
+from helpers import sigterm_then_resume_matches_an_uninterrupted_run, take
 from vitcli.data import ImageSet, LoaderSpec, TransformSpec, build_transform, load_split, make_stream_loader
 from vitcli.data.hub_stream import SNAPSHOT_EVERY, streamed
 

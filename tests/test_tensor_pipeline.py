@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import coordinate_image, encode, image_set, rotated_jpeg
 from vitcli.data import ImageSet, LoaderSpec, TensorTransform, TransformSpec, build_transform, make_loader
 from vitcli.data.decode import decode_host, decode_on_device, jpeg_size
 from vitcli.errors import VitError
@@ -19,22 +20,10 @@ from vitcli.recipe import DataCfg, recipe_from_dict
 SIZES = [(60, 40), (40, 60), (97, 31), (50, 50), (120, 90), (33, 47), (64, 64), (45, 80)]
 
 
-def coordinate_image(w: int, h: int) -> np.ndarray:
-    """R encodes x, G encodes y: any difference in crop box or flip shows up in the pixels."""
-    y, x = np.mgrid[0:h, 0:w]
-    return np.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x + y) * 255 // (w + h - 2)], -1).astype(np.uint8)
 
 
-def encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, fmt, **kwargs)
-    return buf.getvalue()
 
 
-def image_set(cells: list[dict], name: str = "coords") -> ImageSet:
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
-    ds = datasets.Dataset.from_dict({"image": cells, "label": [i % 2 for i in range(len(cells))]}, features=features)
-    return ImageSet(ds, 2, ["a", "b"], name, "train")
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +94,6 @@ def test_jpeg_size_reads_the_header_and_refuses_what_nvjpeg_should_not_get():
     assert jpeg_size(b"\xff\xd8 not really a jpeg", "RGB") is None
 
 
-def rotated_jpeg(array: np.ndarray, orientation: int = 6) -> bytes:
-    img = Image.fromarray(array)
-    exif = img.getexif()
-    exif[0x0112] = orientation
-    return encode(array, "JPEG", exif=exif.tobytes(), quality=95)
 
 
 def test_host_decoding_applies_exif_orientation_as_hf_datasets_does():

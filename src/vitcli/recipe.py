@@ -243,7 +243,8 @@ def recipe_from_dict(raw: dict[str, Any], overrides=(), default_name: str = "rec
             raw["name"] = value
             continue
         if section not in SECTIONS or section == "name":
-            raise VitError(f"--set {item}: unknown section '{section}'.{did_you_mean(section, SECTIONS)} Sections: {', '.join(s for s in SECTIONS if s != 'name')}.")
+            sections = ", ".join(s for s in SECTIONS if s != "name")
+            raise VitError(f"--set {item}: unknown section '{section}'.{did_you_mean(section, SECTIONS)} Sections: {sections}.")
         sub = raw.setdefault(section, {})
         if not isinstance(sub, dict):
             sub = raw[section] = {}
@@ -380,7 +381,8 @@ def validate(r: Recipe) -> None:
     _check(d.holdout is None or 0 < d.holdout < 1, "data.holdout", f"is a fraction in (0, 1); got {d.holdout}.")
     _check(d.num_samples is None or d.num_samples > 0, "data.num_samples", f"must be > 0; got {d.num_samples}.")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1 (1: no shuffling within shards); got {d.shuffle_buffer}.")
-    _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", f"must be [min, max] with 0 < min <= max <= 1; got {d.crop_scale}.")
+    _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale",
+           f"must be [min, max] with 0 < min <= max <= 1; got {d.crop_scale}.")
     _check(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio", f"must be [min, max] with 0 < min <= max; got {d.crop_ratio}.")
     for key in ("hflip", "random_erasing"):
         v = getattr(d, key)
@@ -414,7 +416,8 @@ def validate(r: Recipe) -> None:
         _check(t.micro_batch_size > 0, "train.micro_batch_size", f"must be > 0; got {t.micro_batch_size}.")
         _check(t.batch_size % t.micro_batch_size == 0, "train.micro_batch_size", f"({t.micro_batch_size}) must divide train.batch_size ({t.batch_size}).")
     _check(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay", f"must be in (0, 1); got {t.ema_decay}.")
-    _check(t.ema_decay is None or t.strategy != "fsdp", "train.ema_decay", "is not supported with train.strategy: fsdp yet; use strategy ddp or set ema_decay: null.")
+    _check(t.ema_decay is None or t.strategy != "fsdp", "train.ema_decay",
+           "is not supported with train.strategy: fsdp yet; use strategy ddp or set ema_decay: null.")
     _check(t.eval_every is None or t.eval_every > 0, "train.eval_every", f"must be > 0; got {t.eval_every}.")
     _check(t.log_every > 0, "train.log_every", f"must be > 0; got {t.log_every}.")
     _check(t.checkpoint_every is None or t.checkpoint_every > 0, "train.checkpoint_every", f"must be > 0; got {t.checkpoint_every}.")

@@ -1,7 +1,8 @@
 """`vit bench --data DATASET`: the input pipeline alone, in images/s.
 
 The training loader exactly as `vit pretrain` builds it (`vitcli.data.make_loader` over the training
-split, or `make_stream_loader` streaming it when DATASET is tar shards, the recipe-default training transforms at the given resolution: decode, RandomResizedCrop, flip,
+split, or `make_stream_loader` streaming it when DATASET is tar shards, the recipe-default training transforms
+at the given resolution: decode, RandomResizedCrop, flip,
 normalise; collate), with the host-to-device copy and, for the tensor pipeline on CUDA, the nvJPEG
 decode and the crops on the GPU (synchronised). No model runs, so the figure is what the loader could
 feed at most. `pipeline` picks data.pipeline (auto | pil | tensor) to compare the two.

@@ -50,7 +50,7 @@ def _dinov2() -> None:
     # carry no position embedding, hence no_embed_class.
     dims = {size: SIZES[size] for size in ("s", "b", "l")}
     dims["g"] = ("g", "giant", dict(GIANT, mlp_ratio=2.66667 * 2, mlp_layer="swiglu_packed", act_layer="silu"))
-    for size, (short, long, arch) in dims.items():
+    for size, (_, long, arch) in dims.items():
         common = dict(patch_size=14, img_size=518, init_values=1e-5, preprocess=DINOV2, **arch)
         register_model(f"vit_{size}14_dinov2", aliases=[f"vit_{long}_patch14_dinov2"], **common)
         register_model(f"vit_{size}14_dinov2_reg4", reg_tokens=4, no_embed_class=True,

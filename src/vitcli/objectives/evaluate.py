@@ -36,7 +36,8 @@ class EvalAccumulator:
         top = logits.topk(k, dim=1).indices
         hit = top == labels[:, None]
         correct1 = hit[:, 0].double()
-        self.totals += torch.stack([loss.double(), correct1.sum(), hit.any(dim=1).double().sum(), torch.tensor(float(len(labels)), dtype=torch.float64, device=logits.device)])
+        count = torch.tensor(float(len(labels)), dtype=torch.float64, device=logits.device)
+        self.totals += torch.stack([loss.double(), correct1.sum(), hit.any(dim=1).double().sum(), count])
         self.class_correct.index_add_(0, labels, correct1)
         self.class_count.index_add_(0, labels, torch.ones_like(correct1))
         conf = logits.softmax(dim=1).max(dim=1).values.double()
