@@ -12,12 +12,12 @@ from helpers import DIGITS, offline_env, recipe_file, run_cli
 
 
 @pytest.fixture(autouse=True)
-def _offline_private_hf_cache(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    cache = tmp_path_factory.getbasetemp() / "hf-datasets-cache"
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+def _offline_private_hf_cache(tmp_path_factory):
+    with offline_env() as mp:  # the one offline setting (module-scoped fixtures enter it themselves)
+        cache = tmp_path_factory.getbasetemp() / "hf-datasets-cache"
+        mp.setenv("HF_DATASETS_CACHE", str(cache))
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+        yield
 
 
 @pytest.fixture

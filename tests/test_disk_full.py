@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import comparable
-from helpers import run_cli
+from helpers import comparable, run_cli
 from vitcli.io.checkpoint import newest_loadable
 
 pytestmark = pytest.mark.slow

@@ -22,6 +22,7 @@ MAE = ["--set", "objective.name=mae", "--set", "objective.decoder_dim=32", "--se
 
 
 @pytest.mark.parametrize("objective", [[], MAE], ids=["supervised", "mae"])
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path, objective):
     recipe = recipe_file(tmp_path, "train: {steps: 300}\n")
     cut = tmp_path / "cut"

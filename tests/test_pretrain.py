@@ -181,6 +181,7 @@ def test_out_dir_holding_another_run_is_refused_without_flags(tmp_path, capsys):
     assert run_cli("pretrain", str(recipe), "--out", str(run), *args, "--set", "optim.lr=0.5", "--force") == 0
 
 
+@pytest.mark.slow
 def test_console_script_reports_a_bad_recipe_in_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: {lr: -1}\ntrain: {epochs: 1}\n")

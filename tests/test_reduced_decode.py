@@ -12,9 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import by_hand
-from helpers import run_cli
-from helpers import coordinate_image, encode, image_set, rotated_jpeg
+from helpers import by_hand, coordinate_image, encode, image_set, rotated_jpeg, run_cli
 from vitcli.data import LoaderSpec, TransformSpec, build_transform, make_loader, make_stream_loader
 from vitcli.data import collate
 from vitcli.data.decode import decode_reduced, scalable_jpeg_size

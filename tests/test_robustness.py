@@ -8,14 +8,14 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 
+from helpers import ARGS, comparable, recipe_file, run_cli, start_training, train_steps
 from vitcli.io import checkpoint as ckpt
 
-from helpers import ARGS, comparable, start_training, train_steps
-from helpers import recipe_file, run_cli
 
-
+@pytest.mark.slow
 def test_kill_9_at_random_moments_never_costs_the_run(tmp_path):
     """SIGKILL three times at random moments while checkpointing every step; each time the newest
     loadable checkpoint is found and the run resumes; the finished run equals an uninterrupted one."""
@@ -89,6 +89,7 @@ def test_out_of_gpu_memory_says_what_to_change(tmp_path, capsys, monkeypatch):
     assert "ran out of memory" in err and "micro_batch_size" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_exits_at_once(tmp_path):
     recipe = recipe_file(tmp_path, "train: {steps: 100000}\n")
     run = tmp_path / "run"

@@ -14,8 +14,7 @@ import pytest
 from vitcli.errors import VitError
 from vitcli.io.runlock import LOCK_FILE, RunLock
 
-from helpers import ARGS, start_training, train_steps
-from helpers import recipe_file, run_cli
+from helpers import ARGS, recipe_file, run_cli, start_training, train_steps
 
 
 def test_a_second_lock_on_a_locked_directory_names_the_holder_and_release_frees_it(tmp_path):
@@ -46,6 +45,7 @@ def test_a_failed_start_leaves_no_directory_behind(tmp_path, capsys):
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_two_trainings_on_one_directory_the_second_is_refused_then_kill_9_then_resume(tmp_path, capsys):
     recipe = recipe_file(tmp_path, "train: {steps: 2000}\n")
     run = tmp_path / "run"

@@ -18,8 +18,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 from vitcli.io import checkpoint as ckpt
 from vitcli.recipe import load_recipe
 
-from helpers import TINY, offline_env, read_metrics, recipe_file, run_cli
-from helpers import comparable
+from helpers import TINY, comparable, offline_env, read_metrics, recipe_file, run_cli
 
 SETS = [x for s in TINY for x in ("--set", s)]
 DIGITS = [*SETS, "--set", "data.dataset=digits", "--set", "data.train_subset=96", "--set", "data.eval_subset=40",

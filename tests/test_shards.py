@@ -14,8 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import comparable, sigterm_then_resume_matches_an_uninterrupted_run, take
-from helpers import TINY, offline_env, recipe_file, run_cli
+from helpers import TINY, comparable, offline_env, recipe_file, run_cli, sigterm_then_resume_matches_an_uninterrupted_run, take
 from vitcli.data import LoaderSpec, TransformSpec, build_transform, make_stream_loader
 from vitcli.data.builtin import digits_splits
 from vitcli.data.shard_index import expand, load_index
@@ -108,6 +107,7 @@ def test_a_sample_read_from_its_saved_offset_is_the_same_sample(digit_shards):
     assert [s.key for s in read_samples(url, samples[98].end)] == [samples[99].key]
 
 
+@pytest.mark.slow
 def test_a_reader_left_open_at_exit_prints_nothing(digit_shards):
     # A script that stops reading mid-shard: Python closes the generator while shutting down.
     import subprocess
@@ -233,11 +233,13 @@ ARGS = [*sum((["--set", s] for s in TINY), []), "--set", "model.img_size=8", "--
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, digit_shards, workers):
     sigterm_then_resume_matches_an_uninterrupted_run(
         tmp_path, [*ARGS, "--set", f"data.dataset={digit_shards}", "--set", f"data.num_workers={workers}"])
 
 
+@pytest.mark.slow
 def test_killed_after_a_checkpoint_resumes_at_the_next_sample(tmp_path, digit_shards):
     recipe = recipe_file(tmp_path, "train: {steps: 60, checkpoint_every: 20, keep: 5}\n")
     args = [*ARGS, "--set", f"data.dataset={digit_shards}"]

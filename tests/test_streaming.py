@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import TINY, recipe_file, run_cli
-from helpers import sigterm_then_resume_matches_an_uninterrupted_run, take
+from helpers import TINY, recipe_file, run_cli, sigterm_then_resume_matches_an_uninterrupted_run, take
 from vitcli.data import ImageSet, LoaderSpec, TransformSpec, build_transform, load_split, make_stream_loader
 from vitcli.data.hub_stream import SNAPSHOT_EVERY, streamed
 
@@ -55,6 +54,7 @@ ARGS = [*sum((["--set", s] for s in TINY), []), "--set", "model.img_size=8", "--
         "--set", "data.dataset=digits", "--set", "data.streaming=true", "--set", "data.shuffle_buffer=100"]
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_of_a_streamed_run_matches_an_uninterrupted_run(tmp_path):
     sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, [*ARGS, "--set", "data.num_workers=2"])
 
