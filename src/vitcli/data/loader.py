@@ -134,6 +134,7 @@ class Delivery:
 
     dataloader: torch.utils.data.DataLoader
     device: torch.device
+    _live = None  # the iterator being consumed
 
     def close(self) -> None:
         """Stop the worker processes now; the next iteration starts new ones.
@@ -142,14 +143,16 @@ class Delivery:
         happens inside a reference cycle (e.g. via a stored traceback) their queues may be finalised
         first, so shutdown waits ~5 s per worker. We call it before raising a bad-image error.
         """
-        iterator = getattr(self.dataloader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-        self.dataloader._iterator = None
+        for iterator in (getattr(self.dataloader, "_iterator", None), getattr(self, "_live", None)):
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+        self.dataloader._iterator = self._live = None
 
     def _delivered(self, transform: Callable, bad_images: BadImages, name: str, split: str
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self.dataloader:
+        # kept, so close() reaches a stream's workers too (a non-persistent iterator is not kept by its loader)
+        self._live = iter(self.dataloader)
+        for batch in self._live:
             self._count(batch.skipped)
             if batch.error:
                 self.close()

@@ -54,6 +54,10 @@ class TrainStream:
     def skipped(self) -> int:
         return self.loader.skipped
 
+    def close(self) -> None:
+        """Stop the loader's worker processes (at the end of a run, however it ends)."""
+        self.loader.close()
+
     def state_dict(self) -> dict | None:
         """This rank's stream position, for the checkpoint (None: a map-style set, whose position the step gives)."""
         return self.loader.state_dict() if isinstance(self.loader, vdata.StreamLoader) else None

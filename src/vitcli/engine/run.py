@@ -160,6 +160,9 @@ class TrainingRun:
         """The end of training, however it ends: display, logs, and the run directory's lock."""
         self.progress.stop()
         self.logger.close()
+        self.train_batches.close()  # its workers, now: left to the garbage collector, shutting them down can take 5 s each
+        if hasattr(self.eval_batches, "close"):
+            self.eval_batches.close()
         self.release()
 
     def finish(self) -> dict[str, Any]:
