@@ -168,3 +168,34 @@ def test_objectives_refuse_models_they_cannot_serve(cfg, model_kw, message):
     model = create_model(name, num_classes=0, **({"img_size": 32} if name != "vit_pico" else {}))
     with pytest.raises(VitError, match=message):
         build_objective(ObjectiveCfg(**cfg), model)
+
+
+def test_every_objective_is_built_from_the_one_registry_and_keeps_the_base_defaults():
+    from torch import nn
+
+    from vitcli.objectives import OBJECTIVES, Objective
+
+    model = create_model("vit_pico", num_classes=10)
+    assert set(OBJECTIVES) == {"supervised", "mpp", "mae"}
+    built = {name: build_objective(ObjectiveCfg(name=name, decoder_dim=32, decoder_depth=1, decoder_heads=4), model,
+                                   num_classes=10) for name in OBJECTIVES}
+    for name, objective in built.items():
+        assert isinstance(objective, Objective) and objective.name == name and objective.model is model
+    supervised, mae = built["supervised"], built["mae"]
+    assert supervised.reads_labels and not mae.reads_labels and not built["mpp"].reads_labels
+    # a classifier adds nothing of its own: the optimizer updates the model, a checkpoint keeps no objective state
+    assert supervised.own_state() == {} and supervised.optimized() is model
+    # MAE's decoder and [mask] token are its own: optimized with the encoder, kept (and only they) to resume
+    own = mae.own_state()
+    assert own and not any(k.startswith("model.") for k in own) and mae.optimized() is mae
+    assert set(own) == {k for k, _ in mae.named_parameters() if not k.startswith("model.")} | \
+        {k for k, _ in mae.named_buffers() if not k.startswith("model.")}
+    other = build_objective(ObjectiveCfg(name="mae", decoder_dim=32, decoder_depth=1, decoder_heads=4),
+                            create_model("vit_pico", num_classes=10))
+    other.load_own_state(own)
+    assert all(torch.equal(other.own_state()[k], v) for k, v in own.items())
+    with pytest.raises(RuntimeError, match="does not fit"):
+        other.load_own_state({**own, "extra.weight": torch.zeros(1)})
+    assert supervised.score({"top1": 0.5}) == 0.5
+    with pytest.raises(TypeError):  # forward and evaluate are what every objective must say
+        type("Incomplete", (Objective,), {})(nn.Linear(2, 2))

@@ -25,7 +25,7 @@ from torch import nn
 
 from vitcli.engine.step import build_step, train_step
 from vitcli.errors import VitError
-from vitcli.objectives import Classification, build_objective
+from vitcli.objectives import build_objective
 from vitcli.models import create_model
 from vitcli.models.config import ModelConfig
 from vitcli.recipe import ObjectiveCfg, OptimCfg
@@ -98,11 +98,9 @@ def build_models(cfg: ModelConfig, *, compare: str | None, seed: int = 0) -> lis
 def bench_objective(name: str, model: nn.Module, num_classes: int) -> nn.Module:
     """The objective a bench step trains: supervised classification, or mpp / mae with their defaults
     (MAE's decoder 512 wide and 8 deep; for an encoder narrower than 512: its own width and heads, 2 deep)."""
-    if name == "supervised":
-        return Classification(model, nn.CrossEntropyLoss(), num_classes)
-    width = model.embed_dim
-    decoder = {} if width >= 512 else {"decoder_dim": width, "decoder_heads": model.blocks[0].attn.num_heads, "decoder_depth": 2}
-    return build_objective(ObjectiveCfg(name=name, **decoder), model)
+    narrow = name == "mae" and model.embed_dim < 512
+    decoder = {"decoder_dim": model.embed_dim, "decoder_heads": model.blocks[0].attn.num_heads, "decoder_depth": 2} if narrow else {}
+    return build_objective(ObjectiveCfg(name=name, **decoder), model, num_classes=num_classes)
 
 
 def prepare(label: str, name: str, model: nn.Module, cfg: ModelConfig, *, mode: str, batch_size: int, device: torch.device,
@@ -140,5 +138,5 @@ def prepare(label: str, name: str, model: nn.Module, cfg: ModelConfig, *, mode: 
         return step
 
     # the trained module: the model, and for mpp / mae the objective's own parts (decoder, head)
-    return ModelUnderTest(label, name, trained if objective != "supervised" else model, timed.optimizer, (images, labels),
+    return ModelUnderTest(label, name, trained.optimized(), timed.optimizer, (images, labels),
                           make_train(timed), make_train(eager))

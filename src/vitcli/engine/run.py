@@ -128,8 +128,9 @@ class TrainingRun:
         elif env.is_main:  # replicas are identical: rank 0's copy is the run's
             saved.update(optimizer=parts.optimizer.state_dict(),
                          model=parts.model.state_dict() if parts.ema is not None else None)
-            if hasattr(self.objective, "own_state"):  # decoder, [mask] token, head: resumed, never fine-tuned
-                saved["objective"] = self.objective.own_state()
+            own = self.objective.own_state()  # decoder, [mask] token, head: resumed, never fine-tuned
+            if own:
+                saved["objective"] = own
             weights = self.eval_model.state_dict()
         if env.is_main:
             written = save_checkpoint(root, state.step, weights, meta, saved, is_best=is_best, keep=self.recipe.train.keep,

@@ -16,20 +16,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitcli.objectives.base import Objective
 from vitcli.objectives.evaluate import gather_arrays
 from vitcli.objectives.fewshot import FewshotSet, fewshot_metrics
 
 EVAL_SEED = 0
 
 
-class SelfSupervised(nn.Module):
+class SelfSupervised(Objective):
     """Base of mpp and mae: `model` is the ViT encoder; the other children are the objective's own."""
 
     name = "self-supervised"
+    reads_labels = False
 
     def __init__(self, model: nn.Module, fewshot: FewshotSet | None = None):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.fewshot = fewshot  # set by the engine when the data has labels
 
     @property
@@ -48,21 +49,6 @@ class SelfSupervised(nn.Module):
     def describe(self, metrics: dict[str, Any]) -> str:
         shots = "".join(f"  {k.removeprefix('fewshot_')}-shot {v:.4f}" for k, v in metrics.items() if k.startswith("fewshot_"))
         return f"loss {metrics['loss']:.4f}{shots}"
-
-    def optimized(self) -> nn.Module:
-        """The module whose parameters the optimizer updates: the encoder and the objective's own parts."""
-        return self
-
-    def own_state(self) -> dict[str, torch.Tensor]:
-        """The objective's own weights (decoder, [mask] embedding, prediction head): training state, not
-        part of the encoder a user fine-tunes."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
-
-    def load_own_state(self, state: dict[str, torch.Tensor]) -> None:
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        own_missing = [k for k in missing if not k.startswith("model.")]
-        if own_missing or unexpected:
-            raise RuntimeError(f"{self.name} state does not fit: missing {own_missing}, unexpected {unexpected}")
 
     def no_weight_decay(self) -> set[str]:
         """Embeddings and tokens stay out of weight decay (read by timm.optim), as in the ViT itself."""

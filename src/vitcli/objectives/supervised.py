@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitcli.objectives.base import Objective
 from vitcli.objectives.evaluate import evaluate
 
 
-class Classification(nn.Module):
+class Classification(Objective):
     """Cross-entropy (with label smoothing, or soft targets under Mixup/CutMix) of the model's logits."""
 
     name = "supervised"
@@ -24,8 +25,7 @@ class Classification(nn.Module):
     eval_metrics = ("top1", "top5", "loss", "ece", "num_images", "images_per_second")  # what each evaluation logs
 
     def __init__(self, model: nn.Module, criterion: nn.Module, num_classes: int):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.criterion = criterion
         self.num_classes = num_classes
 
@@ -38,14 +38,5 @@ class Classification(nn.Module):
         """Scores of `model` (the trained weights, or their EMA) on the evaluation batches."""
         return evaluate(model, batches, self.num_classes, device, amp_dtype)
 
-    @staticmethod
-    def describe(metrics: dict[str, Any]) -> str:
+    def describe(self, metrics: dict[str, Any]) -> str:
         return f"top1 {metrics['top1']:.4f}  top5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}"
-
-    def score(self, metrics: dict[str, Any]) -> float:
-        """Higher is better; picks the `best` checkpoint."""
-        return metrics[self.best_metric]
-
-    def optimized(self) -> nn.Module:
-        """The module whose parameters the optimizer updates (the objective adds none)."""
-        return self.model

@@ -1,0 +1,59 @@
+"""What the engine asks of every training objective, with the defaults most of them keep.
+
+An objective is a module around the model: `loss, metrics = objective(batch)` in training; `evaluate`
+scores the model (or its EMA) on evaluation batches, `eval_metrics` names what each evaluation logs and
+`score` turns it into the one number (higher is better) that picks the `best` checkpoint. Its own
+trainable parts (a decoder, a [mask] token, a projection), if any, are everything outside `model.`:
+`optimized()` then includes them, and `own_state()` is what a checkpoint keeps of them to resume.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Objective(nn.Module, ABC):
+    name: str = ""
+    reads_labels: bool = True  # False: the data may have no labels (they only score few-shot evaluations)
+    best_metric: str = "top1"
+    eval_metrics: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @abstractmethod
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one (micro-)batch and any per-step metrics to log."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, batches: Iterable, device: torch.device,
+                 amp_dtype: torch.dtype | None) -> dict[str, Any]:
+        """What one evaluation of `model` (the trained weights, or their EMA) reports."""
+
+    def score(self, metrics: dict[str, Any]) -> float:
+        """Higher is better; picks the `best` checkpoint."""
+        return metrics[self.best_metric]
+
+    def describe(self, metrics: dict[str, Any]) -> str:
+        """An evaluation in one console line."""
+        return "  ".join(f"{k} {metrics[k]:.4f}" for k in self.eval_metrics if isinstance(metrics.get(k), float))
+
+    def optimized(self) -> nn.Module:
+        """The module whose parameters the optimizer updates: the model, plus the objective's own parts."""
+        return self if self.own_state() else self.model
+
+    def own_state(self) -> dict[str, torch.Tensor]:
+        """The objective's own weights and buffers: training state, not part of the model a user fine-tunes."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
+
+    def load_own_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        own_missing = [k for k in missing if not k.startswith("model.")]
+        if own_missing or unexpected:
+            raise RuntimeError(f"{self.name} state does not fit: missing {own_missing}, unexpected {unexpected}")
