@@ -45,7 +45,7 @@ class RunLogger:
         """On resume, drop events logged after the checkpoint, so the file reads as one clean run."""
         if not self.path.exists():
             return
-        kept, self.dropped_partial = [], 0
+        kept = []
         for line in self.path.read_text(errors="replace").splitlines():
             try:
                 if json.loads(line).get("step", 0) <= step:

@@ -271,7 +271,7 @@ def _start(recipe: Recipe, run_dir: Path, env: DistEnv, console: Console, *, res
     logger = RunLogger(run_dir, resume_step=state.step, tensorboard=t.tensorboard, wandb_project=t.wandb,
                        config=recipe.to_dict(), enabled=env.is_main)
     if logger.dropped_partial:
-        say(f"Dropped {logger.dropped_partial} half-written line(s) from {run_dir / 'metrics.jsonl'} (cut short by a kill or a full disk).")
+        say(f"Dropped {logger.dropped_partial} half-written line(s) from {logger.path} (cut short by a kill or a full disk).")
     return TrainingRun(
         recipe, run_dir, env, data, plan, objective, parts, state,
         train_batches=train_batches,

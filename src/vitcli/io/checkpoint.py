@@ -147,11 +147,10 @@ def save_checkpoint(
         _point(root, "last", final)
         if is_best:
             _point(root, "best", final)
-    except OSError as e:
+    except BaseException as e:  # a full disk, Ctrl-C ...: no half-written step folder stays behind
         shutil.rmtree(tmp, ignore_errors=True)
-        raise path_error(e, root, f"the checkpoint of step {step} in") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise path_error(e, root, f"the checkpoint of step {step} in") from e
         raise
     _prune(root, keep)
     return StepDir(final, step)
