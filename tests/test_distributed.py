@@ -189,8 +189,8 @@ def test_global_batch_plan_and_fsdp_refuses_ema():
         recipe_from_dict({"train": {"steps": 1, "strategy": "fsdp", "ema_decay": 0.999}})
 
 
-MAE = ["--set", "objective.name=mae", "--set", "objective.decoder_dim=32", "--set", "objective.decoder_depth=1",
-       "--set", "objective.decoder_heads=4", "--set", "objective.fewshot=[1]"]
+MAE = ["--set", "objective.name=mae", "--set", "objective.mae.decoder_dim=32", "--set", "objective.mae.decoder_depth=1",
+       "--set", "objective.mae.decoder_heads=4", "--set", "objective.fewshot=[1]"]
 
 
 @pytest.mark.slow

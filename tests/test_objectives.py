@@ -10,10 +10,12 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 from vitcli.errors import VitError
 from vitcli.models import create_model
-from vitcli.objectives import MaskedPatchPrediction, build_objective
+from vitcli.objectives import Inputs, MaskedPatchPrediction, build_objective
 from vitcli.objectives.mae import sincos_pos_embed
 from vitcli.objectives.patches import MASK, RANDOM, UNCHANGED, draw_corruption, patchify, random_masking, unpatchify
-from vitcli.recipe import ObjectiveCfg
+from vitcli.recipe import MaeCfg, MppCfg, ObjectiveCfg
+
+TINY_DECODER = MaeCfg(decoder_dim=32, decoder_depth=1, decoder_heads=4)
 
 CPU = torch.device("cpu")
 
@@ -86,7 +88,7 @@ def test_mpp_colour_targets_equal_a_direct_numpy_computation(target, cells):
 
 def test_mpp_pixel_target_regresses_the_normalised_patch_and_the_loss_is_finite():
     model = pico()
-    mpp = build_objective(ObjectiveCfg(name="mpp", mpp_target="pixels"), model)
+    mpp = build_objective(ObjectiveCfg(name="mpp", mpp=MppCfg(target="pixels")), model)
     images = torch.randn(4, 3, 8, 8)
     assert torch.equal(mpp.targets(images), patchify(images, 2))
     loss, _ = mpp((images, torch.zeros(4, dtype=torch.long)))
@@ -106,7 +108,7 @@ def test_mae_keeps_exactly_a_quarter_of_the_patches_at_random():
 
 def test_mae_loss_is_the_masked_patches_mse_only():
     model = pico()
-    mae = build_objective(ObjectiveCfg(name="mae", decoder_dim=32, decoder_depth=1, decoder_heads=4, norm_pix_loss=True), model)
+    mae = build_objective(ObjectiveCfg(name="mae", mae=TINY_DECODER), model)
     images = torch.randn(3, 3, 8, 8)
     pred, target, masking = mae.reconstruct(model, images, torch.Generator().manual_seed(5))
     per_patch = ((pred - target) ** 2).mean(-1)
@@ -148,7 +150,7 @@ def test_decoder_position_embeddings_are_maes_sine_cosine():
 
 def test_the_encoder_state_is_timms_and_the_objectives_own_state_is_separate():
     model = pico()
-    mae = build_objective(ObjectiveCfg(name="mae", decoder_dim=32, decoder_depth=1, decoder_heads=4), model)
+    mae = build_objective(ObjectiveCfg(name="mae", mae=TINY_DECODER), model)
     own = mae.own_state()
     assert own and not any(k.startswith("model.") for k in own) and "decoder.mask_token" in own
     timm_vit = TimmViT(img_size=8, patch_size=2, embed_dim=64, depth=4, num_heads=4, num_classes=0)
@@ -159,8 +161,8 @@ def test_the_encoder_state_is_timms_and_the_objectives_own_state_is_separate():
 
 
 @pytest.mark.parametrize("cfg, model_kw, message", [
-    (dict(name="mpp", mpp_target="downsized"), {}, "divisible by 4"),
-    (dict(name="mae", decoder_dim=30, decoder_heads=5), {}, "divisible by 4"),
+    (dict(name="mpp", mpp=MppCfg(target="downsized")), {}, "divisible by 4"),
+    (dict(name="mae", mae=MaeCfg(decoder_dim=30, decoder_heads=5)), {}, "divisible by 4"),
     (dict(name="mae"), {"model": "r50_vit_b16"}, "plain ViT"),
 ])
 def test_objectives_refuse_models_they_cannot_serve(cfg, model_kw, message):
@@ -177,8 +179,7 @@ def test_every_objective_is_built_from_the_one_registry_and_keeps_the_base_defau
 
     model = create_model("vit_pico", num_classes=10)
     assert set(OBJECTIVES) == {"supervised", "mpp", "mae"}
-    built = {name: build_objective(ObjectiveCfg(name=name, decoder_dim=32, decoder_depth=1, decoder_heads=4), model,
-                                   num_classes=10) for name in OBJECTIVES}
+    built = {name: build_objective(ObjectiveCfg(name=name, mae=TINY_DECODER), model, Inputs(num_classes=10)) for name in OBJECTIVES}
     for name, objective in built.items():
         assert isinstance(objective, Objective) and objective.name == name and objective.model is model
     supervised, mae = built["supervised"], built["mae"]
@@ -190,7 +191,7 @@ def test_every_objective_is_built_from_the_one_registry_and_keeps_the_base_defau
     assert own and not any(k.startswith("model.") for k in own) and mae.optimized() is mae
     assert set(own) == {k for k, _ in mae.named_parameters() if not k.startswith("model.")} | \
         {k for k, _ in mae.named_buffers() if not k.startswith("model.")}
-    other = build_objective(ObjectiveCfg(name="mae", decoder_dim=32, decoder_depth=1, decoder_heads=4),
+    other = build_objective(ObjectiveCfg(name="mae", mae=TINY_DECODER),
                             create_model("vit_pico", num_classes=10))
     other.load_own_state(own)
     assert all(torch.equal(other.own_state()[k], v) for k, v in own.items())

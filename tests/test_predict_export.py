@@ -96,8 +96,8 @@ def test_predict_bad_input_is_one_clear_error(trained, args, message, capsys):
 def test_predict_and_export_refuse_an_encoder_without_a_head(tmp_path, digit_folder, capsys):
     with offline_env():
         assert run_cli("pretrain", str(recipe_file(tmp_path, "train: {steps: 1}\n")), "--out", str(tmp_path / "mae"), *DIGITS,
-                       "--set", "objective.name=mae", "--set", "objective.decoder_dim=32",
-                       "--set", "objective.decoder_depth=1", "--set", "objective.decoder_heads=4") == 0
+                       "--set", "objective.name=mae", "--set", "objective.mae.decoder_dim=32",
+                       "--set", "objective.mae.decoder_depth=1", "--set", "objective.mae.decoder_heads=4") == 0
     assert run_cli("predict", "--ckpt", str(tmp_path / "mae"), str(digit_folder)) == 2
     assert run_cli("export", "--ckpt", str(tmp_path / "mae"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")) == 2
     err = capsys.readouterr().err

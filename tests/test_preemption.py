@@ -17,8 +17,8 @@ from helpers import ARGS, comparable, recipe_file, run_cli, start_training, trai
 
 
 
-MAE = ["--set", "objective.name=mae", "--set", "objective.decoder_dim=32", "--set", "objective.decoder_depth=1",
-       "--set", "objective.decoder_heads=4"]
+MAE = ["--set", "objective.name=mae", "--set", "objective.mae.decoder_dim=32", "--set", "objective.mae.decoder_depth=1",
+       "--set", "objective.mae.decoder_heads=4"]
 
 
 @pytest.mark.parametrize("objective", [[], MAE], ids=["supervised", "mae"])

@@ -85,6 +85,44 @@ def test_bad_overrides(tmp_path, override, pattern):
         load_recipe(write(tmp_path, "train: {epochs: 1}\n"), [override])
 
 
+# What a run directory's recipe.yaml held before objectives had sections (vitcli <= 0.x, issue 24): flat keys.
+FLAT_OBJECTIVE = """objective: {name: %s, mask_ratio: %s, mpp_target: pixels, mpp_bits: 4, mpp_replace: [0.6, 0.2, 0.2],
+            decoder_dim: 64, decoder_depth: 2, decoder_heads: 8, norm_pix_loss: false, fewshot: [5]}
+train: {epochs: 1}
+"""
+
+
+def test_each_objective_has_its_section_and_nested_overrides_reach_it(tmp_path):
+    r = load_recipe(write(tmp_path, "train: {epochs: 1}\nobjective: {name: mae, mae: {decoder_dim: 64}}\n"),
+                    ["objective.mae.mask_ratio=0.6", "objective.distill.tau=3", "objective.mpp.target=downsized"])
+    assert (r.objective.mae.decoder_dim, r.objective.mae.mask_ratio, r.objective.mae.decoder_depth) == (64, 0.6, 8)
+    assert r.objective.distill.tau == 3.0 and r.objective.mpp.target == "downsized" and r.objective.mpp.mask_ratio == 0.5
+    with pytest.raises(VitError, match=r"Unknown recipe key 'objective.mae.decoder_width'. Did you mean: .*decoder_dim"):
+        load_recipe(write(tmp_path, "train: {epochs: 1}\n"), ["objective.mae.decoder_width=3"])
+    with pytest.raises(VitError, match="'objective.distill.teacher' is needed for objective distill"):
+        load_recipe(write(tmp_path, "train: {epochs: 1}\nobjective: {name: distill}\n"))
+    again = write(tmp_path, r.to_yaml())
+    assert load_recipe(again) == r  # the resolved layout a run directory keeps
+
+
+@pytest.mark.parametrize("name, ratio", [("mae", 0.6), ("mpp", 0.4), ("supervised", "null")])
+def test_earlier_flat_objective_keys_still_load_into_the_sections(tmp_path, name, ratio):
+    r = load_recipe(write(tmp_path, FLAT_OBJECTIVE % (name, ratio)))
+    mpp, mae = r.objective.mpp, r.objective.mae
+    assert (mpp.target, mpp.bits, mpp.replace) == ("pixels", 4, [0.6, 0.2, 0.2]) and r.objective.fewshot == [5]
+    assert (mae.decoder_dim, mae.decoder_depth, mae.decoder_heads, mae.norm_pix_loss) == (64, 2, 8, False)
+    if name != "supervised":  # mask_ratio was the named objective's
+        assert getattr(r.objective, name).mask_ratio == ratio
+    # an override in the earlier flat form still works, even before the name it depends on
+    flat = load_recipe(write(tmp_path, "train: {epochs: 1}\n"), ["objective.mask_ratio=0.3", "objective.name=mae",
+                                                                  "objective.decoder_dim=16", "objective.decoder_heads=4"])
+    assert (flat.objective.mae.mask_ratio, flat.objective.mae.decoder_dim, flat.objective.mpp.mask_ratio) == (0.3, 16, 0.5)
+    with pytest.raises(VitError, match="belongs to an objective's section: write objective.mae.mask_ratio"):
+        load_recipe(write(tmp_path, "train: {epochs: 1}\n"), ["objective.mask_ratio=0.3"])
+    with pytest.raises(VitError, match="'objective.decoder_dim' and 'objective.mae.decoder_dim' say the same thing"):
+        load_recipe(write(tmp_path, "train: {epochs: 1}\nobjective: {decoder_dim: 8, mae: {decoder_dim: 16}}\n"))
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(VitError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")

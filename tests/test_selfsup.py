@@ -23,8 +23,8 @@ from helpers import TINY, comparable, offline_env, read_metrics, recipe_file, ru
 SETS = [x for s in TINY for x in ("--set", s)]
 DIGITS = [*SETS, "--set", "data.dataset=digits", "--set", "data.train_subset=96", "--set", "data.eval_subset=40",
           "--set", "model.img_size=8", "--set", "model.patch_size=2", "--set", "train.eval_every=4"]
-MAE = ["--set", "objective.name=mae", "--set", "objective.decoder_dim=32", "--set", "objective.decoder_depth=1",
-       "--set", "objective.decoder_heads=4"]
+MAE = ["--set", "objective.name=mae", "--set", "objective.mae.decoder_dim=32", "--set", "objective.mae.decoder_depth=1",
+       "--set", "objective.mae.decoder_heads=4"]
 MPP = ["--set", "objective.name=mpp"]
 
 
@@ -162,11 +162,12 @@ def test_ema_and_compile_train_both_objectives(objective, extra, tmp_path):
 
 
 @pytest.mark.parametrize("setting, message", [
-    ("objective.mask_ratio=1.5", "'objective.mask_ratio' must be in (0, 1)"),
-    ("objective.mask_ratio=0", "'objective.mask_ratio' must be in (0, 1)"),
-    ("objective.decoder_heads=5", "must be divisible by objective.decoder_heads"),
-    ("objective.mpp_target=downsized", "divisible by 4"),
-    ("objective.mpp_replace=[0.5,0.5,0.5]", "summing to 1"),
+    ("objective.mae.mask_ratio=1.5", "'objective.mae.mask_ratio' must be in (0, 1)"),
+    ("objective.mpp.mask_ratio=0", "'objective.mpp.mask_ratio' must be in (0, 1)"),
+    ("objective.mae.decoder_heads=5", "must be divisible by objective.mae.decoder_heads"),
+    ("objective.mpp.target=downsized", "divisible by 4"),
+    ("objective.mpp.replace=[0.5,0.5,0.5]", "summing to 1"),
+    ("objective.mask_ratio=0", "'objective.mae.mask_ratio' must be in (0, 1)"),  # earlier versions' flat key
 ])
 def test_bad_objective_settings_are_one_clear_error(setting, message, tmp_path, capsys):
     run = tmp_path / "run"

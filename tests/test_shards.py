@@ -348,8 +348,8 @@ def test_vit_shards_refuses_an_unwritable_destination_before_any_work(tmp_path, 
 def test_self_supervised_pretraining_on_shards_scores_few_shot_from_the_first_shards(tmp_path, digit_shards):
     recipe = recipe_file(tmp_path, "train: {steps: 4}\n")
     run = tmp_path / "mae"
-    mae = ["--set", "objective.name=mae", "--set", "objective.decoder_dim=32", "--set", "objective.decoder_depth=1",
-           "--set", "objective.decoder_heads=4", "--set", "objective.fewshot=[2]"]
+    mae = ["--set", "objective.name=mae", "--set", "objective.mae.decoder_dim=32", "--set", "objective.mae.decoder_depth=1",
+           "--set", "objective.mae.decoder_heads=4", "--set", "objective.fewshot=[2]"]
     assert run_cli("pretrain", str(recipe), "--out", str(run), *ARGS, "--set", f"data.dataset={digit_shards}", *mae) == 0
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line][-1]
     assert last["fewshot_2"] > 0.15 and last["num_images"] == 360  # above chance (0.1): 2 labelled images a class were found

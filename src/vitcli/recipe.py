@@ -7,6 +7,7 @@ value is read as YAML (`--set optim.lr=3e-4`, `--set data.crop_scale=[0.5,1]`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -47,38 +48,67 @@ class ModelCfg:
 
 
 @dataclass
-class ObjectiveCfg:
-    """What pretraining learns from. supervised: the paper's classification of labelled images. mpp: the
-    paper's masked patch prediction (§4.6, Appendix B.1.2). mae: masked autoencoder (He et al., 2022).
-    mpp and mae read no labels."""
+class MppCfg:
+    """The paper's masked patch prediction (§4.6, Appendix B.1.2)."""
 
-    name: Literal["supervised", "mpp", "mae"] = "supervised"
-    mask_ratio: Optional[float] = None  # share of patches masked (mae) or corrupted (mpp); None: mae 0.75, mpp 0.5
-    # mpp: what a corrupted patch's output token predicts: its mean colour (2^(bits x channels) classes,
-    # 512 for RGB at 3 bits), its 4x4 downsized colours (16 such predictions), or its pixels (L2).
-    mpp_target: Literal["mean_color", "downsized", "pixels"] = "mean_color"
-    mpp_bits: int = 3
-    mpp_replace: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # [mask] / another patch / unchanged
-    # mae: the light decoder that reconstructs the masked patches (MAE's ViT-B/16 default: 512 wide, 8 deep)
-    decoder_dim: int = 512
+    mask_ratio: float = 0.5  # share of patches corrupted
+    # what a corrupted patch's output token predicts: its mean colour (2^(bits x channels) classes, 512 for
+    # RGB at 3 bits), its 4x4 downsized colours (16 such predictions), or its pixels (L2)
+    target: Literal["mean_color", "downsized", "pixels"] = "mean_color"
+    bits: int = 3
+    replace: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # [mask] / another patch / unchanged
+
+
+@dataclass
+class MaeCfg:
+    """Masked autoencoder (He et al., 2022): the light decoder that reconstructs the masked patches."""
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512  # MAE's ViT-B/16 default: 512 wide, 8 deep
     decoder_depth: int = 8
     decoder_heads: int = 16
     norm_pix_loss: bool = True  # reconstruct per-patch normalised pixels
+
+
+@dataclass
+class DistillCfg:
+    """Knowledge distillation from a frozen teacher (DeiT, Touvron et al., 2021; timm's --kd-model-name)."""
+
+    # a vitcli run or checkpoint, any file vitcli reads, or timm:ARCH (weights from the Hugging Face
+    # cache, or from teacher_weights)
+    teacher: Optional[str] = None
+    teacher_weights: Optional[str] = None  # a .safetensors/.pth state dict for a timm:ARCH teacher
+    # token: DeiT's distillation token and head_dist; logit: KL divergence of the class logits at tau;
+    # feature: a learned projection of the student's pooled features onto the teacher's
+    mode: Literal["token", "logit", "feature"] = "token"
+    type: Literal["hard", "soft"] = "hard"  # the teacher's argmax, or its distribution at temperature tau
+    alpha: float = 0.5  # weight of the distillation term; 1 - alpha weighs the labels' loss
+    tau: float = 1.0
+
+
+# Keys of the flat objective section that earlier versions wrote (and their run directories' recipe.yaml
+# still hold): key -> (section, key there); mask_ratio went to the section of the objective named.
+LEGACY_OBJECTIVE_KEYS = {
+    "mpp_target": ("mpp", "target"), "mpp_bits": ("mpp", "bits"), "mpp_replace": ("mpp", "replace"),
+    "decoder_dim": ("mae", "decoder_dim"), "decoder_depth": ("mae", "decoder_depth"),
+    "decoder_heads": ("mae", "decoder_heads"), "norm_pix_loss": ("mae", "norm_pix_loss"),
+    "mask_ratio": (None, "mask_ratio"),
+}
+
+
+@dataclass
+class ObjectiveCfg:
+    """What training learns from, and each objective's own settings in its section (objective.mae.*).
+    supervised: the paper's classification of labelled images. distill: the same, with a teacher. mpp: the
+    paper's masked patch prediction. mae: masked autoencoder. mpp and mae read no labels."""
+
+    name: Literal["supervised", "distill", "mpp", "mae"] = "supervised"
     # Closed-form few-shot accuracy at every evaluation, where the data has labels; None: [10] for
-    # mpp / mae (watch the representation improve), none for supervised.
+    # objectives that read no labels (watch the representation improve), none otherwise.
     fewshot: Optional[list[int]] = None
-
-    @property
-    def self_supervised(self) -> bool:
-        return self.name != "supervised"
-
-    @property
-    def ratio(self) -> float:
-        return self.mask_ratio if self.mask_ratio is not None else {"mae": 0.75, "mpp": 0.5}.get(self.name, 0.0)
-
-    @property
-    def fewshot_shots(self) -> list[int]:
-        return list(self.fewshot) if self.fewshot is not None else ([10] if self.self_supervised else [])
+    mpp: MppCfg = field(default_factory=MppCfg)
+    mae: MaeCfg = field(default_factory=MaeCfg)
+    distill: DistillCfg = field(default_factory=DistillCfg)
 
 
 @dataclass
@@ -233,26 +263,62 @@ def parse_yaml(text: str, where: str) -> dict[str, Any]:
 
 
 def recipe_from_dict(raw: dict[str, Any], overrides=(), default_name: str = "recipe") -> Recipe:
-    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    for item in overrides:
-        key, value = parse_override(item)
-        section, _, leaf = key.partition(".")
-        if not leaf:
-            if section != "name":
+    raw = copy.deepcopy(raw)
+    parsed = [(item, *parse_override(item)) for item in overrides]
+    objective = raw.get("objective") if isinstance(raw.get("objective"), dict) else {}
+    name = next((v for _, k, v in reversed(parsed) if k == "objective.name"), objective.get("name", "supervised"))
+    if objective:
+        raw["objective"] = nest_legacy_objective(objective, name)
+    for item, key, value in parsed:
+        path = key.split(".")
+        if len(path) == 1:
+            if key != "name":
                 raise VitError(f"--set {item}: the key must be section.field (e.g. optim.lr=3e-4); sections: {', '.join(SECTIONS)}.")
             raw["name"] = value
             continue
-        if section not in SECTIONS or section == "name":
+        if path[0] not in SECTIONS or path[0] == "name":
             sections = ", ".join(s for s in SECTIONS if s != "name")
-            raise VitError(f"--set {item}: unknown section '{section}'.{did_you_mean(section, SECTIONS)} Sections: {sections}.")
-        sub = raw.setdefault(section, {})
-        if not isinstance(sub, dict):
-            sub = raw[section] = {}
-        sub[leaf] = value
+            raise VitError(f"--set {item}: unknown section '{path[0]}'.{did_you_mean(path[0], SECTIONS)} Sections: {sections}.")
+        if path[0] == "objective" and len(path) == 2 and path[1] in LEGACY_OBJECTIVE_KEYS:
+            path = ["objective", *_legacy_path(path[1], value, name)]
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
     raw.setdefault("name", default_name)
     recipe = build_dataclass(Recipe, raw, "recipe")
     validate(recipe)
     return recipe
+
+
+def nest_legacy_objective(section: dict[str, Any], name: str) -> dict[str, Any]:
+    """An objective section with earlier versions' flat keys (mask_ratio, decoder_dim, mpp_target ...) moved
+    into the sections of today's layout, so their recipes and run directories still load."""
+    out = {k: v for k, v in section.items() if k not in LEGACY_OBJECTIVE_KEYS}
+    for key in LEGACY_OBJECTIVE_KEYS.keys() & section.keys():
+        path = _legacy_path(key, section[key], name)
+        if not path:
+            continue
+        sub, leaf = path
+        if not isinstance(out.get(sub), dict):
+            out[sub] = {}
+        if leaf in out[sub]:
+            raise VitError(f"'objective.{key}' and 'objective.{sub}.{leaf}' say the same thing; keep the second.")
+        out[sub][leaf] = section[key]
+    return out
+
+
+def _legacy_path(key: str, value: Any, name: str) -> tuple[str, ...]:
+    sub, leaf = LEGACY_OBJECTIVE_KEYS[key]
+    if sub is not None:
+        return sub, leaf
+    if name in ("mpp", "mae"):
+        return name, leaf
+    if value is None:  # a resolved supervised recipe of earlier versions: nothing to move
+        return ()
+    raise VitError(f"'objective.{key}' belongs to an objective's section: write objective.mae.{leaf} or objective.mpp.{leaf}.")
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -280,7 +346,7 @@ def build_dataclass(cls, raw: Any, where: str):
             raise VitError(f"Unknown recipe key '{full}'.{did_you_mean(str(key), fields)} Valid keys in {scope}: {', '.join(fields)}.")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = build_dataclass(hint, value, key)
+            kwargs[key] = build_dataclass(hint, value, key if where == "recipe" else f"{where}.{key}")
         else:
             kwargs[key] = coerce(value, hint, f"{where}.{key}" if where != "recipe" else key)
     return cls(**kwargs)
@@ -427,16 +493,20 @@ def validate(r: Recipe) -> None:
 
 
 def validate_objective(j: ObjectiveCfg, r: Recipe) -> None:
-    _check(j.mask_ratio is None or 0 < j.mask_ratio < 1, "objective.mask_ratio", f"must be in (0, 1); got {j.mask_ratio}.")
-    _check(1 <= j.mpp_bits <= 8, "objective.mpp_bits", f"must be 1 to 8 bits per channel; got {j.mpp_bits}.")
-    _check(len(j.mpp_replace) == 3 and all(v >= 0 for v in j.mpp_replace) and math.isclose(sum(j.mpp_replace), 1.0),
-           "objective.mpp_replace", f"is [mask, random patch, unchanged] shares summing to 1; got {j.mpp_replace}.")
-    _check(j.decoder_dim > 0 and j.decoder_depth > 0 and j.decoder_heads > 0, "objective.decoder_dim",
-           f"decoder_depth and decoder_heads must be > 0; got {j.decoder_dim}, {j.decoder_depth}, {j.decoder_heads}.")
-    _check(j.decoder_dim % j.decoder_heads == 0, "objective.decoder_dim",
-           f"({j.decoder_dim}) must be divisible by objective.decoder_heads ({j.decoder_heads}).")
+    """Each objective's section, whichever is named (the defaults are valid, so a typo is caught early)."""
+    mpp, mae, kd = j.mpp, j.mae, j.distill
+    for where, ratio in (("mpp", mpp.mask_ratio), ("mae", mae.mask_ratio)):
+        _check(0 < ratio < 1, f"objective.{where}.mask_ratio", f"must be in (0, 1); got {ratio}.")
+    _check(1 <= mpp.bits <= 8, "objective.mpp.bits", f"must be 1 to 8 bits per channel; got {mpp.bits}.")
+    _check(len(mpp.replace) == 3 and all(v >= 0 for v in mpp.replace) and math.isclose(sum(mpp.replace), 1.0),
+           "objective.mpp.replace", f"is [mask, random patch, unchanged] shares summing to 1; got {mpp.replace}.")
+    _check(mae.decoder_dim > 0 and mae.decoder_depth > 0 and mae.decoder_heads > 0, "objective.mae.decoder_dim",
+           f"decoder_depth and decoder_heads must be > 0; got {mae.decoder_dim}, {mae.decoder_depth}, {mae.decoder_heads}.")
+    _check(mae.decoder_dim % mae.decoder_heads == 0, "objective.mae.decoder_dim",
+           f"({mae.decoder_dim}) must be divisible by objective.mae.decoder_heads ({mae.decoder_heads}).")
+    _check(0 <= kd.alpha <= 1, "objective.distill.alpha", f"weighs the teacher's term against the labels' and must be in [0, 1]; got {kd.alpha}.")
+    _check(kd.tau > 0, "objective.distill.tau", f"is a temperature and must be > 0; got {kd.tau}.")
+    _check(j.name != "distill" or kd.teacher is not None, "objective.distill.teacher",
+           "is needed for objective distill: a run directory, a checkpoint file or timm:ARCH "
+           "(e.g. --set objective.distill.teacher=runs/cnn_teacher_digits).")
     _check(all(k >= 1 for k in j.fewshot or []), "objective.fewshot", f"takes images per class >= 1; got {j.fewshot}.")
-    if not j.self_supervised:
-        return
-    _check(not r.train.linear_probe, "train.linear_probe", f"trains a classification head; objective {j.name} has none.")
-    _check(r.data.mixup == 0 and r.data.cutmix == 0, "data.mixup", f"and data.cutmix mix labels; objective {j.name} reads none. Set them to 0.")

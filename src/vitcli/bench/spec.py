@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from vitcli.errors import VitError
+from vitcli.objectives import OBJECTIVES
 
 MODES = ("train", "infer")
-OBJECTIVES = ("supervised", "mpp", "mae")
 DTYPES = ("fp32", "bf16", "auto")
 PIPELINES = ("auto", "pil", "tensor")
 
@@ -47,7 +47,7 @@ class BenchSpec:
             raise VitError("Name a model to benchmark (e.g. `vit bench vit_s16`), or --data DATASET for the input pipeline.")
         if self.compare is not None and self.compare != "timm":
             raise VitError(f"--compare {self.compare!r}: the only library to compare with is timm (--compare timm).")
-        for flag, value, choices in (("--mode", self.mode, MODES), ("--objective", self.objective, OBJECTIVES),
+        for flag, value, choices in (("--mode", self.mode, MODES), ("--objective", self.objective, tuple(OBJECTIVES)),
                                      ("--dtype", self.dtype, DTYPES), ("--pipeline", self.pipeline, PIPELINES)):
             if value not in choices:
                 raise VitError(f"{flag} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}.")

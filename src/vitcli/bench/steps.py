@@ -25,10 +25,10 @@ from torch import nn
 
 from vitcli.engine.step import build_step, train_step
 from vitcli.errors import VitError
-from vitcli.objectives import build_objective
+from vitcli.objectives import Inputs, build_objective
 from vitcli.models import create_model
 from vitcli.models.config import ModelConfig
-from vitcli.recipe import ObjectiveCfg, OptimCfg
+from vitcli.recipe import MaeCfg, ObjectiveCfg, OptimCfg
 
 
 @dataclass
@@ -98,9 +98,10 @@ def build_models(cfg: ModelConfig, *, compare: str | None, seed: int = 0) -> lis
 def bench_objective(name: str, model: nn.Module, num_classes: int) -> nn.Module:
     """The objective a bench step trains: supervised classification, or mpp / mae with their defaults
     (MAE's decoder 512 wide and 8 deep; for an encoder narrower than 512: its own width and heads, 2 deep)."""
-    narrow = name == "mae" and model.embed_dim < 512
-    decoder = {"decoder_dim": model.embed_dim, "decoder_heads": model.blocks[0].attn.num_heads, "decoder_depth": 2} if narrow else {}
-    return build_objective(ObjectiveCfg(name=name, **decoder), model, num_classes=num_classes)
+    cfg = ObjectiveCfg(name=name)
+    if name == "mae" and model.embed_dim < 512:
+        cfg.mae = MaeCfg(decoder_dim=model.embed_dim, decoder_heads=model.blocks[0].attn.num_heads, decoder_depth=2)
+    return build_objective(cfg, model, Inputs(num_classes=num_classes))
 
 
 def prepare(label: str, name: str, model: nn.Module, cfg: ModelConfig, *, mode: str, batch_size: int, device: torch.device,

@@ -10,7 +10,7 @@ import numpy as np
 
 from vitcli import data as vdata
 from vitcli.engine.plan import StepPlan
-from vitcli.engine.setup import RunData
+from vitcli.engine.setup import RunData, fewshot_shots
 from vitcli.objectives import FewshotSet
 from vitcli.objectives.fewshot import needed_images
 from vitcli.recipe import Recipe
@@ -127,7 +127,7 @@ FEWSHOT_SEEDS = [0]  # the K-shot images are a fixed choice, so evaluations comp
 
 def fewshot_set(data: RunData, recipe: Recipe, device: torch.device, batch_size: int) -> FewshotSet | None:
     """The training images few-shot evaluation fits on, with the eval transform; None without labels or shots."""
-    shots = recipe.objective.fewshot_shots
+    shots = fewshot_shots(recipe)
     num_classes = len(data.class_names)
     if not shots or num_classes == 0:
         return None

@@ -24,7 +24,7 @@ from vitcli.engine.logger import ProgressDisplay, RunLogger
 from vitcli.engine.plan import StepPlan
 from vitcli.engine.rundir import create_run_dir, open_run_dir
 from vitcli.engine.runtime import autocast_dtype, configure_device
-from vitcli.engine.setup import (RunData, build_data, build_model, build_objective, checkpoint_meta, keeps_head,
+from vitcli.engine.setup import (RunData, build_data, build_model, build_objective, checkpoint_meta, keeps_head, reads_labels,
                                  precheck)
 from vitcli.engine.state import TrainState
 from vitcli.engine.step import StepParts, StepResult, build_step
@@ -171,7 +171,7 @@ class TrainingRun:
         last, best = self.state.last_eval, self.checkpoints / "best"
         if self.sharded and self.env.is_main and best.is_dir() and not (best / WEIGHTS).exists():
             consolidate_checkpoint(best.resolve())  # so `vit eval` / `vit finetune` read the best weights
-        supervised = not self.recipe.objective.self_supervised
+        supervised = reads_labels(self.recipe)
         summary = {
             "best_top1": self.state.best if supervised else None,  # None: no evaluation yet
             "final_top1": last["top1"] if last and supervised else None,

@@ -45,6 +45,7 @@ def precheck(recipe: Recipe) -> None:
     resolves with its overrides, the init checkpoint and a local data set path exist, a data set
     name is known. (Everything else is still checked when the run builds its data and model.)"""
     m, d = recipe.model, recipe.data
+    objectives.objective_class(recipe.objective.name).check_recipe(recipe)
     if m.init_ckpt is None:
         resolve_config(m.name, **model_overrides(m, m.num_classes or 1))
     elif ":" not in m.init_ckpt and not Path(m.init_ckpt).expanduser().exists():
@@ -74,7 +75,7 @@ def build_data(recipe: Recipe, init: LoadedCheckpoint | None = None, say=None) -
     d, seed = recipe.data, recipe.train.seed
     source, transform, mixing = vdata.SourceSpec.of(d), vdata.TransformSpec.of(d), vdata.MixSpec.of(d)
     img_size = model_img_size(recipe.model, init)
-    labels = not recipe.objective.self_supervised  # mpp / mae read sets without labels too
+    labels = reads_labels(recipe)  # mpp / mae read sets without labels too
     train = vdata.build(source, "train", img_size=img_size, seed=seed, labels=labels, say=say)
     streamed = vdata.is_streamed(train)
     if streamed:
@@ -86,7 +87,7 @@ def build_data(recipe: Recipe, init: LoadedCheckpoint | None = None, say=None) -
     # shards named by pattern carry no class names: the evaluation split's labels say how many
     class_names = list(train.class_names or (evals.class_names if streamed else []))
     # a self-supervised encoder has no head; its checkpoints hold the ViT alone
-    num_classes = 0 if recipe.objective.self_supervised else recipe.model.num_classes or len(class_names)
+    num_classes = recipe.model.num_classes or len(class_names) if labels else 0
     return RunData(
         name=train.name,
         train=train,
@@ -99,6 +100,17 @@ def build_data(recipe: Recipe, init: LoadedCheckpoint | None = None, say=None) -
         mixup=vdata.build_mixup(mixing, num_classes),
         criterion=vdata.build_train_loss(mixing),
     )
+
+
+def reads_labels(recipe: Recipe) -> bool:
+    """Whether the recipe's objective trains on labels (then its model has a head and top-1 picks the best)."""
+    return objectives.objective_class(recipe.objective.name).reads_labels
+
+
+def fewshot_shots(recipe: Recipe) -> list[int]:
+    """The K of the few-shot evaluations at every evaluation: the recipe's, else the objective's default."""
+    shots = recipe.objective.fewshot
+    return list(shots if shots is not None else objectives.objective_class(recipe.objective.name).default_fewshot)
 
 
 def _check_stream(train, recipe: Recipe) -> None:
@@ -158,17 +170,18 @@ def build_model(cfg: ModelCfg, num_classes: int, init: LoadedCheckpoint | None =
     return model
 
 
-def build_objective(model: torch.nn.Module, data: RunData, recipe: Recipe, fewshot: FewshotSet | None = None) -> torch.nn.Module:
-    """The recipe's training objective around the model: supervised classification, mpp or mae."""
-    return objectives.build_objective(recipe.objective, model, criterion=data.criterion, num_classes=data.num_classes,
-                                      mean=tuple(recipe.data.mean), std=tuple(recipe.data.std), fewshot=fewshot)
+def build_objective(model: torch.nn.Module, data: RunData, recipe: Recipe, fewshot: FewshotSet | None = None) -> objectives.Objective:
+    """The recipe's training objective around the model (objectives.OBJECTIVES by name)."""
+    given = objectives.Inputs(criterion=data.criterion, num_classes=data.num_classes, mean=tuple(recipe.data.mean),
+                              std=tuple(recipe.data.std), fewshot=fewshot)
+    return objectives.build_objective(recipe.objective, model, given)
 
 
 def checkpoint_meta(model: torch.nn.Module, recipe: Recipe, data: RunData, step: int, score: float | None) -> dict[str, Any]:
     """What a checkpoint needs to rebuild and feed its model without the run directory, as written to
     disk. `score`: this step's evaluation (top-1 for supervised training; for mpp / mae few-shot accuracy
     or minus the loss)."""
-    supervised = not recipe.objective.self_supervised
+    supervised = reads_labels(recipe)
     d = recipe.data
     base = CheckpointMeta(
         model="", model_args={}, class_names=data.class_names, dataset=d.dataset, data_dir=d.data_dir,

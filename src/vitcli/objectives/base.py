@@ -5,16 +5,34 @@ scores the model (or its EMA) on evaluation batches, `eval_metrics` names what e
 `score` turns it into the one number (higher is better) that picks the `best` checkpoint. Its own
 trainable parts (a decoder, a [mask] token, a projection), if any, are everything outside `model.`:
 `optimized()` then includes them, and `own_state()` is what a checkpoint keeps of them to resume.
+
+The registry (objectives.OBJECTIVES) maps a recipe's `objective.name` to the class; `from_recipe` builds it
+from the recipe's objective section, `check_recipe` refuses settings it cannot honour before a run starts.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from vitcli.objectives.fewshot import FewshotSet
+from vitcli.recipe import ObjectiveCfg, Recipe
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a builder may use besides the recipe's objective section and the model."""
+
+    criterion: nn.Module | None = None  # the labels' loss (label smoothing, Mixup/CutMix soft targets)
+    num_classes: int = 0
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    fewshot: FewshotSet | None = None
 
 
 class Objective(nn.Module, ABC):
@@ -22,6 +40,16 @@ class Objective(nn.Module, ABC):
     reads_labels: bool = True  # False: the data may have no labels (they only score few-shot evaluations)
     best_metric: str = "top1"
     eval_metrics: tuple[str, ...] = ()
+    default_fewshot: tuple[int, ...] = ()  # few-shot evaluations when objective.fewshot is unset
+
+    @classmethod
+    @abstractmethod
+    def from_recipe(cls, cfg: ObjectiveCfg, model: nn.Module, given: Inputs) -> Objective:
+        """The objective around `model` from the recipe's objective section; VitError when the model cannot serve it."""
+
+    @classmethod
+    def check_recipe(cls, recipe: Recipe) -> None:
+        """VitError for recipe settings this objective cannot honour (called before a run starts)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vitcli.errors import VitError
 from vitcli.models.layers import Block
 from vitcli.objectives.patches import Masking, patchify, random_masking
 from vitcli.objectives.selfsup import SelfSupervised
@@ -66,6 +67,16 @@ class Decoder(nn.Module):
 
 class MaskedAutoencoder(SelfSupervised):
     name = "mae"
+
+    @classmethod
+    def from_recipe(cls, cfg, model: nn.Module, given) -> MaskedAutoencoder:
+        cls.patch_size(model)
+        mae = cfg.mae
+        if mae.decoder_dim % 4:
+            raise VitError(f"'objective.mae.decoder_dim' ({mae.decoder_dim}) must be divisible by 4: the decoder's 2D "
+                           "sine-cosine position embeddings split it into 4 parts.")
+        return cls(model, mask_ratio=mae.mask_ratio, decoder_dim=mae.decoder_dim, decoder_depth=mae.decoder_depth,
+                   decoder_heads=mae.decoder_heads, norm_pix_loss=mae.norm_pix_loss, fewshot=given.fewshot)
 
     def __init__(self, model: nn.Module, *, mask_ratio: float = 0.75, decoder_dim: int = 512, decoder_depth: int = 8,
                  decoder_heads: int = 16, norm_pix_loss: bool = True, fewshot=None):

@@ -13,15 +13,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitcli.errors import VitError
 from vitcli.objectives.patches import MASK, RANDOM, color_classes, draw_corruption, mean_colors, patchify
 from vitcli.objectives.selfsup import SelfSupervised
 
 TARGETS = ("mean_color", "downsized", "pixels")
 DOWNSIZED_CELLS = 4  # the paper's 4x4 downsized patch
+MAX_OUTPUTS = 2 ** 16  # per patch: the head's width
 
 
 class MaskedPatchPrediction(SelfSupervised):
     name = "mpp"
+
+    @classmethod
+    def from_recipe(cls, cfg, model: nn.Module, given) -> MaskedPatchPrediction:
+        patch, mpp = cls.patch_size(model), cfg.mpp
+        channels = model.patch_embed.in_chans
+        if mpp.target == "downsized" and patch % DOWNSIZED_CELLS:
+            raise VitError(f"'objective.mpp.target' downsized predicts each patch's 4x4 downsized colours, which needs a "
+                           f"patch size divisible by 4; this model's patches are {patch}x{patch}. Use mean_color or "
+                           "pixels, or a model with patches of 4, 8, 16 ...")
+        classes = 2 ** (mpp.bits * channels) * (DOWNSIZED_CELLS ** 2 if mpp.target == "downsized" else 1)
+        if mpp.target != "pixels" and classes > MAX_OUTPUTS:
+            raise VitError(f"'objective.mpp.bits' {mpp.bits} on {channels} channels gives {classes:,} outputs per "
+                           f"patch (at most {MAX_OUTPUTS:,}); the paper's 3 bits give 512 colours.")
+        return cls(model, mean=given.mean, std=given.std, mask_ratio=mpp.mask_ratio, target=mpp.target,
+                   bits=mpp.bits, replace=tuple(mpp.replace), fewshot=given.fewshot)
 
     def __init__(self, model: nn.Module, *, mean: tuple[float, ...], std: tuple[float, ...], mask_ratio: float = 0.5,
                  target: str = "mean_color", bits: int = 3, replace: tuple[float, float, float] = (0.8, 0.1, 0.1),

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitcli.errors import VitError
 from vitcli.objectives.base import Objective
 from vitcli.objectives.evaluate import gather_arrays
 from vitcli.objectives.fewshot import FewshotSet, fewshot_metrics
@@ -28,6 +29,27 @@ class SelfSupervised(Objective):
 
     name = "self-supervised"
     reads_labels = False
+    default_fewshot = (10,)  # watch the representation improve, where the data has labels
+
+    @classmethod
+    def check_recipe(cls, recipe) -> None:
+        if recipe.train.linear_probe:
+            raise VitError(f"'train.linear_probe' trains a classification head; objective {cls.name} has none.")
+        if recipe.data.mixup or recipe.data.cutmix:
+            raise VitError(f"'data.mixup' and data.cutmix mix labels; objective {cls.name} reads none. Set them to 0.")
+
+    @classmethod
+    def patch_size(cls, model: nn.Module) -> int:
+        """The pixel patch size of a plain ViT that takes masked patch tokens; VitError for any other model."""
+        embed = getattr(model, "patch_embed", None)
+        name = getattr(getattr(model, "config", None), "name", "this model")
+        if embed is None or not hasattr(embed, "proj") or getattr(getattr(model, "config", None), "hybrid", False):
+            raise VitError(f"objective {cls.name} masks patches of pixels, so it needs a plain ViT; "
+                           f"{name} does not embed pixel patches. Choose a vit_* model.")
+        if not hasattr(model, "encode_patches"):
+            raise VitError(f"objective {cls.name} feeds the encoder masked patch tokens, which vitcli's rotary-embedding "
+                           f"ViTs ({name}) do not take yet; pretrain a vit_* model, or fine-tune this one")
+        return embed.patch_size[0]
 
     def __init__(self, model: nn.Module, fewshot: FewshotSet | None = None):
         super().__init__(model)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitcli.objectives.base import Objective
+from vitcli.objectives.base import Inputs, Objective
 from vitcli.objectives.evaluate import evaluate
 
 
@@ -23,6 +23,10 @@ class Classification(Objective):
     name = "supervised"
     best_metric = "top1"  # higher is better; picks the `best` checkpoint
     eval_metrics = ("top1", "top5", "loss", "ece", "num_images", "images_per_second")  # what each evaluation logs
+
+    @classmethod
+    def from_recipe(cls, cfg, model: nn.Module, given: Inputs) -> Classification:
+        return cls(model, given.criterion if given.criterion is not None else nn.CrossEntropyLoss(), given.num_classes)
 
     def __init__(self, model: nn.Module, criterion: nn.Module, num_classes: int):
         super().__init__(model)
