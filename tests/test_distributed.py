@@ -8,17 +8,14 @@ images augmented the same way and only float summation order differs (hence 1e-5
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import offline_env, run_cli
+from helpers import offline_env, run_cli, torchrun
 from vitcli.engine.batches import eval_batches
 from vitcli.engine.plan import StepPlan
 from vitcli.engine.setup import build_data
@@ -56,14 +53,6 @@ except SystemExit as e:
         raise
 torch.save({k: v.detach().clone() for k, v in built[0].state_dict().items()}, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
 """
-
-
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
 
 
 def weights(run: Path, step: int) -> dict[str, torch.Tensor]:

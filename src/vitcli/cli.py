@@ -372,7 +372,7 @@ def bench(
     warmup: Optional[int] = typer.Option(None, "--warmup", min=0, help="Untimed steps first (default 10 on CUDA, 2 on CPU)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="The GPU's peak TFLOP/s for MFU, if it is not in the built-in table."),
-    objective: str = typer.Option("supervised", "--objective", help="supervised | mpp | mae: the training step's objective (masking included)."),
+    objective: str = typer.Option("supervised", "--objective", help="supervised | distill | mpp | mae: the training step's objective (masking, a teacher's forward included)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Time training or inference steps (images/s, step time, memory, FLOP/s, MFU), optionally against timm."""

@@ -23,7 +23,7 @@ from vitcli.errors import VitError, did_you_mean, path_error
 
 @dataclass
 class ModelCfg:
-    name: str = "vit_b16"
+    name: str = "vit_b16"  # a registered ViT (`vit models`), or timm:ARCH for any timm classifier (a CNN baseline or teacher)
     # Weights to start from (fine-tuning): anything `vit finetune --ckpt` accepts. The architecture
     # then comes from the checkpoint; img_size / patch_size resample it, the head is replaced.
     init_ckpt: Optional[str] = None
@@ -42,6 +42,7 @@ class ModelCfg:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    distilled: Optional[bool] = None  # DeiT's distillation token and second head (objective.distill.mode: token)
     # Fine-tuning: a head trained on the very classes being fine-tuned on (same data set, same class names)
     # is kept; true replaces it by a zero-initialised one anyway (the paper's §3.2 head for new classes).
     new_head: bool = False

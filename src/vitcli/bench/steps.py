@@ -1,7 +1,8 @@
 """The models under test and the one step each is timed on.
 
-train: the trainer's own step (engine.step.train_step on the objective: supervised cross-entropy, or
-       mpp / mae, whose masking the step includes): autocast forward -> loss -> backward -> unscale -> global-norm clip at 1.0 -> AdamW step (timm's, fused, no
+train: the trainer's own step (engine.step.train_step on the objective: supervised cross-entropy,
+       distill (with the teacher's forward), or mpp / mae, whose masking the step includes): autocast
+       forward -> loss -> backward -> unscale -> global-norm clip at 1.0 -> AdamW step (timm's, fused, no
        decay on norms, biases and embeddings; engine.step.build_step) -> zero_grad, with bf16 autocast
        when asked. So the bench times exactly what `vit pretrain` runs per step.
 infer: forward under `torch.inference_mode` (and autocast), model in eval mode.
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import copy
 import dataclasses
 import itertools
 
@@ -25,7 +27,8 @@ from torch import nn
 
 from vitcli.engine.step import build_step, train_step
 from vitcli.errors import VitError
-from vitcli.objectives import Inputs, build_objective
+from vitcli.objectives import Distillation, Inputs, build_objective
+from vitcli.objectives.teacher import Teacher
 from vitcli.models import create_model
 from vitcli.models.config import ModelConfig
 from vitcli.recipe import MaeCfg, ObjectiveCfg, OptimCfg
@@ -97,7 +100,11 @@ def build_models(cfg: ModelConfig, *, compare: str | None, seed: int = 0) -> lis
 
 def bench_objective(name: str, model: nn.Module, num_classes: int) -> nn.Module:
     """The objective a bench step trains: supervised classification, or mpp / mae with their defaults
-    (MAE's decoder 512 wide and 8 deep; for an encoder narrower than 512: its own width and heads, 2 deep)."""
+    (MAE's decoder 512 wide and 8 deep; for an encoder narrower than 512: its own width and heads, 2 deep),
+    or distill in logit mode from a frozen copy of the model (the teacher's forward pass is in the step)."""
+    if name == "distill":
+        teacher = Teacher(copy.deepcopy(model).eval().requires_grad_(False), "a copy of the student", None, None)
+        return Distillation(model, teacher, nn.CrossEntropyLoss(), num_classes, mode="logit")
     cfg = ObjectiveCfg(name=name)
     if name == "mae" and model.embed_dim < 512:
         cfg.mae = MaeCfg(decoder_dim=model.embed_dim, decoder_heads=model.blocks[0].attn.num_heads, decoder_depth=2)

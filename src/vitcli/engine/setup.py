@@ -21,6 +21,7 @@ from vitcli.io.meta import CheckpointMeta, Preprocessing
 from vitcli.models.adapt import meta_for_model, model_from_checkpoint
 from vitcli.models.load import LoadedCheckpoint
 from vitcli.models.registry import resolve_config
+from vitcli.models.timm_classifier import is_timm_classifier, needs_vit
 from vitcli import objectives
 from vitcli.objectives import FewshotSet
 from vitcli.recipe import ModelCfg, Recipe
@@ -46,6 +47,11 @@ def precheck(recipe: Recipe) -> None:
     name is known. (Everything else is still checked when the run builds its data and model.)"""
     m, d = recipe.model, recipe.data
     objectives.objective_class(recipe.objective.name).check_recipe(recipe)
+    if is_timm_classifier(m.name) and m.init_ckpt is None:
+        for key, on in (("train.strategy: fsdp", recipe.train.strategy == "fsdp"),
+                        ("train.activation_checkpointing", recipe.train.activation_checkpointing)):
+            if on:
+                raise needs_vit(f"{key} (applied block by block)", m.name)
     if m.init_ckpt is None:
         resolve_config(m.name, **model_overrides(m, m.num_classes or 1))
     elif ":" not in m.init_ckpt and not Path(m.init_ckpt).expanduser().exists():
@@ -172,7 +178,8 @@ def build_model(cfg: ModelCfg, num_classes: int, init: LoadedCheckpoint | None =
 
 def build_objective(model: torch.nn.Module, data: RunData, recipe: Recipe, fewshot: FewshotSet | None = None) -> objectives.Objective:
     """The recipe's training objective around the model (objectives.OBJECTIVES by name)."""
-    given = objectives.Inputs(criterion=data.criterion, num_classes=data.num_classes, mean=tuple(recipe.data.mean),
+    given = objectives.Inputs(criterion=data.criterion, num_classes=data.num_classes, class_names=data.class_names or None,
+                              mean=tuple(recipe.data.mean),
                               std=tuple(recipe.data.std), fewshot=fewshot)
     return objectives.build_objective(recipe.objective, model, given)
 

@@ -18,6 +18,7 @@ from vitcli.io.checkpoint import safetensors_os_errors, write_safetensors
 from vitcli.io.paths import atomic_write, write_through
 from vitcli.io.meta import CheckpointMeta, Preprocessing
 from vitcli.models.adapt import meta_for_model, model_from_checkpoint, save_state_dict
+from vitcli.models.timm_classifier import TimmClassifierConfig, needs_vit
 from vitcli.models.formats import hf as hf_format
 from vitcli.models.formats.timm import timm_architecture
 
@@ -77,6 +78,8 @@ def write_hf(model: nn.Module, meta: CheckpointMeta, out: Path, example: torch.T
     """A transformers classifier folder (config, weights, image processor) for the family: ViT, DeiT with
     teacher, DINOv2 (with registers), SigLIP (averaged tokens); loaded back with from_pretrained, which
     must find no missing or unexpected weights."""
+    if isinstance(model.config, TimmClassifierConfig):
+        raise needs_vit("--format hf (a transformers ViT classifier)", model.config.name)
     transformers = _needs("transformers", "export")
     cfg = model.config
     names = _class_names(meta, cfg.num_classes)
@@ -108,18 +111,22 @@ def write_timm(model: nn.Module, meta: CheckpointMeta, out: Path, example: torch
     timm.create_model("local-dir:FOLDER", pretrained=True)."""
     import timm
     cfg = model.config
-    arch, model_args = timm_architecture(cfg)
+    if isinstance(cfg, TimmClassifierConfig):  # already timm's model and keys
+        arch, model_args, own = cfg.architecture, {"in_chans": cfg.in_chans}, model.pretrained_cfg
+        first_conv, classifier, fixed = own.get("first_conv"), own.get("classifier"), False
+    else:
+        (arch, model_args), first_conv, classifier, fixed = timm_architecture(cfg), "patch_embed.proj", "head", True
     pre = _preprocess(meta, cfg.in_chans)
     config = {
         "architecture": arch,
         "num_classes": cfg.num_classes,
-        "num_features": cfg.embed_dim,
+        "num_features": model.num_features,
         "model_args": model_args,
         "pretrained_cfg": {
-            "tag": "vitcli", "custom_load": False, "input_size": [cfg.in_chans, *cfg.img_size], "fixed_input_size": True,
+            "tag": "vitcli", "custom_load": False, "input_size": [cfg.in_chans, *cfg.img_size], "fixed_input_size": fixed,
             "interpolation": pre.interpolation, "crop_pct": pre.crop_pct,
             "crop_mode": "center", "mean": list(pre.mean), "std": list(pre.std), "num_classes": cfg.num_classes,
-            "first_conv": "patch_embed.proj", "classifier": "head"},
+            "first_conv": first_conv, "classifier": classifier},
         "label_names": _class_names(meta, cfg.num_classes),
     }
     def write(tmp: Path) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from vitcli import data as vdata
 from vitcli.engine.resolve import load_for_inference, resolve_dataset
+from vitcli.models.timm_classifier import is_timm_classifier, needs_vit
 from vitcli.engine.runtime import pick_device
 from vitcli.errors import VitError
 from vitcli.io.paths import writable_dir, write_text
@@ -79,6 +80,8 @@ def run_inspect(
         raise VitError(f"--show must be 0 or more, got {show}")
     batching = vdata.LoaderSpec.evaluation(batch_size, pin_memory=False)  # checks the batch size before any work
     model, ck, run_dir = load_for_inference(ckpt, Path(runs_root), say)
+    if is_timm_classifier(ck.meta.model):
+        raise needs_vit("vit inspect (position embeddings, attention maps, patch filters)", ck.meta.model)
     out = writable_dir(Path(out) if out is not None else _default_out(ck.source, run_dir), "--out")
     name = run_dir.name if run_dir is not None else Path(str(ck.source)).name
     grid = tuple(model.patch_embed.grid_size)

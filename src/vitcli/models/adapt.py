@@ -23,6 +23,7 @@ from vitcli.models.infer import ARCH_KEYS
 from vitcli.models.load import LoadedCheckpoint, load_checkpoint
 from vitcli.models.posemb import MODES, resample_pos_embed, resize_patch_embed
 from vitcli.models.readers import TORCH_SUFFIXES
+from vitcli.models.timm_classifier import TimmClassifierConfig, is_timm_classifier, load_timm_weights, needs_vit
 
 _SPECIAL = ("img_size", "patch_size", "num_classes")
 HEADS = ("head.", "head_dist.")  # a distilled model's two heads are replaced together
@@ -42,8 +43,9 @@ def meta_for_model(model: nn.Module, base: CheckpointMeta | Mapping[str, Any] | 
     names = base.class_names if base is not None else None
     if names is not None and len(names) != cfg.num_classes:
         names = None  # the head changed: the old names no longer apply
+    args = cfg.checkpoint_args() if isinstance(cfg, TimmClassifierConfig) else {k: d[k] for k in ARCH_KEYS}
     return CheckpointMeta(
-        model=cfg.name, model_args={k: d[k] for k in ARCH_KEYS}, num_classes=cfg.num_classes,
+        model=cfg.name, model_args=args, num_classes=cfg.num_classes,
         img_size=list(cfg.img_size), preprocess=base.preprocess if base else None, class_names=names,
         format="vitcli", dataset=base.dataset if base else None, data_dir=base.data_dir if base else None,
         objective=base.objective if base else None, training={**(base.training if base else {}), **training})
@@ -72,6 +74,8 @@ def adapt_checkpoint(ck: LoadedCheckpoint | str | Path, *, img_size: int | tuple
     """
     if not isinstance(ck, LoadedCheckpoint):
         ck = load_checkpoint(ck)
+    if is_timm_classifier(ck.meta.model):
+        raise needs_vit("Resampling position embeddings or patches", ck.meta.model)
     if interpolation not in MODES:
         raise VitError(f"interpolation must be one of {', '.join(MODES)}, got {interpolation!r}")
     from vitcli.models.registry import resolve_config
@@ -167,6 +171,8 @@ def model_from_checkpoint(spec: LoadedCheckpoint | str | Path, *, img_size: int 
     from vitcli.models import create_model
 
     new, extra = _split_overrides(img_size, patch_size, num_classes, model_args)
+    if is_timm_classifier(ck.meta.model):
+        return _timm_classifier(ck, new, extra)
     want = new.pop("num_classes", None)
     # A pre-logits checkpoint's head is dropped with it (adapt_checkpoint asks for num_classes first).
     drop_head = want is not None and any(k.startswith("pre_logits.") for k in ck.state_dict)
@@ -185,6 +191,24 @@ def model_from_checkpoint(spec: LoadedCheckpoint | str | Path, *, img_size: int 
         adapted.notes.append(f"head replaced: {old} -> {want} classes, zero-initialised")
     model.eval()
     return model, replace(ck, notes=adapted.notes)
+
+
+def _timm_classifier(ck: LoadedCheckpoint, new: dict[str, Any], extra: dict[str, Any]) -> tuple[nn.Module, LoadedCheckpoint]:
+    """A timm classifier's checkpoint: built as saved (a CNN takes any resolution, so img_size only changes what
+    its data is resized to), its head replaced for another class count."""
+    from vitcli.models import create_model
+
+    if "patch_size" in new:
+        raise needs_vit("model.patch_size", ck.meta.model)
+    want = new.pop("num_classes", None)
+    model = create_model(ck.meta.model, **{**ck.meta.model_args, **extra, **new})
+    load_timm_weights(model, ck.state_dict, ck.source)
+    notes = list(ck.notes)
+    if want is not None and want != model.num_classes:
+        notes.append(f"head replaced: {model.num_classes} -> {want} classes")
+        model.reset_classifier(want)
+        model.config = replace(model.config, num_classes=want)
+    return model.eval(), replace(ck, notes=notes)
 
 
 def _check_fits(model: nn.Module, sd: Mapping[str, torch.Tensor], source: Path | str) -> None:

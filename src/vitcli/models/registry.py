@@ -19,6 +19,8 @@ from vitcli.errors import VitError, did_you_mean
 from vitcli.io.meta import Preprocessing
 from vitcli.models.config import ModelConfig, apply_overrides
 from vitcli.models.hybrid import hybrid_vit
+from vitcli.models.timm_classifier import (TimmClassifierConfig, create_timm_classifier, is_timm_classifier,
+                                           timm_classifier_config)
 from vitcli.models.vit import VisionTransformer
 
 Builder = Callable[[ModelConfig], nn.Module]
@@ -96,10 +98,11 @@ def resolve_name(name: str) -> str:
     return _lookup(name)[0]
 
 
-def resolve_config(name: str | ModelConfig | Mapping[str, Any], **overrides: Any) -> ModelConfig:
+def resolve_config(name: str | ModelConfig | Mapping[str, Any], **overrides: Any) -> ModelConfig | TimmClassifierConfig:
     """The validated config create_model would build. `name` may also be a saved config (dict or
-    ModelConfig), whose settings then act as overrides of its registered defaults."""
-    if isinstance(name, ModelConfig):
+    ModelConfig), whose settings then act as overrides of its registered defaults. `timm:ARCH` is timm's
+    classifier of that architecture (models/timm_classifier.py)."""
+    if isinstance(name, (ModelConfig, TimmClassifierConfig)):
         name = name.to_dict()
     if isinstance(name, Mapping):
         saved = dict(name)
@@ -109,6 +112,8 @@ def resolve_config(name: str | ModelConfig | Mapping[str, Any], **overrides: Any
             raise VitError("a model config needs a 'name'")
         name = saved.pop("name")
         overrides = {**saved, **overrides}
+    if is_timm_classifier(name):
+        return timm_classifier_config(name, **overrides)
     canonical, alias_overrides = _lookup(name)
     return apply_overrides(_MODELS[canonical].defaults, {**alias_overrides, **overrides})
 
@@ -119,6 +124,8 @@ def create_model(name: str | ModelConfig | Mapping[str, Any], **overrides: Any) 
     The result carries `model.config` (a ModelConfig) so checkpoints can rebuild it.
     """
     cfg = resolve_config(name, **overrides)
+    if isinstance(cfg, TimmClassifierConfig):
+        return create_timm_classifier(cfg)
     model = _MODELS[cfg.name].build(cfg)
     model.config = cfg
     return model
@@ -155,6 +162,11 @@ def model_info(name: str, **overrides: Any) -> dict[str, Any]:
     hybrid, aliases, num_classes, global_pool, seq_len, family features (prefix tokens, layer scale, ...)
     and the published preprocessing."""
     cfg = resolve_config(name, **overrides)
+    if isinstance(cfg, TimmClassifierConfig):
+        with torch.device("meta"):
+            params = sum(p.numel() for p in create_timm_classifier(cfg).parameters())
+        return {"name": cfg.name, "params": params, "img_size": cfg.img_size, "num_classes": cfg.num_classes,
+                "hybrid": False, "aliases": [], "features": ["timm classifier"], "preprocess": dataclasses.asdict(Preprocessing())}
     return {
         "name": cfg.name,
         "params": _count_params(cfg),

@@ -15,6 +15,7 @@ from torch import nn
 
 from vitcli.errors import VitError, did_you_mean
 from vitcli.objectives.base import Inputs, Objective
+from vitcli.objectives.distill import Distillation
 from vitcli.objectives.evaluate import ECE_BINS, EvalAccumulator, evaluate
 from vitcli.objectives.fewshot import FewshotSet
 from vitcli.objectives.mae import MaskedAutoencoder
@@ -23,12 +24,13 @@ from vitcli.objectives.selfsup import SelfSupervised
 from vitcli.objectives.supervised import Classification
 from vitcli.recipe import ObjectiveCfg
 
-__all__ = ["ECE_BINS", "OBJECTIVES", "Classification", "EvalAccumulator", "FewshotSet", "Inputs", "MaskedAutoencoder",
+__all__ = ["ECE_BINS", "OBJECTIVES", "Classification", "Distillation", "EvalAccumulator", "FewshotSet", "Inputs", "MaskedAutoencoder",
            "MaskedPatchPrediction", "Objective", "SelfSupervised", "build_objective", "evaluate", "objective_class"]
 
 # The one registry of objectives, shared by `vit pretrain` (engine.setup) and `vit bench --objective`.
 OBJECTIVES: dict[str, type[Objective]] = {
     "supervised": Classification,
+    "distill": Distillation,
     "mpp": MaskedPatchPrediction,
     "mae": MaskedAutoencoder,
 }

@@ -30,6 +30,7 @@ class Inputs:
 
     criterion: nn.Module | None = None  # the labels' loss (label smoothing, Mixup/CutMix soft targets)
     num_classes: int = 0
+    class_names: list[str] | None = None
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     fewshot: FewshotSet | None = None
