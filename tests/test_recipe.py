@@ -52,7 +52,7 @@ def test_int_promoted_to_float_but_not_the_reverse():
         ("train: {epochs: 1}\noptim: {lr: fast}\n", r"'optim.lr' has the wrong type: 'fast' \(str\); expected a number"),
         ("train: {epochs: 1}\noptim: {lr: -0.1}\n", r"'optim.lr' must be a positive number; got -0.1"),
         ("train: {epochs: 1, batch_size: 0}\n", r"'train.batch_size' must be > 0; got 0"),
-        ("train: {epochs: 1}\noptim: {name: lamb}\n", r"'optim.name' must be one of adamw, adam, sgd; got 'lamb'"),
+        ("train: {epochs: 1}\noptim: {name: lars}\n", r"'optim.name' must be one of adamw, adam, sgd, lamb; got 'lars'"),
         ("train: {epochs: 1}\nmodel: {global_pool: mean}\n", r"'model.global_pool' must be one of token, avg"),
         ("train: {epochs: 1}\ndata: {hflip: 1.5}\n", r"'data.hflip' is a probability in \[0, 1\]; got 1.5"),
         ("train: {epochs: 1, steps: 10}\n", r"set exactly one of them"),
@@ -153,6 +153,22 @@ def test_paper_recipes_use_the_papers_hyperparameters():
         assert r.train.batch_size % r.train.micro_batch_size == 0
         expected_wd = {"imagenet-1k": 0.3, "imagenet-21k": 0.03}[r.data.dataset]
         assert r.optim.weight_decay == expected_wd
+
+
+def test_deit_recipes_use_deit_and_deit3_settings():
+    for size in ("s", "b"):  # DeiT (2021) distilled: hard distillation from DeiT's RegNetY-16GF, 300 epochs
+        r = load_recipe(RECIPES / f"deit_{size}16_distilled.yaml")
+        kd = r.objective.distill
+        assert (r.objective.name, kd.mode, kd.type, kd.alpha, kd.teacher) == ("distill", "token", "hard", 0.5, "timm:regnety_160.deit_in1k")
+        assert (r.train.epochs, r.train.batch_size, r.optim.lr, r.optim.weight_decay, r.data.mixup, r.data.cutmix) == (300, 1024, 1e-3, 0.05, 0.8, 1.0)
+        assert r.data.randaugment == "rand-m9-mstd0.5-inc1" and r.data.random_erasing == 0.25 and r.data.label_smoothing == 0.1
+    for size, lr, drop_path in (("s", 4e-3, 0.05), ("b", 3e-3, 0.2)):  # DeiT III (2022), ImageNet-1k
+        r = load_recipe(RECIPES / f"deit3_{size}16.yaml")
+        d = r.data
+        assert (r.optim.name, r.optim.lr, r.optim.weight_decay, r.train.batch_size, r.train.epochs) == ("lamb", lr, 0.05, 2048, 800)
+        assert (d.three_augment, d.color_jitter, d.repeated_augment, d.loss, d.mixup, d.cutmix) == (True, 0.3, 3, "bce", 0.8, 1.0)
+        assert d.label_smoothing == 0 and d.random_erasing == 0 and not d.randaugment and d.crop_pct == 1.0
+        assert r.model.init_values == 1e-4 and r.model.drop_path_rate == drop_path
 
 
 # ---------------------------------------------------------------------------------------------

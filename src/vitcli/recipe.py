@@ -42,6 +42,7 @@ class ModelCfg:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    init_values: Optional[float] = None  # LayerScale's initial value on each residual branch (DeiT III: 1e-4); None: off
     distilled: Optional[bool] = None  # DeiT's distillation token and second head (objective.distill.mode: token)
     # Fine-tuning: a head trained on the very classes being fine-tuned on (same data set, same class names)
     # is kept; true replaces it by a zero-initialised one anyway (the paper's §3.2 head for new classes).
@@ -137,9 +138,21 @@ class DataCfg:
     hflip: float = 0.5
     randaugment: Optional[str] = None  # timm RandAugment spec, e.g. "rand-m9-mstd0.5"
     random_erasing: float = 0.0
+    # DeiT III (Touvron et al., 2022): 3-Augment applies one of greyscale, solarization and Gaussian blur to
+    # each image after the crop and flip; simple_crop replaces RandomResizedCrop by a resize and a random
+    # crop with 4 px of reflect padding; color_jitter the brightness/contrast/saturation strength (0: off)
+    three_augment: bool = False
+    simple_crop: bool = False
+    color_jitter: float = 0.0
+    # repeated augmentation (DeiT, DeiT III: 3): each epoch draws n / k images, each k times, augmented
+    # independently, the copies on different processes; 1: off
+    repeated_augment: int = 1
     mixup: float = 0.0  # Mixup alpha (0: off)
     cutmix: float = 0.0  # CutMix alpha (0: off)
     label_smoothing: float = 0.0
+    # the labels' loss: ce (softmax cross-entropy) or bce (DeiT III: a sigmoid per class, binary
+    # cross-entropy against the one-hot or Mixup/CutMix targets; timm's BinaryCrossEntropy)
+    loss: Literal["ce", "bce"] = "ce"
     # evaluation transform and normalisation
     crop_pct: float = 0.875
     interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
@@ -158,7 +171,7 @@ class DataCfg:
 
 @dataclass
 class OptimCfg:
-    name: Literal["adamw", "adam", "sgd"] = "adam"
+    name: Literal["adamw", "adam", "sgd", "lamb"] = "adam"  # lamb: timm's LAMB (DeiT III)
     lr: float = 1e-3
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -455,11 +468,14 @@ def validate(r: Recipe) -> None:
         v = getattr(d, key)
         _check(0.0 <= v <= 1.0, f"data.{key}", f"is a probability in [0, 1]; got {v}.")
     _check(0.0 <= d.label_smoothing < 1.0, "data.label_smoothing", f"must be in [0, 1); got {d.label_smoothing}.")
+    _check(d.repeated_augment >= 1, "data.repeated_augment", f"is how many times each image repeats (1: off); got {d.repeated_augment}.")
+    _check(0.0 <= d.color_jitter <= 1.0, "data.color_jitter", f"is a strength in [0, 1]; got {d.color_jitter}.")
+    _check(m.init_values is None or m.init_values > 0, "model.init_values", f"must be > 0 (or null for no LayerScale); got {m.init_values}.")
     _check(d.mixup >= 0 and d.cutmix >= 0, "data.mixup", "and data.cutmix are Beta alphas and must be >= 0.")
     _check(0.0 < d.crop_pct <= 1.0, "data.crop_pct", f"must be in (0, 1]; got {d.crop_pct}.")
     _check(len(d.mean) == len(d.std) == m.in_chans, "data.mean", f"and data.std need one value per input channel ({m.in_chans}).")
     _check(all(v > 0 for v in d.std), "data.std", f"values must be > 0; got {d.std}.")
-    pil_only = [k for k in ("randaugment", "random_erasing") if getattr(d, k)]
+    pil_only = [k for k in ("randaugment", "random_erasing", "three_augment", "simple_crop", "color_jitter") if getattr(d, k)]
     _check(d.pipeline != "tensor" or not pil_only, "data.pipeline",
            f"'tensor' cannot run data.{' or data.'.join(pil_only)} (timm implements them on PIL images only); "
            "set data.pipeline: pil (or auto, which picks pil for them).")

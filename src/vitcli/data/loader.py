@@ -38,6 +38,7 @@ class EpochBatch(NamedTuple):
 
     epoch: int
     indices: list[int]
+    copies: Optional[list[int]] = None  # repeated augmentation: which copy of its image each index is
 
 
 class BatchDataset(torch.utils.data.Dataset):
@@ -73,13 +74,16 @@ class BatchDataset(torch.utils.data.Dataset):
     def __getitems__(self, request: EpochBatch | list[int]) -> Batch:
         """DataLoader's batched fetch: one call per batch; returns the collated Batch."""
         if isinstance(request, EpochBatch):
-            return self.load(request.indices, request.epoch)
+            return self.load(request.indices, request.epoch, request.copies)
         return self.load(list(request), self.epoch)
 
-    def load(self, indices: list[int], epoch: int) -> Batch:
-        """Read, decode and transform the images at indices (each augmented from (seed, epoch, index))."""
+    def load(self, indices: list[int], epoch: int, copies: Optional[list[int]] = None) -> Batch:
+        """Read, decode and transform the images at indices (each augmented from (seed, epoch, index), and
+        the copy number for every repeated copy but the first, so each copy is augmented differently)."""
         rows = self.hf[indices]  # one Arrow read for the whole batch
-        items = [((epoch, index), index, cell, label) for index, cell, label in zip(indices, rows["image"], rows["label"])]
+        copies = copies or [0] * len(indices)
+        items = [((epoch, index, *((copy,) if copy else ())), index, cell, label)
+                 for index, copy, cell, label in zip(indices, copies, rows["image"], rows["label"])]
         return build_batch(items, self.transform, self.seed, bad_images=self.bad_images,
                            decode_on_device=self.decode_on_device, name=self.name, split=self.split, decoder=self.decoder)
 
@@ -90,13 +94,18 @@ class EpochBatchSampler:
     `batch_size` is the global batch: each of `world_size` ranks gets a contiguous slice of it (sizes
     differ by at most one in a short last batch). `start_batch` skips that many batches of the next
     iteration only, without loading them.
+
+    `repeats` > 1 is repeated augmentation (Hoffer et al., 2020; DeiT's and timm's RepeatAugSampler): the
+    permutation with each image repeated `repeats` times in a row, cut to the epoch's n samples (so an epoch
+    sees n / repeats distinct images, each `repeats` times, augmented independently); each rank takes every
+    world_size-th sample of a global batch, so the copies of an image land on different ranks as in DeiT.
     """
 
     def __init__(self, n: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int = 0, epoch: int = 0,
-                 start_batch: int = 0, rank: int = 0, world_size: int = 1):
+                 start_batch: int = 0, rank: int = 0, world_size: int = 1, repeats: int = 1):
         self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
         self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.repeats = rank, world_size, repeats
 
     @property
     def num_batches(self) -> int:
@@ -109,7 +118,8 @@ class EpochBatchSampler:
     def order(self) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.n)
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch)))
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch)))
+        return perm.repeat_interleave(self.repeats)[: self.n] if self.repeats > 1 else perm
 
     def __len__(self) -> int:
         return max(0, self.num_batches - self.start_batch)
@@ -118,9 +128,15 @@ class EpochBatchSampler:
         start, self.start_batch = self.start_batch, 0  # a resume offset applies to one iteration only
         order = self.order()
         for b in range(start, self.num_batches):
-            mine = torch.tensor_split(order[b * self.batch_size:(b + 1) * self.batch_size], self.world_size)[self.rank]
+            positions = torch.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.n))
+            if self.repeats > 1:
+                mine = positions[self.rank::self.world_size]
+                if len(mine):
+                    yield EpochBatch(self.epoch, order[mine].tolist(), (mine % self.repeats).tolist())
+                continue
+            mine = torch.tensor_split(positions, self.world_size)[self.rank]
             if len(mine):
-                yield EpochBatch(self.epoch, mine.tolist())
+                yield EpochBatch(self.epoch, order[mine].tolist())
 
 
 def _keep_batch(batch: Batch) -> Batch:
@@ -256,7 +272,7 @@ def make_loader(
     dataset = BatchDataset(image_set, transform, seed=seed, bad_images=spec.bad_images, decode_on_device=on_device)
     dataset.set_epoch(epoch)
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=spec.shuffle, drop_last=spec.drop_last, seed=seed,
-                                epoch=epoch, start_batch=start_batch, rank=rank, world_size=world_size)
+                                epoch=epoch, start_batch=start_batch, rank=rank, world_size=world_size, repeats=spec.repeats)
     dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,

@@ -57,6 +57,9 @@ class TransformSpec(_FromFields):
     hflip: float = 0.5
     randaugment: Optional[str] = None
     random_erasing: float = 0.0
+    three_augment: bool = False  # DeiT III: one of greyscale, solarize, blur per image
+    simple_crop: bool = False  # DeiT III: resize + random crop (4 px reflect padding) instead of RandomResizedCrop
+    color_jitter: float = 0.0
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -68,7 +71,7 @@ class TransformSpec(_FromFields):
     def tensor_pipeline(self) -> bool:
         """auto means tensor unless an augmentation only timm's PIL path has is on."""
         if self.pipeline == "auto":
-            return not (self.randaugment or self.random_erasing)
+            return not (self.randaugment or self.random_erasing or self.three_augment or self.simple_crop or self.color_jitter)
         return self.pipeline == "tensor"
 
     @classmethod
@@ -86,6 +89,7 @@ class MixSpec(_FromFields):
     mixup: float = 0.0
     cutmix: float = 0.0
     label_smoothing: float = 0.0
+    loss: Literal["ce", "bce"] = "ce"
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ class LoaderSpec:
     pin_memory: Optional[bool] = None
     decode_on_device: Optional[bool] = None
     cache_bytes: int = 0
+    repeats: int = 1  # repeated augmentation (training): each image this many times per epoch, see EpochBatchSampler
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -118,6 +123,8 @@ class LoaderSpec:
             raise VitError(f"The number of loader workers must be 0 or more, got {self.num_workers} (--num-workers, data.num_workers).")
         if self.bad_images not in ("error", "skip"):
             raise VitError(f"bad images must be 'error' or 'skip', got {self.bad_images!r} (--bad-images, data.bad_images).")
+        if self.repeats < 1 or (self.repeats > 1 and not self.shuffle):
+            raise ValueError("repeats (repeated augmentation) is >= 1, and for shuffled training loaders only.")
         if self.cache_bytes and self.shuffle:
             raise ValueError("cache_bytes is for evaluation loaders only (no shuffling, no augmentation).")
 

@@ -1,21 +1,22 @@
 """Image transforms, Mixup/CutMix and the matching loss, all from timm.data (the PIL pipeline; the
 tensor pipeline's equivalents are in tensor_transforms.py).
 
-Train: RandomResizedCrop(crop_scale, crop_ratio) -> horizontal flip -> RandAugment (optional) ->
-to tensor -> normalise -> random erasing (optional). Colour jitter is off: the ViT recipes do not use it,
-and timm turns it off whenever RandAugment is on.
+Train: RandomResizedCrop(crop_scale, crop_ratio) (or DeiT III's simple crop) -> horizontal flip ->
+RandAugment (optional) -> 3-Augment, colour jitter (DeiT III, optional) -> to tensor -> normalise ->
+random erasing (optional).
 Eval: resize to img_size / crop_pct -> centre crop -> to tensor -> normalise.
 """
 
 from __future__ import annotations
 
+import random
 from typing import Callable, Optional
 
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from timm.data import Mixup, create_transform
 from timm.data.mixup import mixup_target
-from timm.loss import SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torchvision import transforms
 
@@ -52,8 +53,9 @@ def build_transform(cfg: TransformSpec, img_size: tuple[int, int], train: bool) 
             tf = create_transform(
                 size, is_training=True, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio),
                 hflip=cfg.hflip, color_jitter=None, auto_augment=cfg.randaugment or None,
-                re_prob=cfg.random_erasing, re_mode="pixel", **common,
+                re_prob=cfg.random_erasing, re_mode="pixel", separate=True, **common,
             )
+            tf = transforms.Compose(deit3_stages(cfg, size, *tf))
         else:
             tf = create_transform(size, is_training=False, crop_pct=cfg.crop_pct, **common)
     except (AssertionError, ValueError, KeyError) as e:
@@ -64,6 +66,36 @@ def build_transform(cfg: TransformSpec, img_size: tuple[int, int], train: bool) 
             ) from e
         raise
     return transforms.Compose([ToMode("L" if len(cfg.mean) == 1 else "RGB"), *tf.transforms])
+
+
+class RandomBlur:
+    """PIL Gaussian blur with a radius drawn uniformly from [low, high] (DeiT III's and DINO's)."""
+
+    def __init__(self, low: float = 0.1, high: float = 2.0) -> None:
+        self.low, self.high = low, high
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.low, self.high)))
+
+    def __repr__(self) -> str:
+        return f"RandomBlur(radius=({self.low}, {self.high}))"
+
+
+def deit3_stages(cfg: TransformSpec, size: tuple[int, int], primary, secondary, final) -> list:
+    """timm's three stages (crop + flip, RandAugment, tensor + normalise + erasing) with DeiT III's choices:
+    a simple crop for the primary stage, 3-Augment and colour jitter as the secondary (Touvron et al., 2022)."""
+    first, second = list(primary.transforms), list(secondary.transforms)
+    if cfg.simple_crop:
+        resample = transforms.InterpolationMode(cfg.interpolation)
+        first = [transforms.Resize(size, interpolation=resample),
+                 transforms.RandomCrop(size, padding=4, padding_mode="reflect"),
+                 *[t for t in first if isinstance(t, transforms.RandomHorizontalFlip)]]
+    if cfg.three_augment:
+        second.append(transforms.RandomChoice([transforms.Grayscale(num_output_channels=len(cfg.mean)),
+                                               transforms.RandomSolarize(threshold=128, p=1.0), RandomBlur()]))
+    if cfg.color_jitter:
+        second.append(transforms.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter))
+    return [*first, *second, *final.transforms]
 
 
 class _Mixup(Mixup):
@@ -92,7 +124,10 @@ def build_mixup(cfg: MixSpec, num_classes: int) -> Optional[Mixup]:
 
 
 def build_train_loss(cfg: MixSpec) -> nn.Module:
-    """Soft-target cross-entropy when mixing (targets are soft), else cross-entropy with label smoothing."""
+    """Soft-target cross-entropy when mixing (targets are soft), else cross-entropy with label smoothing; with
+    loss bce, timm's binary cross-entropy (DeiT III) on the same targets (class ids become smoothed one-hot)."""
+    if cfg.loss == "bce":
+        return BinaryCrossEntropy(smoothing=cfg.label_smoothing)
     if cfg.mixup > 0 or cfg.cutmix > 0:
         return SoftTargetCrossEntropy()
     return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

@@ -120,6 +120,9 @@ def fewshot_shots(recipe: Recipe) -> list[int]:
 
 
 def _check_stream(train, recipe: Recipe) -> None:
+    if recipe.data.repeated_augment > 1:
+        raise VitError("data.repeated_augment repeats images of a map-style training set; a streamed set (tar shards, "
+                       "data.streaming) reads each sample once per pass. Set it to 1, or train from a folder or saved set.")
     if recipe.data.holdout is not None:
         raise VitError("data.holdout carves a map-style training set; tar shards stream. Drop it and evaluate on the "
                        "shards' evaluation split (data.eval_split).")
