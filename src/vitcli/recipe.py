@@ -129,6 +129,14 @@ class DataCfg:
     # the epoch length), and the shuffle buffer each loader worker keeps
     num_samples: Optional[int] = None
     shuffle_buffer: int = 1000
+    # imbalanced classes: imbalance R subsamples the training split to a long tail (class 0 keeps as many images
+    # as the smallest class has, the last 1/R of that; for experiments). balance: none, a class-balanced
+    # sampler, or loss_weights per class by class_weights: inverse frequency or effective number (Cui et al.,
+    # 2019, with effective_beta)
+    imbalance: Optional[float] = None
+    balance: Literal["none", "sampler", "loss_weights"] = "none"
+    class_weights: Literal["inverse", "effective"] = "inverse"
+    effective_beta: float = 0.999
     # stream the training split (datasets' streaming=True for a Hub set; any other set streams its table)
     # instead of reading it whole first; tar shards always stream
     streaming: bool = False
@@ -468,6 +476,8 @@ def validate(r: Recipe) -> None:
         v = getattr(d, key)
         _check(0.0 <= v <= 1.0, f"data.{key}", f"is a probability in [0, 1]; got {v}.")
     _check(0.0 <= d.label_smoothing < 1.0, "data.label_smoothing", f"must be in [0, 1); got {d.label_smoothing}.")
+    _check(d.imbalance is None or d.imbalance >= 1, "data.imbalance", f"is a max:min ratio >= 1; got {d.imbalance}.")
+    _check(0 < d.effective_beta < 1, "data.effective_beta", f"must be in (0, 1); got {d.effective_beta}.")
     _check(d.repeated_augment >= 1, "data.repeated_augment", f"is how many times each image repeats (1: off); got {d.repeated_augment}.")
     _check(0.0 <= d.color_jitter <= 1.0, "data.color_jitter", f"is a strength in [0, 1]; got {d.color_jitter}.")
     _check(m.init_values is None or m.init_values > 0, "model.init_values", f"must be > 0 (or null for no LayerScale); got {m.init_values}.")

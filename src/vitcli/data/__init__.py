@@ -5,6 +5,7 @@
     loader = make_loader(train_set, tf, LoaderSpec.training(batch_size, seed=seed))
 """
 
+from vitcli.data.balance import class_counts
 from vitcli.data.loader import BatchDataset, EpochBatchSampler, Loader, make_loader
 from vitcli.data.registry import ALIASES, REGISTRY, DatasetSpec, get_spec, list_datasets, lookup
 from vitcli.data.hub_stream import HubSet
@@ -34,6 +35,7 @@ __all__ = [
     "build_mixup",
     "build_train_loss",
     "build_transform",
+    "class_counts",
     "first_images",
     "get_spec",
     "list_datasets",

@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple, Optional
 import datasets
 import torch
 
+from vitcli.data.balance import sample_weights
 from vitcli.data.batches import BadImages, Batch, finish_batch
 from vitcli.data.collate import build_batch
 from vitcli.data.sources import ImageSet
@@ -99,13 +100,17 @@ class EpochBatchSampler:
     permutation with each image repeated `repeats` times in a row, cut to the epoch's n samples (so an epoch
     sees n / repeats distinct images, each `repeats` times, augmented independently); each rank takes every
     world_size-th sample of a global batch, so the copies of an image land on different ranks as in DeiT.
+
+    `weights` (one per image) draws the epoch's n images with replacement in proportion to them instead of
+    permuting: the class-balanced sampler (data/balance.py).
     """
 
     def __init__(self, n: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int = 0, epoch: int = 0,
-                 start_batch: int = 0, rank: int = 0, world_size: int = 1, repeats: int = 1):
+                 start_batch: int = 0, rank: int = 0, world_size: int = 1, repeats: int = 1,
+                 weights: Optional[torch.Tensor] = None):
         self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
         self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
-        self.rank, self.world_size, self.repeats = rank, world_size, repeats
+        self.rank, self.world_size, self.repeats, self.weights = rank, world_size, repeats, weights
 
     @property
     def num_batches(self) -> int:
@@ -118,7 +123,11 @@ class EpochBatchSampler:
     def order(self) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.n)
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch)))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        if self.weights is not None:
+            perm = torch.multinomial(self.weights, self.n, replacement=True, generator=generator)
+        else:
+            perm = torch.randperm(self.n, generator=generator)
         return perm.repeat_interleave(self.repeats)[: self.n] if self.repeats > 1 else perm
 
     def __len__(self) -> int:
@@ -272,7 +281,8 @@ def make_loader(
     dataset = BatchDataset(image_set, transform, seed=seed, bad_images=spec.bad_images, decode_on_device=on_device)
     dataset.set_epoch(epoch)
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=spec.shuffle, drop_last=spec.drop_last, seed=seed,
-                                epoch=epoch, start_batch=start_batch, rank=rank, world_size=world_size, repeats=spec.repeats)
+                                epoch=epoch, start_batch=start_batch, rank=rank, world_size=world_size, repeats=spec.repeats,
+                                weights=sample_weights(image_set) if spec.balanced else None)
     dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,

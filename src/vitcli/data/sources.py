@@ -66,6 +66,8 @@ def build(cfg: SourceSpec, role: Role, *, img_size: Union[int, tuple[int, int]] 
     Train subsets follow `seed`; eval subsets always use seed 0 so every run scores the same images.
     The training split of tar shards streams (a ShardSet); every other split is an ImageSet.
     """
+    if role == "train" and cfg.imbalance and (is_shard_source(cfg.dataset) or cfg.streaming):
+        raise VitError("data.imbalance subsamples a map-style training set; a streamed set streams whole. Drop one of them.")
     if role == "train" and is_shard_source(cfg.dataset):
         if cfg.train_subset:
             raise VitError("data.train_subset picks images of a map-style set; tar shards stream whole. "
@@ -78,10 +80,15 @@ def build(cfg: SourceSpec, role: Role, *, img_size: Union[int, tuple[int, int]] 
         return _stream(cfg, labels, say)
     split = cfg.train_split if role == "train" else cfg.eval_split
     subset = cfg.train_subset if role == "train" else cfg.eval_subset
-    return load_split(
+    image_set = load_split(
         cfg.dataset, split, role=role, data_dir=cfg.data_dir, img_size=img_size,
         seed=seed if role == "train" else 0, subset=subset, labels=labels, say=say,
     )
+    if role == "train" and cfg.imbalance:
+        from vitcli.data.balance import long_tail
+
+        image_set = long_tail(image_set, cfg.imbalance, seed)
+    return image_set
 
 
 def load_split(

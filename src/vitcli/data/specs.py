@@ -42,6 +42,7 @@ class SourceSpec(_FromFields):
     train_split: Optional[str] = None  # None: the set's own
     eval_split: Optional[str] = None
     train_subset: Optional[int] = None  # a seeded random choice of this many images
+    imbalance: Optional[float] = None  # training split subsampled to a long tail of this max:min ratio (data/balance.py)
     eval_subset: Optional[int] = None
     num_samples: Optional[int] = None  # training samples of tar shards named by pattern (no index)
     streaming: bool = False  # stream the training split (a Hub set through datasets' streaming=True)
@@ -90,6 +91,9 @@ class MixSpec(_FromFields):
     cutmix: float = 0.0
     label_smoothing: float = 0.0
     loss: Literal["ce", "bce"] = "ce"
+    balance: Literal["none", "sampler", "loss_weights"] = "none"  # loss_weights: per class, from the class counts
+    class_weights: Literal["inverse", "effective"] = "inverse"
+    effective_beta: float = 0.999
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ class LoaderSpec:
     pin_memory: Optional[bool] = None
     decode_on_device: Optional[bool] = None
     cache_bytes: int = 0
+    balanced: bool = False  # training: draw images with probability 1 / their class's count (data/balance.py)
     repeats: int = 1  # repeated augmentation (training): each image this many times per epoch, see EpochBatchSampler
 
     def __post_init__(self) -> None:

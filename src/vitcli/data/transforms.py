@@ -123,11 +123,31 @@ def build_mixup(cfg: MixSpec, num_classes: int) -> Optional[Mixup]:
     )
 
 
-def build_train_loss(cfg: MixSpec) -> nn.Module:
+class WeightedSoftTargetCrossEntropy(nn.Module):
+    """Soft-target cross-entropy with a weight per class: mean over images of -sum_c w_c t_c log p_c."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return -(target * x.log_softmax(dim=-1) * self.weight).sum(dim=-1).mean()
+
+
+def build_train_loss(cfg: MixSpec, class_counts=None) -> nn.Module:
     """Soft-target cross-entropy when mixing (targets are soft), else cross-entropy with label smoothing; with
-    loss bce, timm's binary cross-entropy (DeiT III) on the same targets (class ids become smoothed one-hot)."""
+    loss bce, timm's binary cross-entropy (DeiT III) on the same targets (class ids become smoothed one-hot).
+    balance loss_weights weighs each class (data/balance.py) from `class_counts` of the training split."""
+    weight = None
+    if cfg.balance == "loss_weights":
+        from vitcli.data.balance import loss_weights
+
+        if class_counts is None:
+            raise VitError("data.balance: loss_weights needs the training split's class counts, which a streamed set "
+                           "does not know in advance. Use a map-style set, or data.balance: none.")
+        weight = loss_weights(class_counts, cfg.class_weights, cfg.effective_beta)
     if cfg.loss == "bce":
-        return BinaryCrossEntropy(smoothing=cfg.label_smoothing)
+        return BinaryCrossEntropy(smoothing=cfg.label_smoothing, weight=weight)
     if cfg.mixup > 0 or cfg.cutmix > 0:
-        return SoftTargetCrossEntropy()
-    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        return SoftTargetCrossEntropy() if weight is None else WeightedSoftTargetCrossEntropy(weight)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)

@@ -45,7 +45,8 @@ class TrainStream:
             return
         spec = vdata.LoaderSpec.training(plan.micro_batch * world_size, num_workers=recipe.data.num_workers,
                                          seed=recipe.train.seed, bad_images=recipe.data.bad_images,
-                                         pin_memory=device.type == "cuda", repeats=recipe.data.repeated_augment)
+                                         pin_memory=device.type == "cuda", repeats=recipe.data.repeated_augment,
+                                         balanced=recipe.data.balance == "sampler")
         self.loader = vdata.make_loader(data.train, data.train_transform, spec, epoch=epoch, start_batch=pos * plan.accum,
                                         rank=rank, world_size=world_size, device=device)
         self._batches = self._epochs(epoch, taken=pos * plan.accum)

@@ -172,6 +172,8 @@ def print_eval(result: dict[str, Any], console=None) -> None:
     if result.get("top1") is not None:
         table.add_row("top-1", _pct(result["top1"]))
         table.add_row("top-5", _pct(result["top5"]))
+        if result.get("balanced_accuracy") is not None:
+            table.add_row("balanced accuracy", _pct(result["balanced_accuracy"]))
         table.add_row("loss", f"{result['loss']:.4f}")
         table.add_row("ECE", f"{result['ece']:.4f}")
     table.add_row("images", f"{result.get('num_images', 0):,}")

@@ -12,6 +12,7 @@ import torch
 from sklearn.model_selection import train_test_split as sklearn_split
 
 from vitcli import data as vdata
+from vitcli.data.balance import IMBALANCE_SHOWN, imbalance_ratio
 from vitcli.data.registry import unknown_dataset_error
 from vitcli.data.shard_index import is_shard_source
 from vitcli.data.shard_sets import check_shards
@@ -92,6 +93,11 @@ def build_data(recipe: Recipe, init: LoadedCheckpoint | None = None, say=None) -
         evals = vdata.build(source, "eval", img_size=img_size, seed=seed, labels=labels)
     # shards named by pattern carry no class names: the evaluation split's labels say how many
     class_names = list(train.class_names or (evals.class_names if streamed else []))
+    counts = None if streamed or not labels else vdata.class_counts(train)
+    if counts is not None and imbalance_ratio(counts) > IMBALANCE_SHOWN and say is not None:
+        shown = ", ".join(f"{name} {n}" for name, n in zip(class_names, counts.tolist()))
+        say(f"{train.name} [{train.split}] is imbalanced ({imbalance_ratio(counts):.1f}:1): {shown}. "
+            f"data.balance: {d.balance}.")
     # a self-supervised encoder has no head; its checkpoints hold the ViT alone
     num_classes = recipe.model.num_classes or len(class_names) if labels else 0
     return RunData(
@@ -104,7 +110,7 @@ def build_data(recipe: Recipe, init: LoadedCheckpoint | None = None, say=None) -
         train_transform=vdata.build_transform(transform, img_size, train=True),
         eval_transform=vdata.build_transform(transform, img_size, train=False),
         mixup=vdata.build_mixup(mixing, num_classes),
-        criterion=vdata.build_train_loss(mixing),
+        criterion=vdata.build_train_loss(mixing, counts),
     )
 
 
@@ -120,6 +126,10 @@ def fewshot_shots(recipe: Recipe) -> list[int]:
 
 
 def _check_stream(train, recipe: Recipe) -> None:
+    if recipe.data.balance != "none":
+        raise VitError(f"data.balance: {recipe.data.balance} needs the training split's class counts; a streamed set "
+                       "(tar shards, data.streaming) does not know them in advance. Set data.balance: none, or train "
+                       "from a folder or saved set.")
     if recipe.data.repeated_augment > 1:
         raise VitError("data.repeated_augment repeats images of a map-style training set; a streamed set (tar shards, "
                        "data.streaming) reads each sample once per pass. Set it to 1, or train from a folder or saved set.")

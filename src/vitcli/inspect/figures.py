@@ -124,6 +124,29 @@ def draw_attention_distance(path: Path, distance: np.ndarray, uniform: float | N
     return save_figure(fig, path)
 
 
+def draw_per_class_accuracy(path: Path, accuracy: list[float | None], names: list[str], balanced: float,
+                            title: str = "") -> Path:
+    """One bar per class: its accuracy on the evaluation split, with the balanced accuracy (their mean) as a
+    dashed line; classes without images are left empty."""
+    n = len(accuracy)
+    values = np.array([np.nan if a is None else a for a in accuracy], dtype=np.float64)
+    fig = new_figure(max(4.5, 0.22 * n + 2.0), 3.6) if n <= 60 else new_figure(12.0, 3.6)
+    ax = fig.add_subplot()
+    ax.bar(np.arange(n), np.nan_to_num(values), color="tab:blue", width=0.8)
+    ax.axhline(balanced, color="gray", linestyle="--", linewidth=1, label=f"balanced accuracy {100 * balanced:.1f}%")
+    if n <= 60:
+        ax.set_xticks(np.arange(n))
+        ax.set_xticklabels([str(x)[:12] for x in names], rotation=90 if n > 12 else 0, fontsize=7)
+    ax.set_xlabel("class")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title or "Per-class accuracy", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def _colormap(name: str):
     import matplotlib
 

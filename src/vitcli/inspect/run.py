@@ -30,12 +30,14 @@ from vitcli.inspect import features as ft
 from vitcli.inspect import figures as fg
 from vitcli.inspect.reconstruct import load_mae, reconstructions
 from vitcli.models import input_channels, input_size
+from vitcli.objectives.evaluate import evaluate
 
 FILES = {
     "filters": "fig7_left_patch_embedding_pca.png",
     "position": "fig7_centre_position_similarity.png",
     "distance": "fig7_right_attention_distance.png",
     "rollout": "fig6_attention_rollout.png",
+    "per_class": "per_class_accuracy.png",
 }
 RECONSTRUCTION = "mae_fig2_reconstruction.png"  # MAE runs only
 SUMMARY = "inspect.json"
@@ -120,6 +122,8 @@ def run_inspect(
         result.update(_attention_figures(model, ck, dataset, split, data_dir, out, num_images, show, batching,
                                          pick_device(device), name, mae))
         result["figures"].update(result.pop("_figures"))
+        result.update(_per_class_figure(model, ck, dataset, split, data_dir, out, batching, pick_device(device), name))
+        result["figures"].update(result.pop("_figures"))
 
     write_text(out / SUMMARY, json.dumps(result, indent=1, default=_plain) + "\n", "--out")
     result["summary"] = str(out / SUMMARY)
@@ -199,6 +203,24 @@ def _attention_figures(model, ck, dataset: str, split, data_dir, out: Path, num_
     return result
 
 
+def _per_class_figure(model, ck, dataset: str, split, data_dir, out: Path, batching: vdata.LoaderSpec,
+                      dev: torch.device, name: str) -> dict[str, Any]:
+    """Per-class accuracy over the whole evaluation split (the classifier's head on its own classes only)."""
+    img_size = input_size(model)
+    images = vdata.load_split(dataset, split, role="eval", data_dir=data_dir, img_size=img_size, seed=0)
+    if not model.num_classes or model.num_classes != images.num_classes:
+        return {"_figures": {}}
+    tf = vdata.build_transform(vdata.TransformSpec.from_checkpoint(ck.meta, input_channels(model)), img_size, train=False)
+    scores = evaluate(model, vdata.make_loader(images, tf, batching), images.num_classes, dev)
+    model.to("cpu")
+    per_class = [None if a != a else a for a in scores["per_class_accuracy"]]
+    title = f"{name}: per-class accuracy on {images.name} [{images.split}] ({len(images)} images)"
+    path = fg.draw_per_class_accuracy(out / FILES["per_class"], per_class, images.class_names,
+                                      scores["balanced_accuracy"], title)
+    return {"per_class_accuracy": per_class, "balanced_accuracy": scores["balanced_accuracy"], "top1": scores["top1"],
+            "_figures": {"per_class": str(path)}}
+
+
 def _denormalise(x: torch.Tensor, mean, std) -> np.ndarray:
     """(n, C, H, W) normalised -> (n, H, W) or (n, H, W, 3) in [0, 1] for drawing."""
     m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
@@ -215,7 +237,7 @@ def print_inspect(result: dict[str, Any], console=None) -> None:
     console = console or Console()
     titles = {"filters": "Fig. 7 left, patch-embedding filters (PCA)", "position": "Fig. 7 centre, position embeddings",
               "distance": "Fig. 7 right, mean attention distance", "rollout": "Fig. 6, attention rollout",
-              "reconstruction": "MAE Fig. 2, reconstruction"}
+              "reconstruction": "MAE Fig. 2, reconstruction", "per_class": "per-class accuracy"}
     for key, title in titles.items():
         if key in result["figures"]:
             console.print(f"{title}: {escape(result['figures'][key])}", highlight=False, soft_wrap=True)

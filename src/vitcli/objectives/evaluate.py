@@ -56,8 +56,11 @@ class EvalAccumulator:
         count, conf, correct = self.bins
         ece = (count > 0).double() * (conf - correct).abs()
         per_class = torch.where(self.class_count > 0, self.class_correct / self.class_count.clamp(min=1), torch.nan)
+        present = per_class[self.class_count > 0]
         return {
             "top1": top1 / n,
+            # macro recall: the mean over the classes present of each one's accuracy (sklearn's balanced_accuracy_score)
+            "balanced_accuracy": float(present.mean()) if len(present) else float("nan"),
             "top5": top5 / n,
             "loss": loss_sum / n,
             "ece": float(ece.sum() / n),
@@ -84,7 +87,7 @@ def evaluate(
     autocast_dtype: torch.dtype | None = None,
     on_batch=None,
 ) -> dict:
-    """Top-1/top-5, mean cross-entropy, ECE, per-class accuracy and images/s over `batches`.
+    """Top-1/top-5, balanced accuracy, mean cross-entropy, ECE, per-class accuracy and images/s over `batches`.
 
     `on_batch(logits, labels)`, when given, sees every batch (e.g. to write predictions or keep
     features). `num_classes` None: the model's head does not score this data (features only); the
@@ -119,7 +122,8 @@ def evaluate(
     if acc is not None:
         out = acc.result()
     else:
-        out = {"top1": None, "top5": None, "loss": None, "ece": None, "num_images": seen, "per_class_accuracy": []}
+        out = {"top1": None, "top5": None, "loss": None, "ece": None, "num_images": seen, "per_class_accuracy": [],
+               "balanced_accuracy": None}
     out["seconds"] = seconds
     out["images_per_second"] = out["num_images"] / seconds if seconds > 0 else 0.0
     return out

@@ -22,7 +22,7 @@ class Classification(Objective):
 
     name = "supervised"
     best_metric = "top1"  # higher is better; picks the `best` checkpoint
-    eval_metrics = ("top1", "top5", "loss", "ece", "num_images", "images_per_second")  # what each evaluation logs
+    eval_metrics = ("top1", "top5", "balanced_accuracy", "loss", "ece", "num_images", "images_per_second")  # what each evaluation logs
 
     @classmethod
     def from_recipe(cls, cfg, model: nn.Module, given: Inputs) -> Classification:
