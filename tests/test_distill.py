@@ -157,11 +157,13 @@ def test_vit_only_settings_on_a_timm_classifier_are_one_clear_error(setting, tmp
     assert code == 2 and "Traceback" not in err and ("needs a Vision Transformer" in err or "needs a plain ViT" in err)
 
 
-def test_token_distillation_saves_a_deit_distilled_state_dict_timm_loads_strictly(cnn_run, tmp_path):
+def test_token_distillation_saves_a_deit_distilled_state_dict_timm_loads_strictly(cnn_run, tmp_path, capsys):
     run = tmp_path / "student"
     assert run_cli("pretrain", str(recipe_file(tmp_path, "train: {steps: 6}\n")), "--out", str(run), *DIGITS,
                    "--set", "model.distilled=true", "--set", "objective.name=distill",
                    "--set", f"objective.distill.teacher={cnn_run}") == 0
+    # the student's 8x8 batch is resized for the 16x16 teacher, and the start says so
+    assert f"Distilling from {cnn_run} (10 classes, fed 16x16 images): hard distillation token, alpha 0.5." in capsys.readouterr().out
     logged = [e for e in read_metrics(run) if e["kind"] == "train"]
     assert logged and all(np.isfinite(e["distill_loss"]) and np.isfinite(e["task_loss"]) for e in logged)
     from timm.models.deit import VisionTransformerDistilled

@@ -263,6 +263,8 @@ def _start(recipe: Recipe, run_dir: Path, env: DistEnv, console: Console, *, res
         f"{f', {t.strategy}' if env.active else ''}: {plan.total_steps} steps ({_epochs(plan.epoch(plan.total_steps))}) "
         f"of {t.batch_size} images ({per_step}), {plan.steps_per_epoch} steps/epoch, peak lr {recipe.optim.lr:g}."
     )
+    if objective.start_note():
+        say(objective.start_note())
     train_batches = TrainStream(data, recipe, plan, start_step=state.step, device=env.device, rank=env.rank,
                                 world_size=env.world_size, saved=_stream_state(found, env))
     if train_batches.restarted_epoch is not None:

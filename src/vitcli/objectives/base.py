@@ -65,6 +65,10 @@ class Objective(nn.Module, ABC):
                  amp_dtype: torch.dtype | None) -> dict[str, Any]:
         """What one evaluation of `model` (the trained weights, or their EMA) reports."""
 
+    def start_note(self) -> str | None:
+        """What the start of a run says about this objective, if anything beyond the model and data."""
+        return None
+
     def score(self, metrics: dict[str, Any]) -> float:
         """Higher is better; picks the `best` checkpoint."""
         return metrics[self.best_metric]

@@ -71,6 +71,13 @@ class Distillation(Classification):
         if mode == "token":
             model.distilled_training = True  # in training the model returns (class logits, distillation logits)
 
+    def start_note(self) -> str:
+        t = self.teacher
+        how = "a learned projection onto its features" if self.mode == "feature" else \
+            f"{self.kind} {'distillation token' if self.mode == 'token' else 'logits'}" + (f", tau {self.tau:g}" if self.kind == "soft" else "")
+        fed = f", fed {t.img_size[0]}x{t.img_size[1]} images" if t.img_size else ""
+        return f"Distilling from {t.source} ({t.num_classes} classes{fed}): {how}, alpha {self.alpha:g}."
+
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images, targets = batch
         teacher_logits, teacher_features = self.teacher.outputs(images, self.mean, self.std)
