@@ -268,7 +268,7 @@ def test_inspect_writes_every_figure_and_the_numbers(tmp_path):
     out = tmp_path / "figs"
     said = []
     result = run_inspect(ckpt, out=out, num_images=24, show=3, batch_size=16, device="cpu", say=said.append)
-    assert set(result["figures"]) == {"filters", "position", "distance", "rollout"}
+    assert set(result["figures"]) == {"filters", "position", "distance", "rollout", "per_class"}
     for key, name in FILES.items():
         assert Path(result["figures"][key]) == out / name
         w, h = open_png(out / name)

@@ -73,11 +73,14 @@ def _overrides(set_: list[str] | None, *, device: str | None = None, keep: int |
 
 
 def _print_summary(summary: dict) -> None:
-    if summary.get("objective"):  # mpp / mae: the best by few-shot accuracy (else loss), and the last evaluation
+    if summary.get("objective"):  # multilabel (mAP), mpp / mae (few-shot accuracy, else loss): best and last evaluation
         final = summary["final"] or {}
+        shown = ("map", "f1", "loss")
         scores = ", ".join(f"{k.replace('fewshot_', '')}-shot {v:.4f}" if k.startswith("fewshot_") else f"{k} {v:.4f}"
-                           for k, v in final.items() if k == "loss" or k.startswith("fewshot_"))
-        result = f"{summary['objective']}; final {scores or 'n/a'}"
+                           for k, v in final.items() if k in shown or k.startswith("fewshot_"))
+        best = (f"best {summary['best_metric']} {summary['best_score']:.4f}, "
+                if summary.get("best_score") is not None and summary["best_metric"] != "loss" else "")
+        result = f"{summary['objective']}; {best}final {scores or 'n/a'}"
     else:
         best, final = summary["best_top1"], summary["final_top1"]
         result = f"best top-1 {best:.4f}, final top-1 {final:.4f}" if best is not None and final is not None else "no evaluation"
@@ -188,6 +191,7 @@ def eval_cmd(
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set name or path (default: the checkpoint's)."),
     split: Optional[str] = typer.Option(None, "--split", help="Split to evaluate (default: the set's test/validation split; a folder of class folders: all of it, or train[10%] for the part training held out)."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local copy of a named set (image folder or save_to_disk)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="A multi-label folder's labels file (CSV rows path,labels with ';' between labels, or JSON); default: the run's data.labels."),
     res: Optional[str] = typer.Option(None, "--res", help="Evaluate at this resolution, 384 or 384x512 (position embeddings interpolated)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per batch."),
     fewshot: Optional[str] = typer.Option(None, "--fewshot", help="Few-shot linear evaluation with K images per class, e.g. 1,5,10,25."),
@@ -203,7 +207,7 @@ def eval_cmd(
     from vitcli.data import LoaderSpec
     from vitcli.engine.evalrun import EvalSpec, FewshotSpec, print_eval, run_eval
 
-    spec = EvalSpec(ckpt, dataset, split=split, res=_parse_res(res), data_dir=data_dir, device=device,
+    spec = EvalSpec(ckpt, dataset, split=split, res=_parse_res(res), data_dir=data_dir, labels=labels, device=device,
                     predictions=predictions, confusion=confusion, reduced_decode=reduced_decode,
                     loader=LoaderSpec.evaluation(batch_size, num_workers=num_workers, bad_images=bad_images),
                     fewshot=FewshotSpec.parse(fewshot))

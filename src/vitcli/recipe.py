@@ -101,10 +101,11 @@ LEGACY_OBJECTIVE_KEYS = {
 @dataclass
 class ObjectiveCfg:
     """What training learns from, and each objective's own settings in its section (objective.mae.*).
-    supervised: the paper's classification of labelled images. distill: the same, with a teacher. mpp: the
+    supervised: the paper's classification of labelled images (multilabel on multi-label data: a sigmoid per
+    class). distill: the same, with a teacher. mpp: the
     paper's masked patch prediction. mae: masked autoencoder. mpp and mae read no labels."""
 
-    name: Literal["supervised", "distill", "mpp", "mae"] = "supervised"
+    name: Literal["supervised", "multilabel", "distill", "mpp", "mae"] = "supervised"
     # Closed-form few-shot accuracy at every evaluation, where the data has labels; None: [10] for
     # objectives that read no labels (watch the representation improve), none otherwise.
     fewshot: Optional[list[int]] = None
@@ -129,6 +130,11 @@ class DataCfg:
     # the epoch length), and the shuffle buffer each loader worker keeps
     num_samples: Optional[int] = None
     shuffle_buffer: int = 1000
+    # multi-label: a CSV (rows path,labels; labels separated by ';') or JSON file of a folder's images and
+    # their classes; a Hub or saved set is multi-label when its label column is a Sequence(ClassLabel).
+    # task auto: multilabel when the data is, stated on the start line
+    labels: Optional[str] = None
+    task: Literal["auto", "single", "multilabel"] = "auto"
     # imbalanced classes: imbalance R subsamples the training split to a long tail (class 0 keeps as many images
     # as the smallest class has, the last 1/R of that; for experiments). balance: none, a class-balanced
     # sampler, or loss_weights per class by class_weights: inverse frequency or effective number (Cui et al.,

@@ -48,7 +48,8 @@ def build_batch(items: list[tuple[tuple[int, ...], int, dict, int]], transform: 
     if not labels:
         return Batch(None, None, skipped, None)
     stacked = torch.stack(images) if images else None
-    return Batch(stacked, torch.tensor(labels, dtype=torch.int64), skipped, None, tuple(deferred))
+    targets = torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], list) else torch.int64)  # multi-hot or ids
+    return Batch(stacked, targets, skipped, None, tuple(deferred))
 
 
 def _prepare(cell: dict, transform: TensorTransform, decode_on_device: bool

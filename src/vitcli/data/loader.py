@@ -27,6 +27,7 @@ import torch
 from vitcli.data.balance import sample_weights
 from vitcli.data.batches import BadImages, Batch, finish_batch
 from vitcli.data.collate import build_batch
+from vitcli.data.multilabel import multi_hot
 from vitcli.data.sources import ImageSet
 from vitcli.data.specs import LoaderSpec
 from vitcli.data.tensor_transforms import TensorTransform
@@ -55,6 +56,7 @@ class BatchDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.bad_images = bad_images
         self.decode_on_device = decode_on_device and isinstance(transform, TensorTransform)
+        self.num_classes = image_set.num_classes if image_set.multilabel else None  # multi-hot targets
         self.epoch = 0  # used only when indexed directly; the loader sends the epoch with each batch
 
     def __len__(self) -> int:
@@ -83,8 +85,9 @@ class BatchDataset(torch.utils.data.Dataset):
         the copy number for every repeated copy but the first, so each copy is augmented differently)."""
         rows = self.hf[indices]  # one Arrow read for the whole batch
         copies = copies or [0] * len(indices)
+        labels = rows["label"] if self.num_classes is None else multi_hot(rows["label"], self.num_classes)
         items = [((epoch, index, *((copy,) if copy else ())), index, cell, label)
-                 for index, copy, cell, label in zip(indices, copies, rows["image"], rows["label"])]
+                 for index, copy, cell, label in zip(indices, copies, rows["image"], labels)]
         return build_batch(items, self.transform, self.seed, bad_images=self.bad_images,
                            decode_on_device=self.decode_on_device, name=self.name, split=self.split, decoder=self.decoder)
 

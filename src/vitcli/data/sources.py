@@ -33,6 +33,7 @@ from vitcli.data.hub_stream import HubSet, streamed
 from vitcli.data.indexing import index_folder
 from vitcli.data.registry import DatasetSpec, list_datasets, lookup, unknown_dataset_error
 from vitcli.data.shard_index import is_shard_source
+from vitcli.data.multilabel import is_multilabel, labelled_folder
 from vitcli.data.shard_sets import ShardSet, read_split, stream_split
 from vitcli.errors import VitError
 from vitcli.data.specs import SourceSpec
@@ -58,6 +59,11 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    @property
+    def multilabel(self) -> bool:
+        """Several classes per image: the label column is a Sequence(ClassLabel) (data/multilabel.py)."""
+        return is_multilabel(self.dataset.features.get("label"))
+
 
 def build(cfg: SourceSpec, role: Role, *, img_size: Union[int, tuple[int, int]] = 224, seed: int = 0,
           labels: bool = True, say: Optional[Callable[[str], object]] = None) -> Union[ImageSet, ShardSet, HubSet]:
@@ -82,10 +88,13 @@ def build(cfg: SourceSpec, role: Role, *, img_size: Union[int, tuple[int, int]] 
     subset = cfg.train_subset if role == "train" else cfg.eval_subset
     image_set = load_split(
         cfg.dataset, split, role=role, data_dir=cfg.data_dir, img_size=img_size,
-        seed=seed if role == "train" else 0, subset=subset, labels=labels, say=say,
+        seed=seed if role == "train" else 0, subset=subset, labels=labels, say=say, label_file=cfg.labels,
     )
     if role == "train" and cfg.imbalance:
         from vitcli.data.balance import long_tail
+
+        if image_set.multilabel:
+            raise VitError(f"data.imbalance counts one class per image; {image_set.name} has several. Drop it for multi-label data.")
 
         image_set = long_tail(image_set, cfg.imbalance, seed)
     return image_set
@@ -103,6 +112,7 @@ def load_split(
     carve: bool = True,
     labels: bool = True,
     say: Optional[Callable[[str], object]] = None,
+    label_file: Optional[str] = None,
 ) -> ImageSet:
     """Load one split of a named set or local path.
 
@@ -119,6 +129,7 @@ def load_split(
             scores every image of a folder). `split` "NAME[90%]" / "NAME[10%]" asks for a side by name.
         labels: False accepts a set without labels (self-supervised pretraining): num_classes 0.
         say: where the one-line note about indexing a local folder goes (None: nowhere).
+        label_file: a CSV or JSON file of each image's labels (a multi-label folder: data/multilabel.py).
     """
     if role not in ("train", "eval"):
         raise ValueError(f"role must be 'train' or 'eval', not {role!r}")
@@ -128,7 +139,11 @@ def load_split(
         return take_subset(image_set, subset, seed) if subset else image_set
     spec, path = _resolve(dataset, data_dir)
     label = spec.name if spec else str(path)
-    if spec is not None and spec.builtin:
+    if label_file is not None:
+        if path is None or not path.is_dir():
+            raise VitError(f"data.labels lists the images of a folder; data.dataset {dataset} is not one.")
+        splits = labelled_folder(path, label_file)
+    elif spec is not None and spec.builtin:
         split = split or ("train" if role == "train" else spec.eval_split)
         splits = _builtin_splits(spec, split, img_size, seed)
     elif path is not None:
@@ -268,6 +283,12 @@ def _standardise(splits: dict, spec: Optional[DatasetSpec], label: str, labels: 
     feature = first.features[label_col]
     if isinstance(feature, datasets.ClassLabel):
         return out, list(feature.names)
+    if is_multilabel(feature):
+        inner = feature.feature if isinstance(feature, datasets.Sequence) else feature[0]
+        if isinstance(inner, datasets.ClassLabel):
+            return out, list(inner.names)
+        raise VitError(f"Column '{label_col}' of '{label}' holds lists of {inner}; multi-label classes must be a "
+                       "Sequence(ClassLabel) (cast it with datasets.Sequence(datasets.ClassLabel(names=[...]))).")
     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
         names = sorted({v for ds in out.values() for v in ds.unique("label")})
         return {n: ds.cast_column("label", datasets.ClassLabel(names=names)) for n, ds in out.items()}, names
@@ -296,7 +317,7 @@ def _detect_columns(features: datasets.Features, spec: Optional[DatasetSpec], la
             f"Data set '{label}' has no image column (columns: {dict(features)}). It needs a column with the "
             "datasets Image() feature; cast yours with ds.cast_column(NAME, datasets.Image())."
         )
-    class_labels = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)]
+    class_labels = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel) or is_multilabel(f)]
     candidates = ([spec.label_column] if spec is not None else []) + list(LABEL_NAMES)
     found = [c for c in candidates if c in features]
     if found:
@@ -367,6 +388,8 @@ def _carve(ds: datasets.Dataset, role: Role) -> datasets.Dataset:
     n_eval = max(1, round(CARVE_FRACTION * n))
     index = np.arange(n)
     try:
+        if is_multilabel(ds.features["label"]):
+            raise ValueError("several classes per image: no stratification")
         train_idx, eval_idx = train_test_split(index, test_size=n_eval, stratify=ds["label"], random_state=CARVE_SEED)
     except ValueError:  # a class with one image, or fewer eval images than classes: no stratification
         train_idx, eval_idx = train_test_split(index, test_size=n_eval, random_state=CARVE_SEED)

@@ -42,6 +42,7 @@ class SourceSpec(_FromFields):
     train_split: Optional[str] = None  # None: the set's own
     eval_split: Optional[str] = None
     train_subset: Optional[int] = None  # a seeded random choice of this many images
+    labels: Optional[str] = None  # a multi-label folder's labels file (CSV or JSON: data/multilabel.py)
     imbalance: Optional[float] = None  # training split subsampled to a long tail of this max:min ratio (data/balance.py)
     eval_subset: Optional[int] = None
     num_samples: Optional[int] = None  # training samples of tar shards named by pattern (no index)

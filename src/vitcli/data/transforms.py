@@ -102,6 +102,9 @@ class _Mixup(Mixup):
     """timm Mixup that also accepts odd batches in 'batch' mode (a batch can lose an unreadable image)."""
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if target.ndim == 2:  # multi-hot targets (multi-label): mixed with the same weight as the images
+            lam = self._mix_batch(x)
+            return x, target * lam + target.flip(0) * (1.0 - lam)
         if len(x) % 2 == 0 or self.mode != "batch":
             return super().__call__(x, target)
         # batch mode mixes x with x.flip(0), which pairs the middle image with itself: still valid.
@@ -134,10 +137,13 @@ class WeightedSoftTargetCrossEntropy(nn.Module):
         return -(target * x.log_softmax(dim=-1) * self.weight).sum(dim=-1).mean()
 
 
-def build_train_loss(cfg: MixSpec, class_counts=None) -> nn.Module:
+def build_train_loss(cfg: MixSpec, class_counts=None, multilabel: bool = False) -> nn.Module:
     """Soft-target cross-entropy when mixing (targets are soft), else cross-entropy with label smoothing; with
     loss bce, timm's binary cross-entropy (DeiT III) on the same targets (class ids become smoothed one-hot).
-    balance loss_weights weighs each class (data/balance.py) from `class_counts` of the training split."""
+    balance loss_weights weighs each class (data/balance.py) from `class_counts` of the training split.
+    Multi-label data: binary cross-entropy on the multi-hot (or mixed) targets."""
+    if multilabel:
+        return BinaryCrossEntropy()
     weight = None
     if cfg.balance == "loss_weights":
         from vitcli.data.balance import loss_weights

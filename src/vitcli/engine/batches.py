@@ -130,7 +130,7 @@ def fewshot_set(data: RunData, recipe: Recipe, device: torch.device, batch_size:
     """The training images few-shot evaluation fits on, with the eval transform; None without labels or shots."""
     shots = fewshot_shots(recipe)
     num_classes = len(data.class_names)
-    if not shots or num_classes == 0:
+    if not shots or num_classes == 0 or getattr(data.train, "multilabel", False):  # few-shot fits one class per image
         return None
     # a streamed split: its first shards, read until every class has enough images
     train = vdata.first_images(data.train, max(shots)) if vdata.is_streamed(data.train) else data.train.dataset

@@ -29,7 +29,9 @@ from vitcli.engine.runtime import autocast_dtype, pick_device
 from vitcli.errors import VitError
 from vitcli.io.paths import writable_file
 from vitcli.models import input_channels, input_size
+from vitcli.io.rundir import saved_data_setting
 from vitcli.objectives import evaluate
+from vitcli.objectives.multilabel import evaluate_multilabel
 
 __all__ = ["EvalSpec", "FewshotSpec", "print_eval", "run_eval"]  # print_eval lives in engine.report
 
@@ -55,6 +57,8 @@ def run_eval(spec: EvalSpec, *, progress: Callable[[int, int], None] | None = No
     dev = pick_device(spec.device)
     amp = autocast_dtype("auto", dev)
     img_size = input_size(model)
+    if ck.meta.task == "multilabel":
+        return _multilabel(spec, model, ck, run_dir, dataset, data_dir, dev, amp, say, progress)
     eval_set = vdata.load_split(dataset, spec.split, role="eval", data_dir=data_dir, img_size=img_size, seed=0,
                                 subset=spec.subset, carve=False, say=say)  # a folder of class folders: every image
     head_fits = _head_fits(model, eval_set, ck, shots, bool(predictions or confusion), say)
@@ -100,6 +104,34 @@ def run_eval(spec: EvalSpec, *, progress: Callable[[int, int], None] | None = No
         result["fewshot_l2"] = spec.fewshot.l2
         result["fewshot_seeds"] = spec.fewshot.seeds
     return result
+
+
+def _multilabel(spec: EvalSpec, model, ck, run_dir, dataset: str, data_dir, dev, amp, say, progress) -> dict[str, Any]:
+    """A multi-label checkpoint: mAP, per-class AP, F1 at the checkpoint's threshold (objectives.multilabel)."""
+    if spec.fewshot.shots or spec.predictions or spec.confusion:
+        raise VitError("--fewshot, --predictions and --confusion score one class per image; this checkpoint is "
+                       "multi-label. Drop them (vit predict lists each image's labels over the threshold).")
+    labels = spec.labels or (saved_data_setting(run_dir, "labels") if run_dir is not None and spec.dataset is None else None)
+    eval_set = vdata.load_split(dataset, spec.split, role="eval", data_dir=data_dir, img_size=input_size(model), seed=0,
+                                subset=spec.subset, carve=False, say=say, label_file=labels)
+    if not eval_set.multilabel or eval_set.num_classes != model.num_classes:
+        raise VitError(f"the checkpoint is multi-label over {model.num_classes} classes; {eval_set.name} "
+                       f"{'has ' + str(eval_set.num_classes) + ' classes' if eval_set.multilabel else 'has one class per image'}. "
+                       "Pass its labels file with --labels FILE.csv|json (or a set with a Sequence(ClassLabel) column).")
+    transform = vdata.TransformSpec.from_checkpoint(ck.meta, input_channels(model), reduced_decode=spec.reduced_decode)
+    loader = _loader(eval_set, vdata.build_transform(transform, input_size(model), train=False), spec.loader, dev)
+    model.to(dev)
+    seen = [0]
+
+    def on_batch(logits, targets) -> None:
+        seen[0] += len(targets)
+        if progress is not None:
+            progress(seen[0], len(eval_set))
+
+    metrics = evaluate_multilabel(model, loader, dev, amp, threshold=ck.meta.training.get("threshold"), on_batch=on_batch)
+    return {"checkpoint": str(ck.source), "model": ck.meta.model, "dataset": eval_set.name, "split": eval_set.split,
+            "img_size": list(input_size(model)), "device": str(dev), "task": "multilabel", "top1": None, **metrics,
+            "class_names": list(eval_set.class_names), "skipped_images": loader.skipped}
 
 
 # ---------------------------------------------------------------------------------------------------

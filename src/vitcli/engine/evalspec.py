@@ -57,13 +57,15 @@ class EvalSpec:
     (height, width), position embeddings resampled; None: the checkpoint's. data_dir: a local copy of a
     named set. subset: a seeded random choice of this many images. predictions / confusion: write a
     per-image CSV / a confusion-matrix image there. reduced_decode: decode a large JPEG at 1/2-1/8 size
-    when the resize allows (False: every image whole, as timm's validate.py)."""
+    when the resize allows (False: every image whole, as timm's validate.py). labels: a multi-label folder's
+    labels file (None: the run's data.labels)."""
 
     ckpt: Optional[str | Path] = None
     dataset: Optional[str] = None
     split: Optional[str] = None
     res: Optional[tuple[int, int]] = None
     data_dir: Optional[str] = None
+    labels: Optional[str] = None
     device: str = "auto"
     subset: Optional[int] = None
     predictions: Optional[Path] = None

@@ -176,6 +176,14 @@ def print_eval(result: dict[str, Any], console=None) -> None:
             table.add_row("balanced accuracy", _pct(result["balanced_accuracy"]))
         table.add_row("loss", f"{result['loss']:.4f}")
         table.add_row("ECE", f"{result['ece']:.4f}")
+    if result.get("task") == "multilabel":
+        table.add_row("mAP", _pct(result["map"]))
+        table.add_row(f"F1 at threshold {result['threshold']:.2f}", _pct(result["f1"]))
+        table.add_row("mean BCE", f"{result['loss']:.4f}")
+        aps = [(a, n) for a, n in zip(result["per_class_ap"], result.get("class_names") or []) if a is not None]
+        if len(aps) > 1:
+            table.add_row(f"lowest AP ({min(len(aps), WORST_SHOWN)} classes)",
+                          escape(", ".join(f"{n}: {_pct(a)}" for a, n in sorted(aps)[:WORST_SHOWN])))
     table.add_row("images", f"{result.get('num_images', 0):,}")
     table.add_row("images/s", f"{result.get('images_per_second', 0.0):,.1f}")
 

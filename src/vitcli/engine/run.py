@@ -24,7 +24,7 @@ from vitcli.engine.logger import ProgressDisplay, RunLogger
 from vitcli.engine.plan import StepPlan
 from vitcli.engine.rundir import create_run_dir, open_run_dir
 from vitcli.engine.runtime import autocast_dtype, configure_device
-from vitcli.engine.setup import (RunData, build_data, build_model, build_objective, checkpoint_meta, keeps_head, reads_labels,
+from vitcli.engine.setup import (RunData, build_data, build_model, build_objective, checkpoint_meta, keeps_head,
                                  precheck)
 from vitcli.engine.state import TrainState
 from vitcli.engine.step import StepParts, StepResult, build_step
@@ -118,7 +118,8 @@ class TrainingRun:
         saved = {**state.state_dict(), "epoch": self.plan.epoch(state.step), "rng": rngs[0], "rng_per_rank": rngs,
                  "data_per_rank": streams,
                  "scaler": parts.scaler.state_dict() if parts.scaler.is_enabled() else None, "world_size": env.world_size}
-        meta = checkpoint_meta(self.eval_model, self.recipe, self.data, state.step, score)
+        threshold = (state.last_eval or {}).get("threshold")  # a multi-label head's, chosen on held-out images
+        meta = checkpoint_meta(self.eval_model, self.recipe, self.data, state.step, score, self.objective.best_metric, threshold)
         weights, staged = None, None
         if self.sharded:  # every rank writes its shards of model (+ objective) + optimizer; state.pt says where
             staged = staging_dir(root, state.step)
@@ -171,11 +172,11 @@ class TrainingRun:
         last, best = self.state.last_eval, self.checkpoints / "best"
         if self.sharded and self.env.is_main and best.is_dir() and not (best / WEIGHTS).exists():
             consolidate_checkpoint(best.resolve())  # so `vit eval` / `vit finetune` read the best weights
-        supervised = reads_labels(self.recipe)
+        top1 = self.objective.best_metric == "top1"  # classification; else the objective's own best metric
         summary = {
-            "best_top1": self.state.best if supervised else None,  # None: no evaluation yet
-            "final_top1": last["top1"] if last and supervised else None,
-            "final_top5": last["top5"] if last and supervised else None,
+            "best_top1": self.state.best if top1 else None,  # None: no evaluation yet
+            "final_top1": last["top1"] if last and top1 else None,
+            "final_top5": last["top5"] if last and top1 else None,
             "steps": self.state.step,
             "epochs": self.plan.epoch(self.state.step),
             "wall_seconds": round(self.state.wall_seconds(), 2),
@@ -183,8 +184,8 @@ class TrainingRun:
             "run_dir": str(self.run_dir),
             "skipped_images": self.train_batches.skipped,
         }
-        if not supervised:  # mpp / mae: the best evaluation by few-shot accuracy (else loss), and the last one
-            summary.update(objective=self.recipe.objective.name, best_metric=self.objective.best_metric,
+        if not top1:  # multilabel (mAP), mpp / mae (few-shot accuracy, else loss): the best evaluation and the last one
+            summary.update(objective=self.objective.name, best_metric=self.objective.best_metric,
                            best_score=self.state.best,
                            final={k: last[k] for k in self.objective.eval_metrics} if last else None)
         if self.env.is_main:

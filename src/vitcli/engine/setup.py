@@ -40,6 +40,7 @@ class RunData:
     eval_transform: Any
     mixup: Any  # timm.data.Mixup or None
     criterion: torch.nn.Module
+    multilabel: bool = False  # several classes per image: multi-hot targets, objective multilabel
 
 
 def precheck(recipe: Recipe) -> None:
@@ -93,7 +94,8 @@ def build_data(recipe: Recipe, init: LoadedCheckpoint | None = None, say=None) -
         evals = vdata.build(source, "eval", img_size=img_size, seed=seed, labels=labels)
     # shards named by pattern carry no class names: the evaluation split's labels say how many
     class_names = list(train.class_names or (evals.class_names if streamed else []))
-    counts = None if streamed or not labels else vdata.class_counts(train)
+    multilabel = labels and _multilabel(train, recipe, say)
+    counts = None if streamed or not labels or multilabel else vdata.class_counts(train)
     if counts is not None and imbalance_ratio(counts) > IMBALANCE_SHOWN and say is not None:
         shown = ", ".join(f"{name} {n}" for name, n in zip(class_names, counts.tolist()))
         say(f"{train.name} [{train.split}] is imbalanced ({imbalance_ratio(counts):.1f}:1): {shown}. "
@@ -110,8 +112,31 @@ def build_data(recipe: Recipe, init: LoadedCheckpoint | None = None, say=None) -
         train_transform=vdata.build_transform(transform, img_size, train=True),
         eval_transform=vdata.build_transform(transform, img_size, train=False),
         mixup=vdata.build_mixup(mixing, num_classes),
-        criterion=vdata.build_train_loss(mixing, counts),
+        criterion=vdata.build_train_loss(mixing, counts, multilabel=multilabel),
+        multilabel=multilabel,
     )
+
+
+def _multilabel(train, recipe: Recipe, say) -> bool:
+    """Whether the training data has several classes per image (data.task auto: as the data says), stated once."""
+    found = bool(getattr(train, "multilabel", False))
+    task, d = recipe.data.task, recipe.data
+    if task == "multilabel" and not found:
+        raise VitError(f"data.task multilabel, but {train.name} has one class per image. Give a folder's labels file "
+                       "(data.labels: FILE.csv|json) or a set whose label column is a Sequence(ClassLabel).")
+    if task == "single" and found:
+        raise VitError(f"data.task single, but {train.name} has several classes per image; set data.task: multilabel (or auto).")
+    if not found:
+        return False
+    for key, bad in (("data.balance", d.balance != "none"), ("data.imbalance", d.imbalance), ("data.holdout", d.holdout),
+                     ("objective.fewshot", recipe.objective.fewshot)):
+        if bad:
+            raise VitError(f"{key} counts one class per image; {train.name} has several. Drop it for multi-label data.")
+    if say is not None:
+        source = f", labels from {d.labels}" if d.labels else ""
+        say(f"{train.name} is multi-label ({train.num_classes} classes{source}): a sigmoid per class, binary "
+            "cross-entropy, judged by mAP.")
+    return True
 
 
 def reads_labels(recipe: Recipe) -> bool:
@@ -189,23 +214,40 @@ def build_model(cfg: ModelCfg, num_classes: int, init: LoadedCheckpoint | None =
     return model
 
 
+def objective_name(recipe: Recipe, data: RunData) -> str:
+    """The objective trained: the recipe's, with supervised on multi-label data meaning multilabel."""
+    name = recipe.objective.name
+    if data.multilabel and name == "supervised":
+        return "multilabel"
+    if data.multilabel and name != "multilabel":
+        raise VitError(f"objective {name} does not train on multi-label data yet; use objective supervised (multi-label).")
+    if name == "multilabel" and not data.multilabel:
+        raise VitError(f"objective multilabel needs multi-label data; {data.name} has one class per image.")
+    return name
+
+
 def build_objective(model: torch.nn.Module, data: RunData, recipe: Recipe, fewshot: FewshotSet | None = None) -> objectives.Objective:
     """The recipe's training objective around the model (objectives.OBJECTIVES by name)."""
     given = objectives.Inputs(criterion=data.criterion, num_classes=data.num_classes, class_names=data.class_names or None,
                               mean=tuple(recipe.data.mean),
                               std=tuple(recipe.data.std), fewshot=fewshot)
-    return objectives.build_objective(recipe.objective, model, given)
+    return objectives.build_objective(dataclasses.replace(recipe.objective, name=objective_name(recipe, data)), model, given)
 
 
-def checkpoint_meta(model: torch.nn.Module, recipe: Recipe, data: RunData, step: int, score: float | None) -> dict[str, Any]:
+def checkpoint_meta(model: torch.nn.Module, recipe: Recipe, data: RunData, step: int, score: float | None,
+                    best_metric: str = "top1", threshold: float | None = None) -> dict[str, Any]:
     """What a checkpoint needs to rebuild and feed its model without the run directory, as written to
-    disk. `score`: this step's evaluation (top-1 for supervised training; for mpp / mae few-shot accuracy
-    or minus the loss)."""
-    supervised = reads_labels(recipe)
+    disk. `score`: this step's evaluation by the objective's `best_metric` (top-1 for classification, mAP
+    for multi-label; for mpp / mae few-shot accuracy or minus the loss); `threshold`: a multi-label head's."""
     d = recipe.data
     base = CheckpointMeta(
         model="", model_args={}, class_names=data.class_names, dataset=d.dataset, data_dir=d.data_dir,
-        objective=recipe.objective.name,
+        objective=objective_name(recipe, data), task="multilabel" if data.multilabel else None,
         preprocess=Preprocessing(mean=tuple(d.mean), std=tuple(d.std), interpolation=d.interpolation, crop_pct=d.crop_pct))
-    training = {"step": step, "top1": score if supervised else None, **({} if supervised else {"score": score})}
+    if best_metric == "top1":
+        training = {"step": step, "top1": score}
+    else:
+        training = {"step": step, "top1": None, "score": score, **({best_metric: score} if reads_labels(recipe) else {})}
+    if threshold is not None:
+        training["threshold"] = threshold
     return meta_for_model(model, base, **training).to_dict()

@@ -9,6 +9,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,7 +62,18 @@ def write_onnx(model: nn.Module, meta: CheckpointMeta, out: Path, example: torch
     _needs("onnxscript", "export")
     program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=_batch_axis(dynamic_batch),
                                 input_names=["images"], output_names=["logits"], verbose=False)
-    atomic_write(out, lambda tmp: program.save(str(tmp)), "--out")
+    head = head_metadata(meta)
+
+    def save(tmp: Path) -> None:
+        program.save(str(tmp))
+        if head:  # what reads the logits needs to know: a sigmoid per class and the threshold (metadata_props)
+            import onnx
+
+            proto = onnx.load(str(tmp))
+            onnx.helper.set_model_props(proto, {k: str(v) for k, v in head.items()})
+            onnx.save(proto, str(tmp))
+
+    atomic_write(out, save, "--out")
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
 
@@ -86,6 +98,9 @@ def write_hf(model: nn.Module, meta: CheckpointMeta, out: Path, example: torch.T
     with _quiet_transformers(transformers):
         hf, layout = hf_format.export_model(cfg, names)
     hf.load_state_dict(hf_format.to_hf(model.state_dict(), hf.state_dict(), layout), strict=True)
+    if head_metadata(meta):  # transformers' own flag for a sigmoid head (its loss and pipelines read it)
+        hf.config.problem_type = "multi_label_classification"
+        hf.config.threshold = head_metadata(meta)["threshold"]
     pre = _preprocess(meta, cfg.in_chans)
     h, w = cfg.img_size
     processor = transformers.ViTImageProcessor(
@@ -128,6 +143,7 @@ def write_timm(model: nn.Module, meta: CheckpointMeta, out: Path, example: torch
             "crop_mode": "center", "mean": list(pre.mean), "std": list(pre.std), "num_classes": cfg.num_classes,
             "first_conv": first_conv, "classifier": classifier},
         "label_names": _class_names(meta, cfg.num_classes),
+        **({"head": head_metadata(meta)} if head_metadata(meta) else {}),
     }
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -158,6 +174,13 @@ def _quiet_transformers(transformers):
         logging.set_verbosity(level)
         if bars:
             logging.enable_progress_bar()
+
+
+def head_metadata(meta: CheckpointMeta) -> dict[str, Any]:
+    """A multi-label head's: {"task": "multilabel", "activation": "sigmoid", "threshold": t}; {} for a softmax head."""
+    if meta.task != "multilabel":
+        return {}
+    return {"task": "multilabel", "activation": "sigmoid", "threshold": float(meta.training.get("threshold") or 0.5)}
 
 
 def _preprocess(meta: CheckpointMeta, in_chans: int) -> Preprocessing:

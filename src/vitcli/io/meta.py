@@ -56,6 +56,7 @@ class CheckpointMeta:
         inferred: the architecture was inferred from the tensors (a foreign file).
         pre_logits: the weights have a representation layer before the head (old Google checkpoints).
         dataset / data_dir / objective: what the run that wrote it trained on, and how.
+        task: "multilabel" for a head of independent sigmoids (its threshold in `training`), None otherwise.
         training: the rest of what a run records (step, top1, score ...), kept as written.
     """
 
@@ -71,10 +72,11 @@ class CheckpointMeta:
     dataset: str | None = None
     data_dir: str | None = None
     objective: str | None = None
+    task: str | None = None
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     _FIELDS = ("format", "model", "model_args", "num_classes", "img_size", "class_names", "inferred", "pre_logits",
-               "dataset", "data_dir", "objective")
+               "dataset", "data_dir", "objective", "task")
     _PREPROCESS = ("mean", "std", "interpolation", "crop_pct")
 
     @classmethod
@@ -96,6 +98,7 @@ class CheckpointMeta:
             dataset=d.get("dataset"),
             data_dir=d.get("data_dir"),
             objective=d.get("objective"),
+            task=d.get("task"),
             training={k: v for k, v in d.items() if k not in cls._FIELDS + cls._PREPROCESS},
         )
 
@@ -105,7 +108,7 @@ class CheckpointMeta:
                                "num_classes": self.num_classes, "img_size": self.img_size}
         if self.preprocess is not None:
             out.update(self.preprocess.to_dict())
-        for key in ("class_names", "dataset", "data_dir", "objective"):
+        for key in ("class_names", "dataset", "data_dir", "objective", "task"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.inferred:

@@ -62,9 +62,14 @@ def run_containing(path: Path, depth: int = 5) -> Path | None:
 
 def saved_data_dir(run_dir: Path) -> str | None:
     """The data.data_dir a run was trained with (None when unset or unreadable)."""
+    return saved_data_setting(run_dir, "data_dir")
+
+
+def saved_data_setting(run_dir: Path, key: str) -> str | None:
+    """A data.* setting a run was trained with (None when unset or unreadable)."""
     try:
         saved = yaml.safe_load((Path(run_dir) / RECIPE_FILE).read_text()) or {}
-        return (saved.get("data") or {}).get("data_dir") or None
+        return (saved.get("data") or {}).get(key) or None
     except (OSError, yaml.YAMLError, AttributeError):
         return None
 

@@ -48,7 +48,7 @@ def meta_for_model(model: nn.Module, base: CheckpointMeta | Mapping[str, Any] | 
         model=cfg.name, model_args=args, num_classes=cfg.num_classes,
         img_size=list(cfg.img_size), preprocess=base.preprocess if base else None, class_names=names,
         format="vitcli", dataset=base.dataset if base else None, data_dir=base.data_dir if base else None,
-        objective=base.objective if base else None, training={**(base.training if base else {}), **training})
+        objective=base.objective if base else None, task=base.task if base else None, training={**(base.training if base else {}), **training})
 
 
 def _split_overrides(img_size, patch_size, num_classes, model_args) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -2,8 +2,9 @@
 
 An objective holds the model (and any trainable parts of its own) so the engine wraps it once with
 DDP/FSDP, and says what its evaluations report (`evaluate`, `eval_metrics`, `score`). The engine knows
-nothing else about it. `supervised` (Classification) is the paper's; `distill` adds a frozen teacher
-(DeiT); `mpp` (the paper's masked patch prediction, §4.6) and `mae` (masked autoencoder) need no labels.
+nothing else about it. `supervised` (Classification) is the paper's; `multilabel` its sigmoid-per-class
+form (chosen for multi-label data); `distill` adds a frozen teacher (DeiT); `mpp` (the paper's masked
+patch prediction, §4.6) and `mae` (masked autoencoder) need no labels.
 
 A new objective is one module (a subclass of Objective with its `from_recipe`) and one line in OBJECTIVES,
 plus its settings' section in the recipe (objective.<name>.*) if it has any.
@@ -20,17 +21,19 @@ from vitcli.objectives.evaluate import ECE_BINS, EvalAccumulator, evaluate
 from vitcli.objectives.fewshot import FewshotSet
 from vitcli.objectives.mae import MaskedAutoencoder
 from vitcli.objectives.mpp import MaskedPatchPrediction
+from vitcli.objectives.multilabel import MultiLabel
 from vitcli.objectives.selfsup import SelfSupervised
 from vitcli.objectives.supervised import Classification
 from vitcli.recipe import ObjectiveCfg
 
 __all__ = ["ECE_BINS", "OBJECTIVES", "Classification", "Distillation", "EvalAccumulator", "FewshotSet", "Inputs", "MaskedAutoencoder",
-           "MaskedPatchPrediction", "Objective", "SelfSupervised", "build_objective", "evaluate", "objective_class"]
+           "MaskedPatchPrediction", "MultiLabel", "Objective", "SelfSupervised", "build_objective", "evaluate", "objective_class"]
 
 # The one registry of objectives, shared by `vit pretrain` (engine.setup) and `vit bench --objective`.
 OBJECTIVES: dict[str, type[Objective]] = {
     "supervised": Classification,
     "distill": Distillation,
+    "multilabel": MultiLabel,
     "mpp": MaskedPatchPrediction,
     "mae": MaskedAutoencoder,
 }

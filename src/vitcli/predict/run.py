@@ -85,15 +85,24 @@ def predict(ckpt: str | Path | None, inputs: list[str], *, topk: int = 5, batch_
     loader = vdata.make_loader(image_set, tf, replace(batching, pin_memory=dev.type == "cuda"), device=dev)
     model.to(dev).eval()
     k = min(topk, model.num_classes)
+    # a multi-label head: a sigmoid per class, every class over the threshold its run chose on held-out images
+    threshold = float(ck.meta.training.get("threshold") or 0.5) if ck.meta.task == "multilabel" else None
+    if threshold is not None:
+        say(f"multi-label: each image's classes with probability >= {threshold:.2f} (the checkpoint's threshold), "
+            f"at most {k} (--topk)")
     predicted: set[int] = set()
     with torch.no_grad():
         for images, positions in loader:
             with torch.autocast(dev.type, dtype=amp) if amp else nullcontext():
                 logits = model(images)
-            probs, classes = logits.float().softmax(dim=1).topk(k, dim=1)
+            if threshold is None:
+                probs, classes = logits.float().softmax(dim=1).topk(k, dim=1)
+            else:
+                probs, classes = logits.float().sigmoid().topk(k, dim=1)
             for pos, p, c in zip(positions.tolist(), probs.tolist(), classes.tolist()):
                 predicted.add(pos)
-                yield Prediction(str(paths[pos]), [(names[i], i, q) for i, q in zip(c, p)])
+                kept = [(names[i], i, q) for i, q in zip(c, p) if threshold is None or q >= threshold]
+                yield Prediction(str(paths[pos]), kept)
             if progress is not None:
                 progress(len(predicted) + loader.skipped, len(paths))
     info.skipped = [str(p) for i, p in enumerate(paths) if i not in predicted]
