@@ -190,3 +190,26 @@ def test_task_multilabel_on_single_label_data_is_refused(tmp_path, capsys):
     assert run_cli("pretrain", str(recipe_file(tmp_path)), "--out", str(tmp_path / "r"),
                    *[x for s in ["model.name=vit_pico", "data.num_workers=0", "data.task=multilabel"] for x in ("--set", s)]) == 2
     assert "data.task multilabel, but digits has one class per image" in capsys.readouterr().err
+
+
+def test_multi_label_shards_stream_multi_hot_targets_and_train(tmp_path, capsys):
+    root, labels, rows = pairs_folder(tmp_path / "pairs", n=60)
+    shards = tmp_path / "shards"
+    assert run_cli("shards", str(root), str(shards), "--labels", str(labels), "--samples-per-shard", "20") == 0
+    index = json.loads((shards / "index.json").read_text())
+    assert index["multilabel"] is True and index["classes"] == sorted({c for v in rows.values() for c in v})
+    from vitcli.data.shard_sets import stream_split
+    from vitcli.data.tarshards import read_samples
+
+    first = next(read_samples(str(shards / index["splits"]["train"]["shards"][0]["name"])))
+    assert isinstance(first.label, list) and all(isinstance(c, int) for c in first.label)
+    train = stream_split(str(shards), None)
+    assert train.multilabel
+    spec = vdata.LoaderSpec.training(8, seed=0)
+    tf = vdata.build_transform(vdata.TransformSpec(pipeline="pil"), (8, 16), train=True)
+    _, targets = next(iter(vdata.make_stream_loader(train, tf, spec, buffer=4)))
+    assert targets.dtype == torch.float32 and targets.shape == (8, len(index["classes"])) and targets.sum(1).min() >= 1
+    # the evaluation split is read whole as a Sequence(ClassLabel) table; training streams and reports mAP
+    sets = [x for s in [*SETTINGS, f"data.dataset={shards}", "data.shuffle_buffer=8"] for x in ("--set", s)]
+    assert run_cli("pretrain", str(recipe_file(tmp_path, "train: {steps: 4}\n")), "--out", str(tmp_path / "run"), *sets) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["best_metric"] == "map"

@@ -338,6 +338,7 @@ def shards_cmd(
     src: str = typer.Argument(..., help="Any data set vitcli reads: an image folder, a save_to_disk copy, a named set, digits."),
     out: Path = typer.Argument(..., help="Folder for the tar shards and their index.json."),
     split: Optional[list[str]] = typer.Option(None, "--split", help="Split to write (repeatable; default: the training and evaluation splits training reads)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="A multi-label folder's labels file (CSV or JSON, as data.labels): samples get KEY.json {\"labels\": [...]}."),
     shard_size: str = typer.Option("256MB", "--shard-size", help="Close a shard at about this size (e.g. 256MB, 1GB)."),
     samples_per_shard: Optional[int] = typer.Option(None, "--samples-per-shard", min=1, help="Close a shard at this many samples instead."),
     max_size: Optional[int] = typer.Option(None, "--max-size", min=8, help="Downsize images whose longer side exceeds this (re-encoded); default: stored as they are."),
@@ -355,7 +356,7 @@ def shards_cmd(
         raise VitError(f"{out} already holds shards ({len(old)} file(s)). Pass --force to replace them, or pick another folder.")
     for p in old:
         p.unlink()
-    result = write_shards(src, folder, plan, splits=split, say=console.print)
+    result = write_shards(src, folder, plan, splits=split, say=console.print, label_file=labels)
     console.print(f"wrote {result['index']}")
 
 

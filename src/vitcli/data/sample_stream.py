@@ -21,6 +21,7 @@ import torch
 
 from vitcli.data.batches import FIX, BadImages, Batch
 from vitcli.data.collate import build_batch
+from vitcli.data.multilabel import multi_hot
 from vitcli.data.tarshards import Sample
 from vitcli.rng import derive_seed
 
@@ -83,6 +84,7 @@ class BufferedStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
         self.bad_images, self.decode_on_device, self.name, self.split = bad_images, decode_on_device, name, split
         self.labels = labels  # False: samples without a label are fine (self-supervised objectives)
+        self.multi_hot: Optional[int] = None  # multi-label samples: their class lists become multi-hot rows this wide
         self.decoder = datasets.Image()
         self._state: dict[str, Any] | None = None  # the running reader's, after its last batch
         self._restored: dict[str, Any] | None = None
@@ -148,8 +150,11 @@ class BufferedStream(torch.utils.data.IterableDataset):
                 yield batch
 
     def _collate(self, waiting: list[Waiting], skipped: list[str]) -> Batch:
-        items = [((w.epoch, w.source, w.place), w.place, {"bytes": w.sample.image, "path": self._where(w)},
-                  w.sample.label if w.sample.label is not None else 0) for w in waiting]
+        labels = [w.sample.label if w.sample.label is not None else ([] if self.multi_hot else 0) for w in waiting]
+        if self.multi_hot:
+            labels = multi_hot(labels, self.multi_hot)
+        items = [((w.epoch, w.source, w.place), w.place, {"bytes": w.sample.image, "path": self._where(w)}, label)
+                 for w, label in zip(waiting, labels)]
         batch = build_batch(items, self.transform, self.seed, bad_images=self.bad_images,
                             decode_on_device=self.decode_on_device, name=self.name, split=self.split, decoder=self.decoder)
         return batch._replace(skipped=skipped + batch.skipped)

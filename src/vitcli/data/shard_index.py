@@ -56,6 +56,7 @@ class ShardIndex:
     splits: dict[str, ShardSplit]
     classes: list[str] = field(default_factory=list)
     source: Optional[str] = None
+    multilabel: bool = False  # samples carry lists of classes (KEY.json {"labels": [...]})
 
 
 def is_shard_source(dataset: str) -> bool:
@@ -94,7 +95,7 @@ def load_index(dataset: str) -> ShardIndex:
         shards = [ShardInfo(_join(folder, s["name"]), s.get("samples"), s.get("bytes"), s.get("sha256"))
                   for s in split.get("shards", [])]
         splits[name] = ShardSplit(name, shards)
-    return ShardIndex(index_url, splits, list(raw.get("classes") or []), raw.get("source"))
+    return ShardIndex(index_url, splits, list(raw.get("classes") or []), raw.get("source"), bool(raw.get("multilabel")))
 
 
 def expand(patterns: str) -> list[str]:
@@ -126,9 +127,9 @@ def _ranges(pattern: str) -> list[str]:
     return [n for i in range(int(lo), int(hi) + 1) for n in _ranges(f"{head}{i:0{width}d}{tail}")]
 
 
-def write_index(folder: str, source: str, classes: list[str], splits: dict[str, list[dict]]) -> str:
+def write_index(folder: str, source: str, classes: list[str], splits: dict[str, list[dict]], multilabel: bool = False) -> str:
     """index.json in folder (written whole, then renamed into place); returns its path."""
-    body = {"format": FORMAT, "version": VERSION, "source": source, "classes": classes,
+    body = {"format": FORMAT, "version": VERSION, "source": source, "classes": classes, **({"multilabel": True} if multilabel else {}),
             "splits": {name: {"num_samples": sum(s["samples"] for s in shards), "shards": shards}
                        for name, shards in splits.items()}}
     return str(write_text(f"{folder}/{INDEX_NAME}", json.dumps(body, indent=1) + "\n", "the shard index"))

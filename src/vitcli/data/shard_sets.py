@@ -28,6 +28,7 @@ class ShardSet(StreamedSet):
     """A training split read as a stream of tar shards (see data.shard_stream)."""
 
     urls: list[str] = field(kw_only=True)
+    multilabel: bool = field(default=False, kw_only=True)  # samples carry lists of classes: multi-hot targets
 
 
 def shard_split(index: ShardIndex, split: Optional[str], role: str) -> ShardSplit:
@@ -52,7 +53,7 @@ def stream_split(dataset: str, split: Optional[str], num_samples: Optional[int] 
     index = load_index(dataset)
     found = shard_split(index, split, "train")
     return ShardSet(found.num_samples or num_samples, len(index.classes), list(index.classes), index.location, found.name,
-                    urls=[s.url for s in found.shards])
+                    urls=[s.url for s in found.shards], multilabel=index.multilabel)
 
 
 def check_shards(dataset: str, split: Optional[str]) -> None:
@@ -77,10 +78,12 @@ def read_split(dataset: str, split: Optional[str], role: str, labels: bool = Tru
 
 def _table(found: ShardSplit, index: ShardIndex, labels: bool) -> datasets.Dataset:
     keys = [[s.url, s.bytes or 0, s.sha256 or ""] for s in found.shards]  # the cache key: new shards, new table
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    label = datasets.Sequence(datasets.ClassLabel(names=index.classes)) if index.multilabel else datasets.Value("int64")
+    features = datasets.Features({"image": datasets.Image(), "label": label})
     try:
         with quiet_bars():
-            return datasets.Dataset.from_generator(_rows, features=features, gen_kwargs={"keys": keys, "labels": labels},
+            return datasets.Dataset.from_generator(_rows, features=features, gen_kwargs={"keys": keys, "labels": labels,
+                                                                                          "multilabel": index.multilabel},
                                                    split=datasets.NamedSplit(found.name))
     except Exception as e:  # noqa: BLE001 -- datasets wraps the generator's errors; show ours
         cause = e
@@ -91,12 +94,13 @@ def _table(found: ShardSplit, index: ShardIndex, labels: bool) -> datasets.Datas
         raise
 
 
-def _rows(keys: list[list], labels: bool):
+def _rows(keys: list[list], labels: bool, multilabel: bool):
+    empty = [] if multilabel else 0
     for url, _, _ in keys:
         for s in read_samples(url):
             if s.problem or (labels and s.label is None):
                 raise VitError(f"Sample {s.key} of shard {url} cannot be used: {s.problem or 'it has no label (.cls or .json)'}.")
-            yield {"image": {"bytes": s.image, "path": f"{url}:{s.key}"}, "label": s.label if s.label is not None else 0}
+            yield {"image": {"bytes": s.image, "path": f"{url}:{s.key}"}, "label": s.label if s.label is not None else empty}
 
 
 def labelled_cells(shards: ShardSet) -> Iterator[tuple[dict, int]]:

@@ -55,9 +55,10 @@ def parse_size(text: str) -> int:
 
 
 def write_shards(src: str, out: Path, plan: ShardPlan, *, splits: Optional[list[str]] = None,
-                 say: Callable[[str], object] = print) -> dict:
-    """Write the splits of `src` (default: the ones training reads, train and eval) as shards in `out`."""
-    chosen = _splits(src, splits, say)
+                 say: Callable[[str], object] = print, label_file: Optional[str] = None) -> dict:
+    """Write the splits of `src` (default: the ones training reads, train and eval) as shards in `out`;
+    `label_file`: a multi-label folder's labels file (data/multilabel.py)."""
+    chosen = _splits(src, splits, say, label_file)
     names = [name for name, _ in chosen]
     written, classes = {}, chosen[0][1].class_names
     try:
@@ -67,7 +68,7 @@ def write_shards(src: str, out: Path, plan: ShardPlan, *, splits: Optional[list[
                 written[name] = _write_split(image_set, out, name, plan, shuffle, advance, done=written)
             total = sum(s["bytes"] for s in written[name])
             say(f"{name}: {len(image_set):,} images -> {len(written[name])} shard(s), {total / 1e6:,.1f} MB")
-        index = write_index(str(out), src, list(classes), written)
+        index = write_index(str(out), src, list(classes), written, multilabel=chosen[0][1].multilabel)
     except BaseException:  # a full disk, Ctrl-C: shards without their index are no set; leave none behind
         for shard in (s for shards in written.values() for s in shards):
             (out / shard["name"]).unlink(missing_ok=True)
@@ -76,11 +77,11 @@ def write_shards(src: str, out: Path, plan: ShardPlan, *, splits: Optional[list[
                                        for n in names}}
 
 
-def _splits(src: str, wanted: Optional[list[str]], say) -> list[tuple[str, ImageSet]]:
+def _splits(src: str, wanted: Optional[list[str]], say, label_file: Optional[str] = None) -> list[tuple[str, ImageSet]]:
     if wanted:
-        return [(w, load_split(src, w, carve=False, labels=False, say=say)) for w in wanted]
-    train = load_split(src, None, role="train", labels=False, say=say)
-    evals = load_split(src, None, role="eval", labels=False)
+        return [(w, load_split(src, w, carve=False, labels=False, say=say, label_file=label_file)) for w in wanted]
+    train = load_split(src, None, role="train", labels=False, say=say, label_file=label_file)
+    evals = load_split(src, None, role="eval", labels=False, label_file=label_file)
     return [(SPLIT_NAMES.get(s.split, s.split), s) for s in (train, evals)]
 
 
@@ -112,7 +113,7 @@ def _write_split(image_set: ImageSet, out: Path, split: str, plan: ShardPlan, sh
     """The split's shards; each closed one is also listed in done[split] at once (removed if a later one fails)."""
     ds = image_set.dataset.cast_column("image", datasets.Image(decode=False))
     order = np.random.default_rng(plan.shuffle_seed).permutation(len(ds)) if shuffle else np.arange(len(ds))
-    labelled = image_set.num_classes > 0
+    labelled, multilabel = image_set.num_classes > 0, image_set.multilabel
     shards: list[dict] = done.setdefault(split, [])
     writer: Optional[ShardWriter] = None
     size = 0
@@ -120,14 +121,15 @@ def _write_split(image_set: ImageSet, out: Path, split: str, plan: ShardPlan, sh
         for i in order.tolist():
             row = ds[i]
             data, ext = _image_bytes(row["image"], image_set, i, plan.max_size)
-            member = tar_size([len(data)] + ([8] if labelled else []))
+            label = (list(row["label"]) if multilabel else int(row["label"])) if labelled else None
+            member = tar_size([len(data)] + ([len(str(label)) + 16] if labelled else []))
             if writer is not None and _full(writer.samples, size + member, plan):
                 shards.append(_close(writer))
                 writer = None
             if writer is None:
                 name = f"{split}-{len(shards):06d}.tar"
                 writer, size = ShardWriter(str(out / name)), 0
-            writer.add(f"{i:09d}", data, ext, int(row["label"]) if labelled else None)
+            writer.add(f"{i:09d}", data, ext, label)
             size += member
             advance()
         if writer is not None:

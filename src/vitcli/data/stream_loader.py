@@ -112,4 +112,6 @@ def make_stream_loader(train: StreamedSet, transform: Callable, spec: LoaderSpec
                 "(vit shards --samples-per-shard N) or use fewer workers (data.num_workers)."
             )
         stream = ShardStream(train.urls, transform, batch_size, **common)
+        if train.multilabel:
+            stream.multi_hot = train.num_classes
     return StreamLoader(stream, num_workers, device, torch.cuda.is_available() if spec.pin_memory is None else spec.pin_memory)

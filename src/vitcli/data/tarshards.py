@@ -2,7 +2,8 @@
 
 A sample is a run of consecutive tar members sharing a key, the member name up to the first dot of its
 base name (WebDataset's rule): `KEY.jpg|jpeg|png|webp|...` holds the image as stored, and `KEY.cls` the
-class index in ASCII (or `KEY.json` with a "label" or "cls" field). Shards are opened through fsspec,
+class index in ASCII (or `KEY.json` with a "label" or "cls" field, or for a multi-label sample a "labels"
+list of class indices). Shards are opened through fsspec,
 so a local path and `s3://`, `gs://`, `https://` URLs read alike (remote ones by range requests).
 
 Each sample carries the byte offset of its first member's header: a reader that saved it seeks straight
@@ -44,7 +45,7 @@ class Sample:
     offset: int  # byte offset of the sample's first member header in its shard
     image: Optional[bytes]
     ext: Optional[str]  # the image member's extension ("jpg", "png", ...)
-    label: Optional[int]
+    label: Optional[int | list[int]]  # a class index, or a multi-label sample's list of them
     problem: Optional[str] = None  # why the sample cannot be used (no image, unreadable label)
     end: int = 0  # byte offset where the next sample (or the end of the archive) starts
 
@@ -56,10 +57,15 @@ def split_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def _label(ext: str, data: bytes) -> int:
+def _label(ext: str, data: bytes) -> int | list[int]:
     if ext == "cls":
         return int(data.decode("ascii").strip())
     value = json.loads(data)
+    if isinstance(value, dict) and "labels" in value:  # multi-label: {"labels": [class indices]}
+        labels = value["labels"]
+        if not isinstance(labels, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+            raise ValueError("'labels' is not a list of class indices")
+        return labels
     value = value.get("label", value.get("cls")) if isinstance(value, dict) else value
     if not isinstance(value, int):
         raise ValueError("no integer 'label' or 'cls' field")
@@ -177,9 +183,11 @@ class ShardWriter:
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
         self.samples = 0
 
-    def add(self, key: str, image: bytes, ext: str, label: Optional[int]) -> None:
+    def add(self, key: str, image: bytes, ext: str, label: Optional[int | list[int]]) -> None:
         _member(self.tar, f"{key}.{ext}", image)
-        if label is not None:
+        if isinstance(label, list):  # multi-label: KEY.json {"labels": [...]}
+            _member(self.tar, f"{key}.json", json.dumps({"labels": label}).encode("ascii"))
+        elif label is not None:
             _member(self.tar, f"{key}.cls", str(label).encode("ascii"))
         self.samples += 1
 
