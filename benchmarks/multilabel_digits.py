@@ -5,7 +5,8 @@
 
 Writes a folder of --images 8x16 PNGs (digits drawn at random, seed 0; an image of two equal digits has one
 label) and its labels.csv, then for each seed `vit pretrain recipes/quickstart.yaml --set data.dataset=DIR
---set data.labels=DIR/labels.csv --set model.img_size=[8,16]` (vit_pico, patch 2: 32 tokens). The folder's
+--set data.labels=DIR/labels.csv --set model.img_size=[8,16] --set data.crop_ratio=[1.6,2.5]` (vit_pico,
+patch 2: 32 tokens; crops keep the 1:2 shape). The folder's
 held-out 10% (carved by vitcli, seed 0) is the evaluation split. Prints one JSON line per run and a table of
 the best evaluation's mAP, F1 and threshold with the medians at the end.
 """
@@ -44,7 +45,9 @@ def write_pairs(folder: Path, n: int) -> Path:
 
 def one(seed: int, folder: Path, labels: Path, root: Path) -> dict:
     run = root / f"s{seed}"
-    sets = [f"data.dataset={folder}", f"data.labels={labels}", "model.img_size=[8,16]", f"train.seed={seed}"]
+    # crops keep the images' 1:2 shape (the quickstart's crop_ratio is about 1:1, which would cut a digit away)
+    sets = [f"data.dataset={folder}", f"data.labels={labels}", "model.img_size=[8,16]", "data.crop_ratio=[1.6,2.5]",
+            f"train.seed={seed}"]
     args = [VIT, "pretrain", str(ROOT / "recipes" / "quickstart.yaml"), "--out", str(run), "--force",
             *[x for s in sets for x in ("--set", s)]]
     proc = subprocess.run(args, capture_output=True, text=True)

@@ -61,8 +61,7 @@ class Distillation(Classification):
     def __init__(self, model: nn.Module, teacher: Teacher, criterion: nn.Module, num_classes: int, *, mode: str = "token",
                  kind: str = "hard", alpha: float = 0.5, tau: float = 1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
         super().__init__(model, criterion, num_classes)
-        # not a submodule: the teacher is neither optimized, saved, wrapped by DDP nor sharded by FSDP
-        self.__dict__["teacher"] = teacher
+        self.teacher = teacher  # a Teacher, not a submodule: never optimized, saved, wrapped by DDP or sharded by FSDP
         self.mode, self.kind, self.alpha, self.tau = mode, kind, alpha, tau
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
