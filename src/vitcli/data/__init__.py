@@ -11,7 +11,7 @@ from vitcli.data.registry import ALIASES, REGISTRY, DatasetSpec, get_spec, list_
 from vitcli.data.hub_stream import HubSet
 from vitcli.data.stream_loader import StreamLoader, first_images, is_streamed, make_stream_loader
 from vitcli.data.shard_sets import ShardSet
-from vitcli.data.sources import ImageSet, build, load_split, take_subset
+from vitcli.data.sources import ImageSet, build, label_array, load_split, take_subset
 from vitcli.data.tensor_transforms import TensorTransform
 from vitcli.data.specs import LoaderSpec, MixSpec, SourceSpec, TransformSpec
 from vitcli.data.transforms import build_mixup, build_train_loss, build_transform
@@ -36,6 +36,7 @@ __all__ = [
     "build_train_loss",
     "build_transform",
     "class_counts",
+    "label_array",
     "first_images",
     "get_spec",
     "list_datasets",

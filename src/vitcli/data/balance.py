@@ -15,15 +15,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vitcli.data.sources import ImageSet
+from vitcli.data.sources import ImageSet, label_array
 
 IMBALANCE_SHOWN = 5.0  # the start line lists the class counts above this max / min ratio
 
 
 def class_counts(image_set: ImageSet) -> np.ndarray:
     """Images per class (length num_classes) of a map-style set with labels."""
-    labels = np.asarray(image_set.dataset.select_columns(["label"]).with_format("numpy")["label"], dtype=np.int64)
-    return np.bincount(labels, minlength=image_set.num_classes)
+    return np.bincount(label_array(image_set.dataset), minlength=image_set.num_classes)
 
 
 def imbalance_ratio(counts: np.ndarray) -> float:
@@ -33,8 +32,7 @@ def imbalance_ratio(counts: np.ndarray) -> float:
 
 def long_tail(image_set: ImageSet, ratio: float, seed: int) -> ImageSet:
     """A seeded subsample whose class counts fall exponentially from n_max (class 0) to n_max / ratio."""
-    labels = np.asarray(image_set.dataset.select_columns(["label"]).with_format("numpy")["label"], dtype=np.int64)
-    classes = image_set.num_classes
+    labels, classes = label_array(image_set.dataset), image_set.num_classes
     counts = np.bincount(labels, minlength=classes)
     top = int(counts[counts > 0].min())
     rng = np.random.default_rng(seed)
@@ -50,9 +48,8 @@ def long_tail(image_set: ImageSet, ratio: float, seed: int) -> ImageSet:
 
 def sample_weights(image_set: ImageSet) -> torch.Tensor:
     """Per image, 1 / its class's count: what the class-balanced sampler draws by."""
-    labels = np.asarray(image_set.dataset.select_columns(["label"]).with_format("numpy")["label"], dtype=np.int64)
-    counts = np.bincount(labels, minlength=image_set.num_classes)
-    return torch.as_tensor(1.0 / counts[labels], dtype=torch.float64)
+    labels = label_array(image_set.dataset)
+    return torch.as_tensor(1.0 / np.bincount(labels, minlength=image_set.num_classes)[labels], dtype=torch.float64)
 
 
 def loss_weights(counts: np.ndarray, kind: str, beta: float) -> torch.Tensor:

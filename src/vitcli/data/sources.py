@@ -178,6 +178,11 @@ def _stream(cfg: SourceSpec, labels: bool, say) -> HubSet:
     return streamed(ImageSet(ds, len(names), names, spec.name, split), num_samples=total or cfg.num_samples)
 
 
+def label_array(ds: datasets.Dataset) -> np.ndarray:
+    """A single-label set's class ids, read as one column (no images decoded)."""
+    return np.asarray(ds.select_columns(["label"]).with_format("numpy")["label"], dtype=np.int64)
+
+
 def take_subset(image_set: ImageSet, n: int, seed: int) -> ImageSet:
     """A seeded random choice of n images (all of them when n >= len), kept in data-set order."""
     if n >= len(image_set):

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 
 import torch
 
-import numpy as np
 
 from vitcli import data as vdata
 from vitcli.engine.plan import StepPlan
@@ -134,7 +133,7 @@ def fewshot_set(data: RunData, recipe: Recipe, device: torch.device, batch_size:
         return None
     # a streamed split: its first shards, read until every class has enough images
     train = vdata.first_images(data.train, max(shots)) if vdata.is_streamed(data.train) else data.train.dataset
-    labels = np.asarray(train.select_columns(["label"]).with_format("numpy")["label"], dtype=np.int64)
+    labels = vdata.label_array(train)
     index = needed_images(labels, num_classes, shots, FEWSHOT_SEEDS)
     chosen = vdata.ImageSet(train.select(index, keep_in_memory=True), num_classes,
                             data.class_names, data.train.name, f"{data.train.split}[few-shot]")

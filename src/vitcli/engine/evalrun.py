@@ -243,7 +243,7 @@ class _FewshotRun:
         if train.num_classes != eval_set.num_classes:
             raise VitError(f"the training split of '{train.name}' has {train.num_classes} classes but the evaluation "
                            f"split has {eval_set.num_classes}; few-shot evaluation needs the same classes")
-        labels = np.asarray(train.dataset.select_columns(["label"]).with_format("numpy")["label"], dtype=np.int64)
+        labels = vdata.label_array(train.dataset)
         need = fs.needed_images(labels, train.num_classes, shots, seeds)
         short = [train.class_names[c] for c in range(train.num_classes) if np.sum(labels == c) < max(shots)]
         if short:
