@@ -99,7 +99,7 @@ def test_the_teacher_sees_the_batch_normalised_and_sized_as_it_was_trained():
 
     teacher = frozen(torch.nn.Identity(), size=(16, 16), preprocess=Preprocessing(mean=(0.2, 0.3, 0.4), std=(0.1, 0.2, 0.3)))
     images = torch.rand(2, 3, 8, 8)
-    mean, std = torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     pixels = images * 0.25 + 0.5
     expected = (pixels - torch.tensor([0.2, 0.3, 0.4]).view(1, 3, 1, 1)) / torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)
     expected = F.interpolate(expected, size=(16, 16), mode="bilinear", align_corners=False)
@@ -125,7 +125,7 @@ def test_a_timm_architecture_with_a_weights_file_is_a_teacher(tmp_path):
     teacher = load_teacher(DistillCfg(teacher="timm:test_resnet", teacher_weights=str(tmp_path / "teacher.safetensors")), 10, None)
     x = torch.randn(2, 3, 16, 16)
     # timm's normalisation for the architecture (ImageNet's) is applied to the student's (0.5, 0.5) batch
-    mean = std = torch.full((1, 3, 1, 1), 0.5)
+    mean = std = (0.5, 0.5, 0.5)
     with torch.no_grad():
         torch.testing.assert_close(teacher.outputs(x, mean, std)[0], net(teacher.inputs(x, mean, std)))
     with pytest.raises(VitError, match="does not fit timm:test_resnet with 7 classes"):

@@ -63,8 +63,7 @@ class Distillation(Classification):
         super().__init__(model, criterion, num_classes)
         self.teacher = teacher  # a Teacher, not a submodule: never optimized, saved, wrapped by DDP or sharded by FSDP
         self.mode, self.kind, self.alpha, self.tau = mode, kind, alpha, tau
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.mean, self.std = tuple(mean), tuple(std)  # the student's normalisation, which the teacher's input undoes
         if mode == "feature":
             self.project = nn.Linear(model.num_features, teacher.num_features)
         if mode == "token":

@@ -12,7 +12,8 @@ the teacher's mean/std and resized to its resolution when they differ (as timm's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ class Teacher:
     img_size: tuple[int, int] | None  # None: any (the student's)
     preprocess: Preprocessing | None  # None: the student's
     class_names: list[str] | None = None
+    _affine: dict = field(default_factory=dict, repr=False)  # (device, dtype, mean, std) -> (scale, shift)
 
     @property
     def num_classes(self) -> int:
@@ -44,19 +46,22 @@ class Teacher:
     def num_features(self) -> int:
         return int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
 
-    def inputs(self, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        """The student's normalised batch as the teacher was trained to see it."""
-        if self.preprocess is not None:
-            t_mean = images.new_tensor(self.preprocess.mean).view(1, -1, 1, 1)
-            t_std = images.new_tensor(self.preprocess.std).view(1, -1, 1, 1)
-            if not (torch.equal(t_mean, mean) and torch.equal(t_std, std)):
-                images = (images * std + mean - t_mean) / t_std
+    def inputs(self, images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+        """The student's batch, normalised by (mean, std), as the teacher was trained to see it."""
+        pre = self.preprocess
+        if pre is not None and (tuple(pre.mean), tuple(pre.std)) != (tuple(mean), tuple(std)):
+            key = (images.device, images.dtype, tuple(mean), tuple(std))
+            if key not in self._affine:  # built once per device: no new tensors (or syncs) on every step
+                m, s, tm, ts = (images.new_tensor(v).view(1, -1, 1, 1) for v in (mean, std, pre.mean, pre.std))
+                self._affine[key] = (s / ts, (m - tm) / ts)
+            scale, shift = self._affine[key]
+            images = images * scale + shift
         if self.img_size is not None and tuple(images.shape[-2:]) != self.img_size:
             images = F.interpolate(images, size=self.img_size, mode="bilinear", align_corners=False, antialias=False)
         return images
 
     @torch.no_grad()
-    def outputs(self, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def outputs(self, images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, pooled pre-logit features) of the teacher on the student's batch."""
         model = self.model
         if next(model.parameters()).device != images.device:
