@@ -119,7 +119,7 @@ class TrainingRun:
                  "data_per_rank": streams,
                  "scaler": parts.scaler.state_dict() if parts.scaler.is_enabled() else None, "world_size": env.world_size}
         threshold = (state.last_eval or {}).get("threshold")  # a multi-label head's, chosen on held-out images
-        meta = checkpoint_meta(self.eval_model, self.recipe, self.data, state.step, score, self.objective.best_metric, threshold)
+        meta = checkpoint_meta(self.eval_model, self.recipe, self.data, state.step, score, self.objective, threshold)
         weights, staged = None, None
         if self.sharded:  # every rank writes its shards of model (+ objective) + optimizer; state.pt says where
             staged = staging_dir(root, state.step)

@@ -235,19 +235,20 @@ def build_objective(model: torch.nn.Module, data: RunData, recipe: Recipe, fewsh
 
 
 def checkpoint_meta(model: torch.nn.Module, recipe: Recipe, data: RunData, step: int, score: float | None,
-                    best_metric: str = "top1", threshold: float | None = None) -> dict[str, Any]:
+                    objective: objectives.Objective, threshold: float | None = None) -> dict[str, Any]:
     """What a checkpoint needs to rebuild and feed its model without the run directory, as written to
     disk. `score`: this step's evaluation by the objective's `best_metric` (top-1 for classification, mAP
     for multi-label; for mpp / mae few-shot accuracy or minus the loss); `threshold`: a multi-label head's."""
     d = recipe.data
     base = CheckpointMeta(
         model="", model_args={}, class_names=data.class_names, dataset=d.dataset, data_dir=d.data_dir,
-        objective=objective_name(recipe, data), task="multilabel" if data.multilabel else None,
+        objective=objective.name, task="multilabel" if data.multilabel else None,
         preprocess=Preprocessing(mean=tuple(d.mean), std=tuple(d.std), interpolation=d.interpolation, crop_pct=d.crop_pct))
-    if best_metric == "top1":
+    metric = objective.best_metric
+    if metric == "top1":
         training = {"step": step, "top1": score}
     else:
-        training = {"step": step, "top1": None, "score": score, **({best_metric: score} if reads_labels(recipe) else {})}
+        training = {"step": step, "top1": None, "score": score, **({metric: score} if objective.reads_labels else {})}
     if threshold is not None:
         training["threshold"] = threshold
     return meta_for_model(model, base, **training).to_dict()
