@@ -177,6 +177,7 @@ def test_export_keeps_the_sigmoid_head(multilabel_run, tmp_path):
     ("data.task=single", "data.task single, but"),
     ("data.balance=sampler", "data.balance counts one class per image"),
     ("data.imbalance=5", "data.imbalance counts one class per image"),
+    ("data.holdout=0.2", "data.holdout counts one class per image"),
 ])
 def test_multi_label_mistakes_are_one_clear_error(setting, message, tmp_path, capsys):
     root, labels, _ = pairs_folder(tmp_path / "pairs", n=20)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from vitcli.data.sources import ImageSet, label_array
+from vitcli.errors import VitError
 
 IMBALANCE_SHOWN = 5.0  # the start line lists the class counts above this max / min ratio
 
@@ -32,6 +33,8 @@ def imbalance_ratio(counts: np.ndarray) -> float:
 
 def long_tail(image_set: ImageSet, ratio: float, seed: int) -> ImageSet:
     """A seeded subsample whose class counts fall exponentially from n_max (class 0) to n_max / ratio."""
+    if image_set.multilabel:
+        raise VitError(f"data.imbalance counts one class per image; {image_set.name} has several. Drop it for multi-label data.")
     labels, classes = label_array(image_set.dataset), image_set.num_classes
     counts = np.bincount(labels, minlength=classes)
     top = int(counts[counts > 0].min())

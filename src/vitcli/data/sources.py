@@ -91,10 +91,7 @@ def build(cfg: SourceSpec, role: Role, *, img_size: Union[int, tuple[int, int]] 
         seed=seed if role == "train" else 0, subset=subset, labels=labels, say=say, label_file=cfg.labels,
     )
     if role == "train" and cfg.imbalance:
-        from vitcli.data.balance import long_tail
-
-        if image_set.multilabel:
-            raise VitError(f"data.imbalance counts one class per image; {image_set.name} has several. Drop it for multi-label data.")
+        from vitcli.data.balance import long_tail  # balance reads ImageSets: imported here, not at the top
 
         image_set = long_tail(image_set, cfg.imbalance, seed)
     return image_set

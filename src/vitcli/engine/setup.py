@@ -128,8 +128,8 @@ def _multilabel(train, recipe: Recipe, say) -> bool:
         raise VitError(f"data.task single, but {train.name} has several classes per image; set data.task: multilabel (or auto).")
     if not found:
         return False
-    for key, bad in (("data.balance", d.balance != "none"), ("data.imbalance", d.imbalance), ("data.holdout", d.holdout),
-                     ("objective.fewshot", recipe.objective.fewshot)):
+    for key, bad in (("data.balance", d.balance != "none"), ("objective.fewshot", recipe.objective.fewshot)):
+        # data.imbalance and data.holdout are refused where they are applied (long_tail, split_holdout)
         if bad:
             raise VitError(f"{key} counts one class per image; {train.name} has several. Drop it for multi-label data.")
     if say is not None:
@@ -168,7 +168,9 @@ def _check_stream(train, recipe: Recipe) -> None:
 
 def split_holdout(train: vdata.ImageSet, fraction: float) -> tuple[vdata.ImageSet, vdata.ImageSet]:
     """(rest, held-out) parts of a training split; seed 0 and stratified, so every run holds out the same images."""
-    labels = np.asarray(train.dataset["label"])
+    if train.multilabel:
+        raise VitError(f"data.holdout counts one class per image; {train.name} has several. Drop it for multi-label data.")
+    labels = vdata.label_array(train.dataset)
     rest, held = sklearn_split(np.arange(len(labels)), test_size=fraction, random_state=0, stratify=_stratify(labels, fraction))
     def part(idx, tag):
         return dataclasses.replace(train, dataset=train.dataset.select(np.sort(idx), keep_in_memory=True), split=f"{train.split}[{tag}]")
