@@ -78,13 +78,14 @@ class BufferedStream(torch.utils.data.IterableDataset):
 
     def __init__(self, transform: Callable, batch_size: int, *, seed: int = 0, epoch: int = 0, buffer: int = 1000,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, bad_images: BadImages = "error",
-                 decode_on_device: bool = False, name: str = "", split: str = "train", labels: bool = True):
+                 decode_on_device: bool = False, name: str = "", split: str = "train", labels: bool = True,
+                 multi_hot: Optional[int] = None):
         self.transform, self.batch_size = transform, batch_size
         self.seed, self.start_epoch, self.buffer_size = seed, epoch, max(1, buffer)
         self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
         self.bad_images, self.decode_on_device, self.name, self.split = bad_images, decode_on_device, name, split
         self.labels = labels  # False: samples without a label are fine (self-supervised objectives)
-        self.multi_hot: Optional[int] = None  # multi-label samples: their class lists become multi-hot rows this wide
+        self.multi_hot = multi_hot  # multi-label samples: their class lists become multi-hot rows this wide
         self.decoder = datasets.Image()
         self._state: dict[str, Any] | None = None  # the running reader's, after its last batch
         self._restored: dict[str, Any] | None = None

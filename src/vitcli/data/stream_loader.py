@@ -101,7 +101,7 @@ def make_stream_loader(train: StreamedSet, transform: Callable, spec: LoaderSpec
         isinstance(transform, TensorTransform)
     common = dict(seed=spec.seed, epoch=epoch, buffer=buffer, rank=rank, world_size=world_size, num_workers=num_workers,
                   bad_images=spec.bad_images, decode_on_device=on_device, name=train.name, split=train.split,
-                  labels=train.num_classes > 0)
+                  labels=train.num_classes > 0, multi_hot=train.num_classes if getattr(train, "multilabel", False) else None)
     if isinstance(train, HubSet):
         stream: BufferedStream = HubStream(train.dataset, transform, batch_size, **common)
     else:
@@ -112,6 +112,4 @@ def make_stream_loader(train: StreamedSet, transform: Callable, spec: LoaderSpec
                 "(vit shards --samples-per-shard N) or use fewer workers (data.num_workers)."
             )
         stream = ShardStream(train.urls, transform, batch_size, **common)
-        if train.multilabel:
-            stream.multi_hot = train.num_classes
     return StreamLoader(stream, num_workers, device, torch.cuda.is_available() if spec.pin_memory is None else spec.pin_memory)
