@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-VIT = str(ROOT / ".venv" / "bin" / "vit")
+from vit_runs import ROOT, pretrain
+
 PIECES = {
     "layer scale": ["model.init_values=1e-4"],
     "LAMB": ["optim.name=lamb", "optim.lr=8e-3"],
@@ -31,12 +29,7 @@ SETTINGS = {"quickstart": [], **PIECES, "all": [s for sets in PIECES.values() fo
 
 
 def best_top1(out: Path, sets: list[str]) -> float:
-    args = [VIT, "pretrain", str(ROOT / "recipes" / "quickstart.yaml"), "--out", str(out), "--force",
-            *[x for s in sets for x in ("--set", s)]]
-    proc = subprocess.run(args, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads((out / "summary.json").read_text())["best_top1"]
+    return pretrain(ROOT / "recipes" / "quickstart.yaml", out, sets)["best_top1"]
 
 
 def main() -> None:

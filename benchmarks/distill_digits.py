@@ -17,26 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
+from vit_runs import ROOT, pretrain
 
-ROOT = Path(__file__).resolve().parents[1]
-VIT = str(ROOT / ".venv" / "bin" / "vit")
 LABELS = 300
 
 
-def pretrain(recipe: str, out: Path, sets: list[str]) -> tuple[float, float]:
+def timed(recipe: str, out: Path, sets: list[str]) -> tuple[float, float]:
     """(best top-1, wall seconds) of one run."""
-    args = [VIT, "pretrain", recipe, "--out", str(out), "--force", *[x for s in sets for x in ("--set", s)]]
     start = time.perf_counter()
-    proc = subprocess.run(args, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads((out / "summary.json").read_text())["best_top1"], time.perf_counter() - start
+    return pretrain(recipe, out, sets)["best_top1"], time.perf_counter() - start
 
 
 def one(seed: int, root: Path, distill_sets: list[str]) -> dict:
@@ -44,11 +37,11 @@ def one(seed: int, root: Path, distill_sets: list[str]) -> dict:
     alone = [f"data.train_subset={LABELS}", f"train.seed={seed}"]
     teacher = root / f"teacher-s{seed}"
     out = {"seed": seed}
-    out["teacher"], out["teacher_s"] = pretrain(str(ROOT / "recipes" / "cnn_teacher_digits.yaml"), teacher, [f"train.seed={seed}"])
-    out["distilled"], out["distilled_s"] = pretrain(str(ROOT / "recipes" / "distill_digits.yaml"), root / f"distilled-s{seed}",
+    out["teacher"], out["teacher_s"] = timed(str(ROOT / "recipes" / "cnn_teacher_digits.yaml"), teacher, [f"train.seed={seed}"])
+    out["distilled"], out["distilled_s"] = timed(str(ROOT / "recipes" / "distill_digits.yaml"), root / f"distilled-s{seed}",
                                                     [f"train.seed={seed}", f"objective.distill.teacher={teacher}", *distill_sets])
-    out["alone"], out["alone_s"] = pretrain(str(ROOT / "recipes" / "quickstart.yaml"), root / f"alone-s{seed}", alone)
-    out["alone_same_schedule"], out["alone_same_schedule_s"] = pretrain(
+    out["alone"], out["alone_s"] = timed(str(ROOT / "recipes" / "quickstart.yaml"), root / f"alone-s{seed}", alone)
+    out["alone_same_schedule"], out["alone_same_schedule_s"] = timed(
         str(ROOT / "recipes" / "quickstart.yaml"), root / f"alone-long-s{seed}", [*alone, f"train.epochs={epochs}"])
     return out
 

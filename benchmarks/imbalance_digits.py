@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-VIT = str(ROOT / ".venv" / "bin" / "vit")
+from vit_runs import ROOT, pretrain, vit
+
 SETTINGS = {
     "none": ["data.balance=none"],
     "sampler": ["data.balance=sampler"],
@@ -28,18 +26,10 @@ SETTINGS = {
 }
 
 
-def vit(*args: str) -> str:
-    proc = subprocess.run([VIT, *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"vit {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return proc.stdout
-
-
 def one(setting: str, seed: int, ratio: float, root: Path) -> dict:
     run = root / f"{setting.split()[0]}{'-eff' if 'effective' in setting else ''}-s{seed}"
     sets = [f"data.imbalance={ratio}", f"train.seed={seed}", *SETTINGS[setting]]
-    vit("pretrain", str(ROOT / "recipes" / "quickstart.yaml"), "--out", str(run), "--force",
-        *[x for s in sets for x in ("--set", s)])
+    pretrain(ROOT / "recipes" / "quickstart.yaml", run, sets)
     scores = json.loads(vit("eval", "--ckpt", str(run), "--num-workers", "0", "--json"))
     return {"setting": setting, "seed": seed, "balanced_accuracy": scores["balanced_accuracy"], "top1": scores["top1"],
             "worst_class": min(a for a in scores["per_class_accuracy"] if a is not None)}

@@ -16,16 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
+from vit_runs import ROOT, pretrain
 
-ROOT = Path(__file__).resolve().parents[1]
-VIT = str(ROOT / ".venv" / "bin" / "vit")
 
 
 def write_pairs(folder: Path, n: int) -> Path:
@@ -48,11 +45,7 @@ def one(seed: int, folder: Path, labels: Path, root: Path) -> dict:
     # crops keep the images' 1:2 shape (the quickstart's crop_ratio is about 1:1, which would cut a digit away)
     sets = [f"data.dataset={folder}", f"data.labels={labels}", "model.img_size=[8,16]", "data.crop_ratio=[1.6,2.5]",
             f"train.seed={seed}"]
-    args = [VIT, "pretrain", str(ROOT / "recipes" / "quickstart.yaml"), "--out", str(run), "--force",
-            *[x for s in sets for x in ("--set", s)]]
-    proc = subprocess.run(args, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    pretrain(ROOT / "recipes" / "quickstart.yaml", run, sets)
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     best = max((e for e in events if e["kind"] == "eval"), key=lambda e: e["map"])
     return {"seed": seed, "map": best["map"], "f1": best["f1"], "threshold": best["threshold"], "step": best["step"]}
