@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections import Counter
@@ -12,8 +13,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 
-from helpers import DIGITS, recipe_file, run_cli
+from PIL import Image
+
+from helpers import DIGITS, recipe_file, run_cli, take
 from vitcli import data as vdata
+from vitcli.data.shard_sets import ShardSet
+from vitcli.data.tarshards import ShardWriter
+from vitcli.engine.setup import build_data
+from vitcli.recipe import load_recipe
 from vitcli.data.balance import class_counts, long_tail, loss_weights, sample_weights
 from vitcli.data.loader import EpochBatchSampler
 from vitcli.objectives.evaluate import EvalAccumulator
@@ -121,10 +128,62 @@ def test_bad_balance_settings_are_one_clear_error(setting, message, tmp_path, ca
     assert message in capsys.readouterr().err
 
 
-def test_a_streamed_set_refuses_balancing(tmp_path, capsys):
+def balanced_stream(urls: list[str], *, buffer: int = 200, batch: int = 100):
+    spec = vdata.TransformSpec(crop_scale=(0.5, 1.0), hflip=0.5, crop_pct=1.0, interpolation="bilinear", mean=(0.5,), std=(0.5,))
+    transform = vdata.build_transform(spec, (8, 8), train=True)
+    shards = ShardSet(None, 4, [str(c) for c in range(4)], "toy", "train", urls=urls)
+    return vdata.make_stream_loader(shards, transform, vdata.LoaderSpec.training(batch, seed=3, balanced=True), buffer=buffer)
+
+
+def labelled_shards(folder, labels: list[int], per_shard: int = 150) -> list[str]:
+    rng = np.random.default_rng(0)
+    order, urls = rng.permutation(len(labels)), []
+    for start in range(0, len(labels), per_shard):
+        writer = ShardWriter(str(folder / f"toy-{start:04d}.tar"))
+        for i in order[start:start + per_shard].tolist():
+            buf = io.BytesIO()  # random pixels: a copy's own augmentation shows
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(buf, format="PNG")
+            writer.add(f"{i:05d}", buf.getvalue(), "png", labels[i])
+        writer.close()
+        urls.append(writer.path)
+    return urls
+
+
+def test_a_balanced_stream_draws_each_class_equally_from_its_buffer_and_resumes_exactly(tmp_path):
+    labels = [0] * 300 + [1] * 100 + [2] * 30 + [3] * 20  # 15:1; a buffer of 200 holds ~9 of the rarest class
+    urls = labelled_shards(tmp_path, labels)
+    straight = take(balanced_stream(urls), 20)  # 2,000 emitted, ~5 passes over the 450 samples
+    draws = Counter(torch.cat([y for _, y in straight]).tolist())
+    total = sum(draws.values())
+    for c in range(4):  # a class drawn uniformly at every emission: each ~1/4, within 4 binomial standard deviations
+        assert abs(draws[c] - total / 4) <= 4 * math.sqrt(total * 0.25 * 0.75), draws
+    first = balanced_stream(urls)
+    take(first, 7)
+    state = first.state_dict()
+    assert any(len(ref) == 5 for ref in first.stream.state_dict()["buffer"])  # emitted ones saved with their copy count
+    resumed = balanced_stream(urls)
+    assert resumed.load_state_dict(state)
+    for (x, y), (u, v) in zip(straight[7:], take(resumed, 13)):
+        assert torch.equal(y, v) and torch.equal(x, u)  # same draws, same augmentation of every copy
+
+
+def test_shards_record_class_counts_and_streams_train_balanced(tmp_path, capsys):
     shards = tmp_path / "shards"
     assert run_cli("shards", "digits", str(shards), "--samples-per-shard", "500") == 0
+    index = json.loads((shards / "index.json").read_text())
+    train = vdata.load_split("digits", None, role="train")
+    assert index["splits"]["train"]["class_counts"] == np.bincount(vdata.label_array(train.dataset), minlength=10).tolist()
+    streamed = [*DIGITS, "--set", f"data.dataset={shards}", "--set", "data.train_subset=null", "--set", "data.shuffle_buffer=100"]
+    recipe = load_recipe(None, [f"data.dataset={shards}", "data.balance=loss_weights", "train.steps=1", "model.img_size=8"])
+    criterion = build_data(recipe).criterion  # the weights of the index's counts
+    torch.testing.assert_close(criterion.weight, loss_weights(np.array(index["splits"]["train"]["class_counts"]), "inverse", 0.999))
+    for balance in ("sampler", "loss_weights"):
+        out = tmp_path / balance
+        assert run_cli("pretrain", str(recipe_file(tmp_path, "train: {steps: 2}\n")), "--out", str(out), *streamed,
+                       "--set", f"data.balance={balance}") == 0
     capsys.readouterr()
-    assert run_cli("pretrain", str(recipe_file(tmp_path)), "--out", str(tmp_path / "r"), *DIGITS, "--set",
-                   f"data.dataset={shards}", "--set", "data.train_subset=null", "--set", "data.balance=loss_weights") == 2
-    assert "does not know them in advance" in capsys.readouterr().err
+    pattern = str(shards / "train-*.tar")  # shards by pattern carry no counts
+    assert run_cli("pretrain", str(recipe_file(tmp_path)), "--out", str(tmp_path / "r"), *streamed, "--set",
+                   f"data.dataset={pattern}", "--set", "data.num_samples=1000", "--set", "data.balance=loss_weights") == 2
+    err = capsys.readouterr().err
+    assert "needs the training split's class counts" in err and "data.balance: sampler" in err

@@ -137,8 +137,9 @@ class DataCfg:
     task: Literal["auto", "single", "multilabel"] = "auto"
     # imbalanced classes: imbalance R subsamples the training split to a long tail (class 0 keeps as many images
     # as the smallest class has, the last 1/R of that; for experiments). balance: none, a class-balanced
-    # sampler, or loss_weights per class by class_weights: inverse frequency or effective number (Cui et al.,
-    # 2019, with effective_beta)
+    # sampler (a stream: class-balanced draws from its shuffle buffer), or loss_weights per class by
+    # class_weights: inverse frequency or effective number (Cui et al., 2019, with effective_beta; tar
+    # shards take the counts from their index)
     imbalance: Optional[float] = None
     balance: Literal["none", "sampler", "loss_weights"] = "none"
     class_weights: Literal["inverse", "effective"] = "inverse"

@@ -4,7 +4,8 @@ remedies (`data.balance`): a class-balanced sampler, or loss weights per class.
 - Long tail (`data.imbalance: R`): class c keeps n_max x R^(-c / (C - 1)) of its training images, so class 0
   keeps n_max = the smallest class's count and the last class 1/R of that (Cui et al., 2019, CIFAR-LT).
 - Sampler: every image drawn with probability proportional to 1 / its class's count (with replacement),
-  so each class fills about 1 / C of an epoch.
+  so each class fills about 1 / C of an epoch. A stream (tar shards, data.streaming) draws the same way
+  from its shuffle buffer instead (data/sample_stream.py).
 - Loss weights: w_c proportional to 1 / n_c (inverse frequency) or to 1 / E_c with E_c = (1 - beta^n_c) /
   (1 - beta), the effective number of samples (Cui et al., 2019); scaled so that the weights average 1
   over the training images (inverse) or over the classes (effective, as Cui et al. normalise them).
@@ -12,18 +13,24 @@ remedies (`data.balance`): a class-balanced sampler, or loss weights per class.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
+from vitcli.data.sample_stream import StreamedSet
 from vitcli.data.sources import ImageSet, label_array
 from vitcli.errors import VitError
 
 IMBALANCE_SHOWN = 5.0  # the start line lists the class counts above this max / min ratio
 
 
-def class_counts(image_set: ImageSet) -> np.ndarray:
-    """Images per class (length num_classes) of a map-style set with labels."""
-    return np.bincount(label_array(image_set.dataset), minlength=image_set.num_classes)
+def class_counts(train: ImageSet | StreamedSet) -> Optional[np.ndarray]:
+    """Images per class (length num_classes) of a split with one label per image: counted for a map-style
+    set, read from the shard index for tar shards (`vit shards` writes them); None where a stream does not say."""
+    if isinstance(train, StreamedSet):
+        return None if train.class_counts is None else np.asarray(train.class_counts, dtype=np.int64)
+    return np.bincount(label_array(train.dataset), minlength=train.num_classes)
 
 
 def imbalance_ratio(counts: np.ndarray) -> float:

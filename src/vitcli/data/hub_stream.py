@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import datasets
+import numpy as np
 from datasets.distributed import split_dataset_by_node
 
 from vitcli.data.sample_stream import BufferedStream, StreamedSet, Unusable, Waiting
@@ -43,13 +44,15 @@ class HubSet(StreamedSet):
 def streamed(image_set_or_hub: Any, *, num_samples: Optional[int] = None) -> HubSet:
     """A HubSet from a map-style ImageSet (a local folder or save_to_disk copy) or from a Hub IterableDataset
     already standardised to image/label columns (sources.stream_hub)."""
-    ds = image_set_or_hub.dataset
+    ds, counts, classes = image_set_or_hub.dataset, None, image_set_or_hub.num_classes
     if isinstance(ds, datasets.Dataset):
+        if classes and not getattr(image_set_or_hub, "multilabel", False):  # a local set knows its class counts
+            counts = np.bincount(np.asarray(ds["label"], dtype=np.int64), minlength=classes).tolist()
         ds = ds.to_iterable_dataset(num_shards=max(1, min(LOCAL_SHARDS, len(ds))))
         num_samples = len(image_set_or_hub.dataset)
     ds = ds.cast_column("image", datasets.Image(decode=False))
-    return HubSet(num_samples, image_set_or_hub.num_classes, list(image_set_or_hub.class_names),
-                  image_set_or_hub.name, image_set_or_hub.split, dataset=ds)
+    return HubSet(num_samples, classes, list(image_set_or_hub.class_names), image_set_or_hub.name,
+                  image_set_or_hub.split, dataset=ds, class_counts=counts)
 
 
 @contextlib.contextmanager
@@ -100,7 +103,7 @@ class HubStream(BufferedStream):
         return {**state, "buffer": [w.ref() for w in buffer], "snapshot": usable[-1] if usable else state.get("snapshot")}
 
     def _restore(self, reader: int, state: dict[str, Any]) -> list[Waiting]:
-        buffer = [Waiting(*ref, None) for ref in state["buffer"]]
+        buffer = [Waiting.from_ref(ref) for ref in state["buffer"]]
         epoch, read, saved = state["snapshot"] or (state["epoch"], 0, None)
         self._snapshots = [[epoch, read, saved]]
         it = self._epoch(epoch, saved)

@@ -7,13 +7,21 @@ a hash of (seed, k, j), so a resumed reader continues the same sequence from its
 augmented from (seed, epoch it was read in, its source number, its place there). Batches of `batch_size`
 emitted samples are collated in the worker; `state_dict()` is the reader's position after its last batch,
 with the buffer as references, which the subclass turns back into samples on `load_state_dict`.
+
+Class-balanced (data.balance: sampler). Once the buffer is full, each sample read emits one drawn with
+replacement from the buffer: a class uniformly among those the buffer holds, then one of its samples
+uniformly; the sample read then takes the place of one drawn uniformly (which may be the one emitted).
+Each class thus fills about 1 / C of the stream while the buffer holds every class (a buffer many times the
+number of classes), at the price of the once-per-epoch guarantee: rare classes' samples come out several
+times while they wait, common ones' may never. A sample emitted again is augmented afresh (its copy number
+joins its augmentation key), and the copies are part of the saved buffer, so resume stays exact.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import datasets
@@ -35,6 +43,7 @@ class StreamedSet:
     class_names: list[str]
     name: str
     split: str
+    class_counts: Optional[list[int]] = field(default=None, kw_only=True)  # per class, where the source says (shard index)
 
     def __len__(self) -> int:
         return self.num_samples or 0
@@ -49,9 +58,19 @@ class Waiting:
     offset: int  # byte offset in the shard; read count in the epoch (Hub)
     place: int  # in its shard; read count in the epoch (Hub)
     sample: Optional[Sample]  # None until fetched (after a resume)
+    copies: int = 0  # times emitted already (class-balanced streams emit a waiting sample again)
 
     def ref(self) -> list[int]:
-        return [self.epoch, self.source, self.offset, self.place]
+        return [self.epoch, self.source, self.offset, self.place] + ([self.copies] if self.copies else [])
+
+    @classmethod
+    def from_ref(cls, ref: list[int]) -> Waiting:
+        """A buffered sample of a saved state, its sample still to be fetched."""
+        return cls(*ref[:4], None, *ref[4:])
+
+    def key(self) -> tuple[int, ...]:
+        """What its augmentation is seeded from; a copy emitted again gets its own."""
+        return (self.epoch, self.source, self.place) + ((self.copies,) if self.copies else ())
 
 
 @dataclass
@@ -79,13 +98,14 @@ class BufferedStream(torch.utils.data.IterableDataset):
     def __init__(self, transform: Callable, batch_size: int, *, seed: int = 0, epoch: int = 0, buffer: int = 1000,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, bad_images: BadImages = "error",
                  decode_on_device: bool = False, name: str = "", split: str = "train", labels: bool = True,
-                 multi_hot: Optional[int] = None):
+                 multi_hot: Optional[int] = None, balanced: bool = False):
         self.transform, self.batch_size = transform, batch_size
         self.seed, self.start_epoch, self.buffer_size = seed, epoch, max(1, buffer)
         self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
         self.bad_images, self.decode_on_device, self.name, self.split = bad_images, decode_on_device, name, split
         self.labels = labels  # False: samples without a label are fine (self-supervised objectives)
         self.multi_hot = multi_hot  # multi-label samples: their class lists become multi-hot rows this wide
+        self.balanced = balanced  # class-balanced draws from the buffer (see the module docstring)
         self.decoder = datasets.Image()
         self._state: dict[str, Any] | None = None  # the running reader's, after its last batch
         self._restored: dict[str, Any] | None = None
@@ -154,7 +174,7 @@ class BufferedStream(torch.utils.data.IterableDataset):
         labels = [w.sample.label if w.sample.label is not None else ([] if self.multi_hot else 0) for w in waiting]
         if self.multi_hot:
             labels = multi_hot(labels, self.multi_hot)
-        items = [((w.epoch, w.source, w.place), w.place, {"bytes": w.sample.image, "path": self._where(w)}, label)
+        items = [(w.key(), w.place, {"bytes": w.sample.image, "path": self._where(w)}, label)
                  for w, label in zip(waiting, labels)]
         batch = build_batch(items, self.transform, self.seed, bad_images=self.bad_images,
                             decode_on_device=self.decode_on_device, name=self.name, split=self.split, decoder=self.decoder)
@@ -175,7 +195,21 @@ class BufferedStream(torch.utils.data.IterableDataset):
                 buffer.append(fresh)
                 yield None, []  # nothing to emit yet
                 continue
+            pick = self._balanced_pick(base, state, buffer) if self.balanced else None
             j = draw(base, state["draws"], len(buffer))
             state["draws"] += 1
-            out, buffer[j] = buffer[j], fresh
+            out, buffer[j] = (pick if pick is not None else buffer[j]), fresh
             yield out, []
+
+    @staticmethod
+    def _balanced_pick(base: int, state: dict, buffer: list[Waiting]) -> Waiting:
+        """A class drawn uniformly among the buffer's, then one of its samples; it stays in the buffer."""
+        labels = [w.sample.label for w in buffer]
+        classes = sorted(set(labels))
+        wanted = classes[draw(base, state["draws"], len(classes))]
+        members = [i for i, label in enumerate(labels) if label == wanted]
+        chosen = buffer[members[draw(base, state["draws"] + 1, len(members))]]
+        state["draws"] += 2
+        out = replace(chosen)  # a snapshot: the waiting one counts on
+        chosen.copies += 1
+        return out

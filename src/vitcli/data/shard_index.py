@@ -3,7 +3,7 @@
 `index.json`, beside the shards (names are relative to its folder, which may be a URL):
 
     {"format": "vitcli-shards", "version": 1, "source": "digits", "classes": ["0", "1", ...],
-     "splits": {"train": {"num_samples": 1437, "shards": [
+     "splits": {"train": {"num_samples": 1437, "class_counts": [142, 146, ...], "shards": [
                     {"name": "train-000000.tar", "samples": 100, "bytes": 389120, "sha256": "..."}, ...]},
                 "test": {...}}}
 
@@ -43,6 +43,7 @@ class ShardInfo:
 class ShardSplit:
     name: str
     shards: list[ShardInfo]
+    class_counts: Optional[list[int]] = None  # samples per class (single-label splits written by `vit shards`)
 
     @property
     def num_samples(self) -> Optional[int]:
@@ -94,7 +95,7 @@ def load_index(dataset: str) -> ShardIndex:
     for name, split in raw["splits"].items():
         shards = [ShardInfo(_join(folder, s["name"]), s.get("samples"), s.get("bytes"), s.get("sha256"))
                   for s in split.get("shards", [])]
-        splits[name] = ShardSplit(name, shards)
+        splits[name] = ShardSplit(name, shards, split.get("class_counts"))
     return ShardIndex(index_url, splits, list(raw.get("classes") or []), raw.get("source"), bool(raw.get("multilabel")))
 
 
@@ -127,9 +128,13 @@ def _ranges(pattern: str) -> list[str]:
     return [n for i in range(int(lo), int(hi) + 1) for n in _ranges(f"{head}{i:0{width}d}{tail}")]
 
 
-def write_index(folder: str, source: str, classes: list[str], splits: dict[str, list[dict]], multilabel: bool = False) -> str:
-    """index.json in folder (written whole, then renamed into place); returns its path."""
+def write_index(folder: str, source: str, classes: list[str], splits: dict[str, list[dict]], multilabel: bool = False,
+                class_counts: Optional[dict[str, list[int]]] = None) -> str:
+    """index.json in folder (written whole, then renamed into place); returns its path. `class_counts`: per
+    split, its samples per class (what class-balanced loss weights of a streamed split are computed from)."""
+    counts = class_counts or {}
     body = {"format": FORMAT, "version": VERSION, "source": source, "classes": classes, **({"multilabel": True} if multilabel else {}),
-            "splits": {name: {"num_samples": sum(s["samples"] for s in shards), "shards": shards}
+            "splits": {name: {"num_samples": sum(s["samples"] for s in shards),
+                              **({"class_counts": counts[name]} if name in counts else {}), "shards": shards}
                        for name, shards in splits.items()}}
     return str(write_text(f"{folder}/{INDEX_NAME}", json.dumps(body, indent=1) + "\n", "the shard index"))

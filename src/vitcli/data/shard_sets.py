@@ -53,7 +53,7 @@ def stream_split(dataset: str, split: Optional[str], num_samples: Optional[int] 
     index = load_index(dataset)
     found = shard_split(index, split, "train")
     return ShardSet(found.num_samples or num_samples, len(index.classes), list(index.classes), index.location, found.name,
-                    urls=[s.url for s in found.shards], multilabel=index.multilabel)
+                    urls=[s.url for s in found.shards], multilabel=index.multilabel, class_counts=found.class_counts)
 
 
 def check_shards(dataset: str, split: Optional[str]) -> None:

@@ -16,7 +16,8 @@ reads epoch e's shards while the run takes the steps of epoch e: by the end of t
 epoch has been read exactly once and emitted, except the K x buffer still waiting in the buffers,
 which come out early in epoch e + 1. When they do not divide evenly, readers with fewer or shorter
 shards start their next epoch sooner: within a nominal epoch a sample is read at most twice or not at all,
-and over E epochs the counts differ by at most one shard's worth per reader.
+and over E epochs the counts differ by at most one shard's worth per reader. (A class-balanced stream,
+data.balance: sampler, emits draws with replacement from the buffer instead: see data.sample_stream.)
 
 Exact resume. A reader's state (epoch, shard, byte offset of the next sample, draws so far, and the
 buffer as references: shard, byte offset and place of each waiting sample) is what `state_dict` returns;
@@ -78,7 +79,7 @@ class ShardStream(BufferedStream):
     def _restore(self, reader: int, state: dict[str, Any]) -> list[Waiting]:
         """The buffered samples read back by offset (one open file per shard, in offset order: one forward
         pass over the file's read-ahead); reading goes on from the state's shard and offset."""
-        buffer = [Waiting(*ref, None) for ref in state["buffer"]]
+        buffer = [Waiting.from_ref(ref) for ref in state["buffer"]]
         for shard in sorted({w.source for w in buffer}):
             with open_shard(self.urls[shard]) as f:
                 for w in sorted((w for w in buffer if w.source == shard), key=lambda w: w.offset):

@@ -23,6 +23,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from vitcli.data.balance import class_counts
 from vitcli.data.shard_index import write_index
 from vitcli.data.sources import ImageSet, load_split
 from vitcli.data.tarshards import ShardWriter, closed_size, tar_size
@@ -61,6 +62,7 @@ def write_shards(src: str, out: Path, plan: ShardPlan, *, splits: Optional[list[
     chosen = _splits(src, splits, say, label_file)
     names = [name for name, _ in chosen]
     written, classes = {}, chosen[0][1].class_names
+    counts = {name: class_counts(s).tolist() for name, s in chosen if s.num_classes > 0 and not s.multilabel}
     try:
         for name, image_set in chosen:
             shuffle = plan.shuffle_seed is not None and name == "train"
@@ -68,7 +70,7 @@ def write_shards(src: str, out: Path, plan: ShardPlan, *, splits: Optional[list[
                 written[name] = _write_split(image_set, out, name, plan, shuffle, advance, done=written)
             total = sum(s["bytes"] for s in written[name])
             say(f"{name}: {len(image_set):,} images -> {len(written[name])} shard(s), {total / 1e6:,.1f} MB")
-        index = write_index(str(out), src, list(classes), written, multilabel=chosen[0][1].multilabel)
+        index = write_index(str(out), src, list(classes), written, multilabel=chosen[0][1].multilabel, class_counts=counts)
     except BaseException:  # a full disk, Ctrl-C: shards without their index are no set; leave none behind
         for shard in (s for shards in written.values() for s in shards):
             (out / shard["name"]).unlink(missing_ok=True)

@@ -101,7 +101,8 @@ def make_stream_loader(train: StreamedSet, transform: Callable, spec: LoaderSpec
         isinstance(transform, TensorTransform)
     common = dict(seed=spec.seed, epoch=epoch, buffer=buffer, rank=rank, world_size=world_size, num_workers=num_workers,
                   bad_images=spec.bad_images, decode_on_device=on_device, name=train.name, split=train.split,
-                  labels=train.num_classes > 0, multi_hot=train.num_classes if getattr(train, "multilabel", False) else None)
+                  labels=train.num_classes > 0, multi_hot=train.num_classes if getattr(train, "multilabel", False) else None,
+                  balanced=spec.balanced and train.num_classes > 0)
     if isinstance(train, HubSet):
         stream: BufferedStream = HubStream(train.dataset, transform, batch_size, **common)
     else:

@@ -149,8 +149,8 @@ def build_train_loss(cfg: MixSpec, class_counts=None, multilabel: bool = False) 
         from vitcli.data.balance import loss_weights
 
         if class_counts is None:
-            raise VitError("data.balance: loss_weights needs the training split's class counts, which a streamed set "
-                           "does not know in advance. Use a map-style set, or data.balance: none.")
+            raise VitError("data.balance: loss_weights needs the training split's class counts, and none were given. "
+                           "Use a map-style set or shards written by `vit shards`, or data.balance: none.")
         weight = loss_weights(class_counts, cfg.class_weights, cfg.effective_beta)
     if cfg.loss == "bce":
         return BinaryCrossEntropy(smoothing=cfg.label_smoothing, weight=weight)

@@ -34,7 +34,8 @@ class TrainStream:
         self.restarted_epoch: int | None = None  # set when a shard stream could not resume exactly
         if vdata.is_streamed(data.train):
             spec = vdata.LoaderSpec.training(plan.micro_batch, num_workers=recipe.data.num_workers, seed=recipe.train.seed,
-                                             bad_images=recipe.data.bad_images, pin_memory=device.type == "cuda")
+                                             bad_images=recipe.data.bad_images, pin_memory=device.type == "cuda",
+                                             balanced=recipe.data.balance == "sampler")
             self.loader = vdata.make_stream_loader(data.train, data.train_transform, spec, epoch=epoch,
                                                    buffer=recipe.data.shuffle_buffer, rank=rank, world_size=world_size,
                                                    device=device)

@@ -95,7 +95,7 @@ def build_data(recipe: Recipe, init: LoadedCheckpoint | None = None, say=None) -
     # shards named by pattern carry no class names: the evaluation split's labels say how many
     class_names = list(train.class_names or (evals.class_names if streamed else []))
     multilabel = labels and _multilabel(train, recipe, say)
-    counts = None if streamed or not labels or multilabel else vdata.class_counts(train)
+    counts = None if not labels or multilabel else vdata.class_counts(train)  # None: a stream that does not say
     if counts is not None and imbalance_ratio(counts) > IMBALANCE_SHOWN and say is not None:
         shown = ", ".join(f"{name} {n}" for name, n in zip(class_names, counts.tolist()))
         say(f"{train.name} [{train.split}] is imbalanced ({imbalance_ratio(counts):.1f}:1): {shown}. "
@@ -151,10 +151,11 @@ def fewshot_shots(recipe: Recipe) -> list[int]:
 
 
 def _check_stream(train, recipe: Recipe) -> None:
-    if recipe.data.balance != "none":
-        raise VitError(f"data.balance: {recipe.data.balance} needs the training split's class counts; a streamed set "
-                       "(tar shards, data.streaming) does not know them in advance. Set data.balance: none, or train "
-                       "from a folder or saved set.")
+    if recipe.data.balance == "loss_weights" and train.class_counts is None:
+        raise VitError(f"data.balance: loss_weights needs the training split's class counts, which the streamed set "
+                       f"{train.name} does not give (shards named by pattern, written before vitcli recorded counts, or "
+                       "a streamed Hub set). Write the shards with `vit shards` (its index records them), use "
+                       "data.balance: sampler (class-balanced draws from the shuffle buffer), or train from a folder or saved set.")
     if recipe.data.repeated_augment > 1:
         raise VitError("data.repeated_augment repeats images of a map-style training set; a streamed set (tar shards, "
                        "data.streaming) reads each sample once per pass. Set it to 1, or train from a folder or saved set.")
