@@ -108,6 +108,31 @@ def test_bare_file_and_local_dir_give_timms_logits(family, tmp_path):
     assert_same_logits(ours, theirs)
 
 
+@pytest.mark.parametrize("family", ["deit_distilled", "dinov2_reg4", "siglip", "clip", "eva02_packed", "dinov3"])
+def test_forward_intermediates_equals_timms_at_any_size_the_patch_divides(family, tmp_path):
+    """Dense heads read a ViT through forward_intermediates: timm's, with dynamic_img_size, is the judge
+    (prefix tokens split off, NCHW grids, position table resampled or rotary table rebuilt)."""
+    name, kw = FAMILIES[family]
+    theirs = small_timm(family)
+    dynamic = timm.create_model(name, pretrained=False, dynamic_img_size=True, **kw).eval()
+    dynamic.load_state_dict(theirs.state_dict())
+    ours, _ = model_from_checkpoint(timm_folder(tmp_path, family, theirs))
+    ours.eval()
+    p = kw["patch_size"]
+    calls = [dict(indices=[0, -1], norm=True, return_prefix_tokens=True), dict(indices=1, output_fmt="NLC"),
+             dict(indices=[0], stop_early=True, intermediates_only=True)]
+    for size in [(kw["img_size"], kw["img_size"]), (3 * p, 5 * p)]:
+        x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
+        for call in calls:
+            with torch.no_grad():
+                torch.testing.assert_close(ours.forward_intermediates(x, **call), dynamic.forward_intermediates(x, **call),
+                                           atol=ATOL, rtol=0)
+    grid = ours.forward_intermediates(x, indices=1, intermediates_only=True)[0]
+    assert grid.shape == (2, kw["embed_dim"], 3, 5)
+    with pytest.raises(VitError, match="does not split into"):
+        ours.forward_intermediates(torch.zeros(1, 3, 3 * p + 1, 5 * p))
+
+
 def test_features_are_recognised_from_the_weights(tmp_path):
     expect = {
         "deit_distilled": dict(distilled=True), "deit3": dict(init_values=True, no_embed_class=True),

@@ -139,6 +139,17 @@ def test_hybrid_ours_into_timm_non_square_fp64():
     _logits_match(ours, theirs, (72, 56), batch=2, dtype=torch.float64)
 
 
+def test_hybrid_forward_intermediates_equals_timms():
+    ours = _randomize(_empty(lambda: create_model("r50_vit_b16", img_size=(64, 48), depth=2)))
+    theirs = _empty(lambda: timm.create_model("vit_base_r50_s16_224", pretrained=False, num_classes=1000,
+                                              img_size=(64, 48), depth=2))
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(1, 3, 64, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval().forward_intermediates(x, indices=[0, 1], norm=True),
+                                   theirs.eval().forward_intermediates(x, indices=[0, 1], norm=True), atol=1e-4, rtol=0)
+
+
 def test_hybrid_backbone_layout_matches_timm():
     ours = create_model("r50_vit_b16", depth=1)
     theirs = timm.create_model("vit_base_r50_s16_224", pretrained=False, num_classes=1000, depth=1)

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitcli.errors import VitError
+from vitcli.models.intermediates import Indices, forward_intermediates
 from vitcli.models.layers import AttentionPoolLatent, DropPath, PatchEmbed, init_linears, make_mlp
+from vitcli.models.posemb import resample_pos_embed
 
 ROPE_TYPES = ("cat", "dinov3")  # EVA-02's axial RoPE (scaled to a reference grid), DINOv3's normalised-coordinate RoPE
 
@@ -168,6 +170,7 @@ class Eva(nn.Module):
         self.rope_settings = dict(rope_type=rope_type, temperature=rope_temperature, rotate_half=rope_rotate_half,
                                   ref_grid=tuple(rope_ref_grid) if rope_ref_grid else None)
         self.rope = self._make_rope(self.patch_embed.grid_size)
+        self._other_ropes: dict[tuple, torch.Tensor] = {}  # rotary tables of other grids (rope_at), not state
         self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList([
@@ -237,17 +240,42 @@ class Eva(nn.Module):
         if dataclasses.is_dataclass(self.config):
             self.config = dataclasses.replace(self.config, num_classes=num_classes)
 
-    def embed_tokens(self, patches: torch.Tensor) -> torch.Tensor:
-        """Patch embeddings -> prefix tokens in front, the learned table added where there is one."""
+    def embed_tokens(self, patches: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Patch embeddings -> prefix tokens in front, the learned table (resampled to `grid` where it
+        differs from the model's) added where there is one."""
         pos_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
-        x = patches if self.pos_embed is None else patches + self.pos_embed[:, pos_prefix:]
+        pos_embed = self.pos_embed
+        if pos_embed is not None and grid is not None and tuple(grid) != tuple(self.patch_embed.grid_size):
+            pos_embed = resample_pos_embed(pos_embed, grid, self.patch_embed.grid_size, num_prefix_tokens=pos_prefix)
+        x = patches if pos_embed is None else patches + pos_embed[:, pos_prefix:]
         tokens = [t for t in (self.cls_token, self.reg_token) if t is not None]
         if tokens:
             prefix = torch.cat(tokens, dim=1)
-            if self.pos_embed is not None and pos_prefix:
-                prefix = prefix + self.pos_embed[:, :pos_prefix]
+            if pos_embed is not None and pos_prefix:
+                prefix = prefix + pos_embed[:, :pos_prefix]
             x = torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x)
+
+    def encoder_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], dict]:
+        """Images of any size the patch size divides -> (the first block's input, the patch grid, the
+        rotary table for that grid, which every block takes)."""
+        grid = self.patch_embed.grid_for(x.shape[-2:])
+        tokens = self.norm_pre(self.embed_tokens(self.patch_embed(x, any_size=True), grid))
+        return tokens, grid, {"rope": self.rope_at(grid)}
+
+    def rope_at(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The rotary table for a patch grid; other grids than the model's are built once and kept."""
+        if tuple(grid) == tuple(self.patch_embed.grid_size):
+            return self.rope.get_embed()
+        ref = self.patch_embed.proj.weight
+        key = (tuple(grid), ref.device)
+        if key not in self._other_ropes:
+            self._other_ropes[key] = self._make_rope(tuple(grid)).to(ref.device).get_embed()
+        return self._other_ropes[key]
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Indices = None, **kwargs):
+        """timm's forward_intermediates (models/intermediates.py): patch grids after the chosen blocks."""
+        return forward_intermediates(self, x, indices, **kwargs)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm_pre(self.embed_tokens(self.patch_embed(x)))

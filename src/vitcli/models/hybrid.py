@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitcli.models.layers import check_input_size, to_2tuple
+from vitcli.models.layers import check_input_size, grid_of, to_2tuple
 from vitcli.models.vit import VisionTransformer
 
 STEM_CHANNELS = 64
@@ -209,8 +209,15 @@ class HybridEmbed(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(self.backbone.num_features, embed_dim, patch_size, stride=patch_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_size(x, self.img_size, self.in_chans)
+    def grid_for(self, size: Sequence[int]) -> tuple[int, int]:
+        """The token grid of an image of `size` (h, w): any multiple of the CNN's stride times the patch."""
+        stride = [s // g for s, g in zip(self.img_size, self.grid_size)]
+        return grid_of(size, stride)
+
+    def forward(self, x: torch.Tensor, any_size: bool = False) -> torch.Tensor:
+        check_input_size(x, None if any_size else self.img_size, self.in_chans)
+        if any_size:
+            self.grid_for(x.shape[-2:])
         return self.proj(self.backbone(x)).flatten(2).transpose(1, 2)
 
 

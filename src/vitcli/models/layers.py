@@ -59,19 +59,28 @@ def to_2tuple(size: int | Sequence[int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def check_input_size(x: torch.Tensor, img_size: tuple[int, int], in_chans: int) -> None:
-    """Raise VitError when a batch does not have the shape the model was built for."""
-    expected = f"(batch, {in_chans}, {img_size[0]}, {img_size[1]})"
+def check_input_size(x: torch.Tensor, img_size: tuple[int, int] | None, in_chans: int) -> None:
+    """Raise VitError when a batch does not have the shape the model was built for (img_size None: any size)."""
+    expected = f"(batch, {in_chans}, {img_size[0]}, {img_size[1]})" if img_size else f"(batch, {in_chans}, H, W)"
     if x.ndim != 4:
         raise VitError(f"expected a batch of images shaped {expected}, got shape {tuple(x.shape)}")
     if x.shape[1] != in_chans:
         raise VitError(f"expected images shaped {expected}, got {tuple(x.shape)}; build the model with "
                        f"in_chans={x.shape[1]} or convert the images")
-    if tuple(x.shape[-2:]) != img_size:
+    if img_size is not None and tuple(x.shape[-2:]) != img_size:
         h, w = x.shape[-2:]
         raise VitError(
             f"expected {img_size[0]}x{img_size[1]} input images, got {h}x{w}; build the model with "
             f"img_size=({h}, {w}) (recipe: model.img_size) or resize the inputs")
+
+
+def grid_of(size: Sequence[int], stride: Sequence[int]) -> tuple[int, int]:
+    """(h / sh, w / sw), or one message when the stride does not divide the size."""
+    (h, w), (sh, sw) = size, stride
+    if h % sh or w % sw:
+        raise VitError(f"a {h}x{w} image does not split into {sh}x{sw} patches: pad or resize it to multiples of "
+                       f"{sh}x{sw} (dense prediction pads for you; see data.crop_size)")
+    return int(h) // sh, int(w) // sw
 
 
 class PatchEmbed(nn.Module):
@@ -99,8 +108,15 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_size(x, self.img_size, self.in_chans)
+    def grid_for(self, size: Sequence[int]) -> tuple[int, int]:
+        """The patch grid of an image of `size` (h, w): any size the patch size divides."""
+        return grid_of(size, self.patch_size)
+
+    def forward(self, x: torch.Tensor, any_size: bool = False) -> torch.Tensor:
+        """(B, C, H, W) -> (B, h*w, D); any_size: H and W need only be multiples of the patch size."""
+        check_input_size(x, None if any_size else self.img_size, self.in_chans)
+        if any_size:
+            self.grid_for(x.shape[-2:])
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
 
 

@@ -25,7 +25,9 @@ import torch
 from torch import nn
 
 from vitcli.errors import VitError
+from vitcli.models.intermediates import Indices, forward_intermediates
 from vitcli.models.layers import AttentionPoolLatent, Block, PatchEmbed, init_linears
+from vitcli.models.posemb import resample_pos_embed
 
 GLOBAL_POOLS = ("token", "avg", "map")
 
@@ -169,21 +171,42 @@ class VisionTransformer(nn.Module):
         if dataclasses.is_dataclass(self.config):
             self.config = dataclasses.replace(self.config, num_classes=num_classes)
 
-    def embed_tokens(self, patches: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def pos_embed_at(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The position table for a patch grid: the learned one, resampled where the grid differs."""
+        if tuple(grid) == tuple(self.patch_embed.grid_size):
+            return self.pos_embed
+        prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+        return resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, num_prefix_tokens=prefix)
+
+    def embed_tokens(self, patches: torch.Tensor, keep: torch.Tensor | None = None,
+                     pos_embed: torch.Tensor | None = None) -> torch.Tensor:
         """Patch embeddings (B, N, D) -> the encoder's input: position embeddings added, prefix tokens
         (class, distillation, registers) in front. With `keep` (B, K) patch indices only those patches
-        stay (MAE); the prefix always does. Equals timm's _pos_embed in both table layouts."""
+        stay (MAE); the prefix always does. Equals timm's _pos_embed in both table layouts. `pos_embed`:
+        a table for another grid (`pos_embed_at`)."""
+        pos_embed = self.pos_embed if pos_embed is None else pos_embed
         pos_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
-        x = patches + self.pos_embed[:, pos_prefix:]
+        x = patches + pos_embed[:, pos_prefix:]
         if keep is not None:
             x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         tokens = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
         if tokens:
             prefix = torch.cat(tokens, dim=1)
             if pos_prefix:
-                prefix = prefix + self.pos_embed[:, :pos_prefix]
+                prefix = prefix + pos_embed[:, :pos_prefix]
             x = torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x)
+
+    def encoder_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], dict]:
+        """Images of any size the patch size divides -> (the first block's input, the patch grid, what
+        each block takes besides the tokens: nothing here)."""
+        grid = self.patch_embed.grid_for(x.shape[-2:])
+        patches = self.patch_embed(x, any_size=True)
+        return self.norm_pre(self.embed_tokens(patches, pos_embed=self.pos_embed_at(grid))), grid, {}
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Indices = None, **kwargs):
+        """timm's forward_intermediates (models/intermediates.py): patch grids after the chosen blocks."""
+        return forward_intermediates(self, x, indices, **kwargs)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> normalised tokens (B, prefix + patches, D)."""
