@@ -27,6 +27,17 @@ def _encode(array: np.ndarray, fmt: str, **kwargs) -> dict:
     return {"bytes": buf.getvalue(), "path": None}
 
 
+def _digit_pixels() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(8x8 uint8 images, labels, {"train": indices, "test": indices}) of scikit-learn's digits."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    pixels = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    train_idx, test_idx = train_test_split(np.arange(len(bunch.target)), test_size=0.2, stratify=bunch.target, random_state=0)
+    return pixels, bunch.target, {"train": train_idx, "test": test_idx}
+
+
 @lru_cache(maxsize=None)
 def digits_splits() -> dict[str, datasets.Dataset]:
     """scikit-learn's 1797 8x8 digits as {"train": 1437, "test": 360} images.
@@ -35,17 +46,9 @@ def digits_splits() -> dict[str, datasets.Dataset]:
     same on every machine. Pixel values 0..16 are scaled to 0..255 (round(v * 255 / 16)) and stored as
     grayscale PNG.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = load_digits()
-    images, labels = bunch.images, bunch.target
-    pixels = np.round(images * (255.0 / 16.0)).astype(np.uint8)
-    train_idx, test_idx = train_test_split(
-        np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0
-    )
+    pixels, labels, splits = _digit_pixels()
     out = {}
-    for split, idx in (("train", train_idx), ("test", test_idx)):
+    for split, idx in splits.items():
         data = {"image": [_encode(pixels[i], "PNG") for i in idx], "label": [int(labels[i]) for i in idx]}
         out[split] = datasets.Dataset.from_dict(data, features=_features(DIGITS_CLASSES), split=split)
     return out
@@ -71,3 +74,44 @@ def synthetic_split(split: str, img_size: int, seed: int = 0, num_classes: int =
     return datasets.Dataset.from_dict(
         {"image": images, "label": labels.tolist()}, features=_features(names), split=split
     )
+
+
+DIGITS_SEG_CLASSES = ["background"] + DIGITS_CLASSES  # digit d is class d + 1
+DIGITS_SEG_SIZES = {"train": 2000, "val": 500}
+DIGITS_SEG_CANVAS = 32
+DIGITS_SEG_SIDES = (10, 20)  # a pasted digit's side in pixels, uniform in this range
+DIGITS_SEG_INK = 64  # a pasted pixel at least this bright (of 255) belongs to its digit's mask
+
+
+@lru_cache(maxsize=None)
+def digits_seg_splits() -> dict[str, datasets.Dataset]:
+    """`digits-seg`: a semantic segmentation set made of scikit-learn's digits, built in.
+
+    Each 32x32 grey canvas holds one to three digits of the matching digits split (train: the training
+    digits; val: the test digits), each resized (bilinear) to a side of 10-20 px and pasted at a uniform
+    position; a pixel's brightness is the maximum over the digits covering it. The mask labels each
+    pixel of a digit (at least 64 of 255 after resizing) with its class + 1, later digits over earlier
+    ones, and everything else 0 (background): 11 classes. Seeded (numpy's default_rng(0) for train, (1)
+    for val), so every machine builds the same 2,000 + 500 images. Images and masks are grey PNGs.
+    """
+    pixels, labels, pools = _digit_pixels()
+    features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image()})
+    out = {}
+    for seed, (split, pool) in enumerate((("train", pools["train"]), ("val", pools["test"]))):
+        rng = np.random.default_rng(seed)
+        rows: dict[str, list] = {"image": [], "mask": []}
+        for _ in range(DIGITS_SEG_SIZES[split]):
+            image = np.zeros((DIGITS_SEG_CANVAS, DIGITS_SEG_CANVAS), dtype=np.uint8)
+            mask = np.zeros_like(image)
+            for _ in range(int(rng.integers(1, 4))):
+                i = int(rng.choice(pool))
+                side = int(rng.integers(DIGITS_SEG_SIDES[0], DIGITS_SEG_SIDES[1] + 1))
+                digit = np.asarray(Image.fromarray(pixels[i]).resize((side, side), Image.BILINEAR))
+                top, left = (int(v) for v in rng.integers(0, DIGITS_SEG_CANVAS - side + 1, size=2))
+                window = (slice(top, top + side), slice(left, left + side))
+                image[window] = np.maximum(image[window], digit)
+                mask[window][digit >= DIGITS_SEG_INK] = labels[i] + 1
+            rows["image"].append(_encode(image, "PNG"))
+            rows["mask"].append(_encode(mask, "PNG"))
+        out[split] = datasets.Dataset.from_dict(rows, features=features, split=split)
+    return out

@@ -12,16 +12,20 @@ import torch
 
 from vitcli.data.batches import FIX, BadImages, Batch, Deferred, unreadable
 from vitcli.data.decode import as_byte_tensor, decode_host, decode_reduced, encoded_bytes, jpeg_size, scalable_jpeg_size
+from vitcli.data.masks import IGNORE_INDEX
 from vitcli.data.tensor_transforms import CropPlan, TensorTransform
+from vitcli.errors import VitError
 from vitcli.rng import preserved_rng, seed_all
 
 
 def build_batch(items: list[tuple[tuple[int, ...], int, dict, int]], transform: Callable, seed: int, *,
                 bad_images: BadImages, decode_on_device: bool, name: str, split: str,
-                decoder: Optional[datasets.Image] = None) -> Batch:
+                decoder: Optional[datasets.Image] = None, decode_target: Optional[Callable] = None) -> Batch:
     """One collated Batch from (augmentation key, index for messages, encoded image cell, label) items.
 
-    Each image is augmented from (seed, *key), independently of batching, workers and ranks."""
+    Each image is augmented from (seed, *key), independently of batching, workers and ranks. With
+    `decode_target` the label is an encoded mask: decoded, transformed with the image (a joint
+    transform) and stacked, padded to the batch's largest (images with 0, masks with 255: ignored)."""
     decoder = decoder or datasets.Image()
     tensors = isinstance(transform, TensorTransform)
     images, deferred, labels, skipped = [], [], [], []
@@ -31,13 +35,20 @@ def build_batch(items: list[tuple[tuple[int, ...], int, dict, int]], transform: 
             try:
                 # PIL pipeline: datasets decodes (bytes or path; calls img.load()); tensor: see _prepare
                 image = _prepare(cell, transform, decode_on_device) if tensors else decoder.decode_example(cell)
+                if decode_target is not None:
+                    image, label = transform(image, decode_target(label))
+            except VitError as e:  # a mask vitcli cannot use: its own message, whatever bad_images says
+                where = f" ({cell.get('path')})" if cell.get("path") else ""
+                return Batch(None, None, skipped, f"Image {index} of data set '{name}' split '{split}'{where}: {e}")
             except Exception as e:  # noqa: BLE001 -- any decoder failure means an unreadable image
                 problem = unreadable(name, split, index, cell.get("path"), e)
                 if bad_images == "error":
                     return Batch(None, None, skipped, problem + FIX)
                 skipped.append(problem)
                 continue
-            if not tensors:
+            if decode_target is not None:
+                images.append(image)
+            elif not tensors:
                 images.append(transform(image))
             elif isinstance(image[0], bytes):  # a JPEG for the device: planned now, decoded there
                 data, plan = image
@@ -47,9 +58,17 @@ def build_batch(items: list[tuple[tuple[int, ...], int, dict, int]], transform: 
             labels.append(label)
     if not labels:
         return Batch(None, None, skipped, None)
+    if decode_target is not None:
+        return Batch(padded_stack(images, 0), padded_stack(labels, IGNORE_INDEX), skipped, None)
     stacked = torch.stack(images) if images else None
     targets = torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], list) else torch.int64)  # multi-hot or ids
     return Batch(stacked, targets, skipped, None, tuple(deferred))
+
+
+def padded_stack(tensors: list[torch.Tensor], fill: float) -> torch.Tensor:
+    """Tensors of (..., H_i, W_i) stacked into (N, ..., max H, max W), padded bottom and right with `fill`."""
+    h, w = max(t.shape[-2] for t in tensors), max(t.shape[-1] for t in tensors)
+    return torch.stack([torch.nn.functional.pad(t, (0, w - t.shape[-1], 0, h - t.shape[-2]), value=fill) for t in tensors])
 
 
 def _prepare(cell: dict, transform: TensorTransform, decode_on_device: bool

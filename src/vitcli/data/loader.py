@@ -50,6 +50,8 @@ class BatchDataset(torch.utils.data.Dataset):
                  decode_on_device: bool = False):
         # decode=False: we decode ourselves, one image at a time, to catch and name unreadable ones.
         self.hf = image_set.dataset.cast_column("image", datasets.Image(decode=False))
+        if image_set.target_column == "mask":
+            self.hf = self.hf.cast_column("mask", datasets.Image(decode=False))
         self.decoder = datasets.Image()
         self.name, self.split = image_set.name, image_set.split
         self.transform = transform
@@ -57,6 +59,7 @@ class BatchDataset(torch.utils.data.Dataset):
         self.bad_images = bad_images
         self.decode_on_device = decode_on_device and isinstance(transform, TensorTransform)
         self.num_classes = image_set.num_classes if image_set.multilabel else None  # multi-hot targets
+        self.target_column, self.decode_target = image_set.target_column, image_set.target_decoder()
         self.epoch = 0  # used only when indexed directly; the loader sends the epoch with each batch
 
     def __len__(self) -> int:
@@ -85,11 +88,12 @@ class BatchDataset(torch.utils.data.Dataset):
         the copy number for every repeated copy but the first, so each copy is augmented differently)."""
         rows = self.hf[indices]  # one Arrow read for the whole batch
         copies = copies or [0] * len(indices)
-        labels = rows["label"] if self.num_classes is None else multi_hot(rows["label"], self.num_classes)
+        labels = rows[self.target_column] if self.num_classes is None else multi_hot(rows["label"], self.num_classes)
         items = [((epoch, index, *((copy,) if copy else ())), index, cell, label)
                  for index, copy, cell, label in zip(indices, copies, rows["image"], labels)]
         return build_batch(items, self.transform, self.seed, bad_images=self.bad_images,
-                           decode_on_device=self.decode_on_device, name=self.name, split=self.split, decoder=self.decoder)
+                           decode_on_device=self.decode_on_device, name=self.name, split=self.split, decoder=self.decoder,
+                           decode_target=self.decode_target)
 
 
 class EpochBatchSampler:

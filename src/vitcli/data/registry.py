@@ -26,6 +26,8 @@ class DatasetSpec:
         num_classes: number of classes (used when the label column is not a ClassLabel).
         gated: the Hub copy needs an accepted licence and a token.
         note: one line shown by `vit datasets` / error messages.
+        task: "classification", or "segmentation" (then label_column is the mask column, data/masks.py).
+        reduce_zero_label: segmentation masks whose 0 means "unlabelled" (ADE20K): ignored, classes shift down.
     """
 
     name: str
@@ -38,6 +40,8 @@ class DatasetSpec:
     num_classes: Optional[int] = None
     gated: bool = False
     note: str = ""
+    task: str = "classification"
+    reduce_zero_label: bool = False
 
     @property
     def builtin(self) -> bool:
@@ -62,6 +66,12 @@ _SPECS = [
                 num_classes=102),
     DatasetSpec("food101", "ethz/food101", eval_split="validation", num_classes=101),
     DatasetSpec("svhn", "ufldl-stanford/svhn", config="cropped_digits", num_classes=10),
+    # semantic segmentation
+    DatasetSpec("digits-seg", None, eval_split="val", num_classes=11, task="segmentation", label_column="mask",
+                note="digits pasted on 32x32 canvases with pixel masks, 2000 train / 500 val, built in"),
+    # ADE20K's SceneParsing benchmark (150 classes; 0 is "other", ignored), the Hub's copy of ADEChallengeData2016
+    DatasetSpec("ade20k", "zhoubolei/scene_parse_150", eval_split="validation", num_classes=150, task="segmentation",
+                label_column="annotation", reduce_zero_label=True, note="ADE20K SceneParsing, 150 classes"),
 ]
 
 REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in _SPECS}
@@ -89,6 +99,10 @@ ALIASES: dict[str, str] = {
     "food-101": "food101",
     "svhn-cropped": "svhn",
     "sklearn-digits": "digits",
+    "digits-segmentation": "digits-seg",
+    "scene-parse-150": "ade20k",
+    "ade": "ade20k",
+    "adechallengedata2016": "ade20k",
 }
 
 

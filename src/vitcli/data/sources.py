@@ -56,8 +56,14 @@ class ImageSet:
     name: str
     split: str
 
+    target_column = "label"  # what the loader reads beside the image (a MaskSet's: its masks)
+
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def target_decoder(self) -> None:
+        """Labels need no decoding (a MaskSet's masks do)."""
+        return None
 
     @property
     def multilabel(self) -> bool:
@@ -134,8 +140,11 @@ def load_split(
         ds, class_names, split_name = read_split(dataset, split, role, labels)
         image_set = ImageSet(ds, len(class_names), class_names, dataset, split_name)
         return take_subset(image_set, subset, seed) if subset else image_set
-    spec, path = _resolve(dataset, data_dir)
+    spec, path = resolve_source(dataset, data_dir)
     label = spec.name if spec else str(path)
+    if spec is not None and spec.task == "segmentation":
+        raise VitError(f"'{spec.name}' is a segmentation set (a mask per image), not a classification one. Train on it "
+                       "with task: segmentation (vit finetune --task segmentation, or recipes/segment_digits.yaml).")
     if label_file is not None:
         if path is None or not path.is_dir():
             raise VitError(f"data.labels lists the images of a folder; data.dataset {dataset} is not one.")
@@ -161,7 +170,7 @@ def load_split(
 def _stream(cfg: SourceSpec, labels: bool, say) -> HubSet:
     """The training split streamed: a Hub set through load_dataset(streaming=True); any other source
     (a folder, a save_to_disk copy, a named set's local copy, digits) streams its indexed table."""
-    spec, path = _resolve(cfg.dataset, cfg.data_dir)
+    spec, path = resolve_source(cfg.dataset, cfg.data_dir)
     if spec is None or spec.builtin or path is not None:
         return streamed(load_split(cfg.dataset, cfg.train_split, role="train", data_dir=cfg.data_dir, labels=labels, say=say))
     split = cfg.train_split or spec.train_split
@@ -197,7 +206,7 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or (lookup(name) is None and "/" in name)
 
 
-def _resolve(dataset: str, data_dir: Optional[str]) -> tuple[Optional[DatasetSpec], Optional[Path]]:
+def resolve_source(dataset: str, data_dir: Optional[str]) -> tuple[Optional[DatasetSpec], Optional[Path]]:
     """(spec, local path): a named set has a spec, a local source has a path, a named local copy both."""
     spec = None if _looks_like_path(dataset) else lookup(dataset)
     if spec is None:
