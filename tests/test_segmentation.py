@@ -4,6 +4,7 @@ an independent computation (a direct formula, whole-image inference, torchmetric
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -13,12 +14,19 @@ import torch.nn.functional as F
 from PIL import Image
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
+from helpers import SETS, offline_env, run_cli, sigterm_then_resume_matches_an_uninterrupted_run
 from vitcli.data import LoaderSpec, builtin, load_split, make_loader
 from vitcli.data.masks import MaskSet, decode_mask
 from vitcli.data.seg_sources import load_mask_split
-from vitcli.data.seg_transforms import SegTransform, SegTransformSpec
+from vitcli.data.collate import padded_stack
+from vitcli.data.seg_transforms import SegTransform, SegTransformSpec, resized_size
+from vitcli.objectives.segmentation import evaluate_segmentation
 from vitcli.errors import VitError
+from vitcli.engine.optim import build_optimizer, lr_at
 from vitcli.models import create_model
+from vitcli.models.adapt import meta_for_model, model_from_checkpoint, save_state_dict
+from vitcli.models.load import load_checkpoint
+from vitcli.recipe import OptimCfg, ScheduleCfg
 from vitcli.models.seg_infer import segment, sliding_window
 from vitcli.models.segmenter import LinearDecoder, MaskTransformer, Segmenter
 from vitcli.objectives.seg_metrics import ConfusionMatrix
@@ -245,7 +253,9 @@ def test_joint_transforms_keep_image_and_mask_aligned():
     assert total > 5000 and agree >= 0.99 * total  # a mis-flipped or mis-cropped mask would agree ~1/4 of the time
     ev = SegTransform(SegTransformSpec(crop_size=(12, 12), mean=(0.0,), std=(1.0,)), train=False)
     x, m = ev(image, classes)
-    assert x.shape == (1, 12, 20) and m.shape == (12, 20)  # shorter side to the crop size
+    assert x.shape == (1, 12, 20) and m.shape == (48, 80)  # the image's shorter side to the crop size; the mask as it is
+    for h, w in ((48, 80), (77, 45), (100, 33)):  # the rule evaluation uses to cut a padded batch apart
+        assert resized_size(h, w, 12) == tuple(ev.geometry(torch.zeros(1, h, w)).shape[1:])
 
 
 def test_batches_pad_images_and_masks_of_different_sizes():
@@ -254,8 +264,162 @@ def test_batches_pad_images_and_masks_of_different_sizes():
                                      "mask": [Image.new("L", (6, 4), 1), Image.new("L", (4, 8), 2)]}, features=features)
     tf = SegTransform(SegTransformSpec(crop_size=(4, 4), mean=(0.0,), std=(1.0,)), train=False)
     images, masks = next(iter(make_loader(MaskSet(ds, 3, ["a", "b", "c"], "toy", "val"), tf, LoaderSpec.evaluation(2))))
-    assert images.shape == (2, 1, 8, 6) and masks.shape == (2, 8, 6)
-    assert (masks[0, 4:] == 255).all() and (masks[0, :4] == 1).all() and (masks[1, :, 4:] == 255).all()
+    assert images.shape == (2, 1, 8, 6) and masks.shape == (2, 8, 6)  # (4x6 -> 4x6), (8x4 -> 8x4): padded to 8x6
+    assert (masks[0, 4:] == -1).all() and (masks[0, :4] == 1).all() and (masks[1, :, 4:] == -1).all()
     bad = datasets.Dataset.from_dict({"image": [Image.new("L", (6, 4))], "mask": [Image.new("RGB", (6, 4))]}, features=features)
     with pytest.raises(VitError, match="palette or grey PNGs"):
         next(iter(make_loader(MaskSet(bad, 3, ["a", "b", "c"], "toy", "val"), tf, LoaderSpec.evaluation(1))))
+
+
+def test_evaluation_of_a_padded_batch_equals_each_image_alone():
+    """Images of different sizes share a padded batch; each is cut out again and judged at its own size."""
+    model = segmenter(3)
+    g = torch.Generator().manual_seed(0)
+    sizes = [(16, 24), (20, 16), (16, 16)]
+    masks = [torch.randint(0, 3, s, generator=g) for s in sizes]
+    tf = SegTransform(SegTransformSpec(crop_size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3), train=False)
+    pairs = [tf(Image.fromarray(torch.randint(0, 255, (*s, 3), generator=g, dtype=torch.uint8).numpy()), m.numpy().astype(np.uint8))
+             for s, m in zip(sizes, masks)]
+    batch = (padded_stack([x for x, _ in pairs], 0), padded_stack([m for _, m in pairs], -1))
+    together = evaluate_segmentation(model, [batch], 3, torch.device("cpu"), None, window=16, stride=8)
+    alone = evaluate_segmentation(model, [(x[None], m[None]) for x, m in pairs], 3, torch.device("cpu"), None, window=16, stride=8)
+    cm = ConfusionMatrix(3)
+    with torch.no_grad():
+        for (x, m) in pairs:  # by hand: scores resized to the mask, argmax
+            scores = F.interpolate(sliding_window(model, x[None], 3, 16, 8), size=m.shape, mode="bilinear", align_corners=False)
+            cm.update(scores.argmax(1)[0], m)
+    assert together["miou"] == pytest.approx(alone["miou"]) == pytest.approx(cm.results()["miou"])
+    assert together["num_pixels"] == sum(h * w for h, w in sizes) and together["num_images"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints, optimizer, schedule
+
+
+def test_a_segmenter_checkpoint_round_trips_and_adapts(tmp_path):
+    torch.manual_seed(0)
+    vit = create_model("vit_pico", img_size=16, patch_size=4, num_classes=0)
+    model = Segmenter(vit, MaskTransformer(vit.embed_dim, 5, dim=32, heads=2), 5).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    meta = meta_for_model(model, {"dataset": "toy", "class_names": list("abcde")}, step=3)
+    path = save_state_dict(tmp_path / "seg.safetensors", model.state_dict(), meta)
+    again, ck = model_from_checkpoint(path)
+    assert (ck.meta.task, ck.meta.num_classes, ck.meta.class_names, ck.meta.decoder["kind"]) == ("segmentation", 5, list("abcde"), "mask_transformer")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
+    bigger, ck = model_from_checkpoint(path, img_size=32)  # the encoder's position table resampled, the decoder kept
+    assert bigger.encoder.patch_embed.grid_size == (8, 8) and bigger(torch.randn(1, 3, 32, 32)).shape == (1, 5, 32, 32)
+    other, ck = model_from_checkpoint(path, num_classes=3)
+    assert other.num_classes == 3 and isinstance(other.decoder, MaskTransformer) and "decoder replaced" in ck.notes[-1]
+
+
+def test_layer_decay_scales_the_encoder_blocks_and_leaves_the_decoder_whole():
+    model = segmenter(4)  # vit_pico: 4 blocks
+    optimizer = build_optimizer(model, OptimCfg(name="adamw", lr=1.0, layer_decay=0.5), torch.device("cpu"))
+    scale = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    depth = len(model.encoder.blocks)
+    assert scale[id(named["decoder.head.weight"])] == 1.0
+    for i in range(depth):  # timm's rule: block i at decay^(depth - i), the stem at decay^(depth + 1)
+        assert scale[id(named[f"encoder.blocks.{i}.mlp.fc1.weight"])] == pytest.approx(0.5 ** (depth - i))
+    assert scale[id(named["encoder.patch_embed.proj.weight"])] == pytest.approx(0.5 ** (depth + 1))
+
+
+def test_poly_schedule_is_torchs_polynomial_lr():
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reference = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=50, power=0.9)
+    for step in range(50):
+        assert lr_at(step, 50, 0.1, ScheduleCfg(warmup_steps=0, decay="poly")) == pytest.approx(opt.param_groups[0]["lr"])
+        opt.step()
+        reference.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands: finetune, pretrain, eval, predict
+
+
+SEG = ["--set", "data.train_subset=64", "--set", "data.eval_subset=24", "--set", "train.batch_size=8", "--set", "train.epochs=null",
+       "--set", "train.steps=6", "--set", "train.eval_every=6", "--set", "data.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def seg_run(trained, tmp_path_factory):
+    """The 8-step digits classifier fine-tuned 6 steps on digits-seg at 16x16 (the shipped recipe), linear decoder."""
+    out = tmp_path_factory.mktemp("seg") / "run"
+    with offline_env():
+        assert run_cli("finetune", "--ckpt", str(trained), "--task", "segmentation", "--dataset", "digits-seg", "--res", "16",
+                       "--out", str(out), *SEG) == 0
+    return out
+
+
+def test_finetune_on_digits_seg_and_eval_reports_torchmetrics_miou(seg_run, capsys):
+    meta = load_checkpoint(seg_run).meta
+    assert (meta.task, meta.num_classes, meta.decoder, meta.dataset) == ("segmentation", 11, {"kind": "linear"}, "digits-seg")
+    summary = json.loads((seg_run / "summary.json").read_text())
+    assert summary["best_metric"] == "miou" and 0 <= summary["best_score"] <= 1
+    assert run_cli("eval", "--ckpt", str(seg_run), "--json", "--num-workers", "0") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"miou", "pixel_accuracy", "mean_accuracy", "per_class_iou"} <= set(result) and result["num_images"] == 500
+    # by hand: every val image resized to 16 (the window), scored whole, scores resized back to 32x32, argmax
+    model, ck = model_from_checkpoint(seg_run)
+    val = load_mask_split("digits-seg", role="eval")
+    tf = SegTransform(SegTransformSpec(crop_size=(16, 16), mean=ck.meta.preprocess.mean, std=ck.meta.preprocess.std), train=False)
+    preds, truth = [], []
+    with torch.no_grad():
+        for row in val.dataset:
+            x, m = tf(row["image"], np.asarray(row["mask"]))
+            scores = F.interpolate(model(x[None]), size=m.shape, mode="bilinear", align_corners=False)
+            preds.append(scores.argmax(1).flatten())
+            truth.append(m.flatten())
+    iou = MulticlassJaccardIndex(11, average="none")(torch.cat(preds), torch.cat(truth))
+    assert result["per_class_iou"] == pytest.approx(iou.tolist(), abs=1e-5)
+    assert result["pixel_accuracy"] == pytest.approx(MulticlassAccuracy(11, average="micro")(torch.cat(preds), torch.cat(truth)).item(), abs=1e-6)
+
+
+def test_predict_writes_a_palette_mask_per_image_with_class_areas(seg_run, trained, tmp_path, capsys):
+    val = load_mask_split("digits-seg", role="eval")
+    for i in range(2):
+        val.dataset[i]["image"].save(tmp_path / f"img{i}.png")
+    out = tmp_path / "masks"
+    assert run_cli("predict", "--ckpt", str(seg_run), str(tmp_path / "img0.png"), str(tmp_path / "img1.png"), "--masks", str(out),
+                   "--overlay", "--json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    model, ck = model_from_checkpoint(seg_run)
+    tf = SegTransform(SegTransformSpec(crop_size=(16, 16), mean=ck.meta.preprocess.mean, std=ck.meta.preprocess.std), train=False)
+    for row in rows:
+        written = Image.open(row["mask"])
+        assert written.mode == "P" and written.size == (32, 32) and Path(row["overlay"]).is_file()
+        with torch.no_grad():
+            x, _ = tf(Image.open(row["path"]).convert("RGB"), np.zeros((32, 32), np.uint8))
+            expected = F.interpolate(model(x[None]), size=(32, 32), mode="bilinear", align_corners=False).argmax(1)[0]
+        np.testing.assert_array_equal(np.asarray(written), expected.numpy())
+        assert sum(row["areas"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert run_cli("predict", "--ckpt", str(seg_run), str(tmp_path / "img0.png")) == 2
+    assert "--masks DIR" in capsys.readouterr().err
+    assert run_cli("predict", "--ckpt", str(trained), str(tmp_path / "img0.png"), "--masks", str(out)) == 2
+    assert "needs a segmentation checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "digits"], "is a classification set"),
+    (["--dataset", "digits-seg", "--decoder", "upernet"], "'model.decoder' must be one of linear, mask_transformer"),
+    (["--dataset", "digits-seg", "--set", "data.mixup=0.8"], "data.mixup / data.cutmix is for classification"),
+])
+def test_bad_segmentation_settings_are_one_clear_error(trained, tmp_path, capsys, args, message):
+    assert run_cli("finetune", "--ckpt", str(trained), "--task", "segmentation", "--out", str(tmp_path / "r"), *SEG, *args) == 2
+    assert message in capsys.readouterr().err
+
+
+SCRATCH = [*SETS, "--set", "task=segmentation", "--set", "data.dataset=digits-seg", "--set", "data.train_subset=712",
+           "--set", "data.eval_subset=16", "--set", "train.eval_every=40", "--set", "model.decoder=mask_transformer",
+           "--set", "model.decoder_dim=32", "--set", "model.decoder_heads=2", "--set", "data.mean=[0.5]", "--set", "data.std=[0.5]",
+           "--set", "model.in_chans=1"]
+
+
+@pytest.mark.slow
+def test_segmentation_from_scratch_resumes_exactly_after_sigterm(tmp_path):
+    sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, SCRATCH)

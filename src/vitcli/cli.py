@@ -127,12 +127,15 @@ def finetune(
     layer_decay: Optional[float] = typer.Option(None, "--layer-decay", help="Layer-wise lr decay, e.g. 0.75."),
     linear_probe: bool = typer.Option(False, "--linear-probe", help="Train only the new head on a frozen backbone."),
     new_head: bool = typer.Option(False, "--new-head", help="A zero-initialised head even when the classes are the checkpoint's own (kept by default)."),
+    task: Optional[str] = typer.Option(None, "--task", help="classification, or segmentation (a decoder on the ViT; masks per pixel). Default: the recipe's, else the checkpoint's."),
+    decoder: Optional[str] = typer.Option(None, "--decoder", help="task segmentation: linear (default) or mask_transformer (Segmenter's)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Delete the run already in --out and start again."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda."),
     keep: Optional[int] = typer.Option(None, "--keep", min=0, help="Step checkpoints kept besides last and best."),
 ) -> None:
-    """Fine-tune a pretrained model on a (smaller) data set, at a higher resolution (paper §3.2)."""
+    """Fine-tune a pretrained model on a (smaller) data set, at a higher resolution (paper §3.2); with --task
+    segmentation, under a Segmenter decoder."""
     from vitcli.engine.finetune import build_finetune_recipe, finetune as run_finetune
     from vitcli.io.rundir import default_run_dir
     from vitcli.recipe_files import locate
@@ -140,7 +143,7 @@ def finetune(
     overrides = _overrides(set_, device=device, keep=keep, layer_decay=layer_decay, linear_probe=linear_probe,
                            new_head=new_head)
     plan = build_finetune_recipe(ckpt, res=_parse_res(res), dataset=dataset, recipe_file=locate(recipe) if recipe else None,
-                                 overrides=overrides)
+                                 overrides=overrides, task=task, decoder=decoder)
     for note in plan.init.notes:
         console.print(f"[dim]{note}[/]")
     console.print(f"Fine-tuning with {plan.source}.", highlight=False)
@@ -202,13 +205,17 @@ def eval_cmd(
     num_workers: int = typer.Option(2, "--num-workers", min=0, help="Loader processes."),
     bad_images: str = typer.Option("error", "--bad-images", help="error: stop at an unreadable image, naming it | skip: drop it and count it."),
     reduced_decode: bool = typer.Option(True, "--reduced-decode/--full-decode", help="Decode a large JPEG at 1/2-1/8 size when its short side is 2-8x the resize target, or every image whole (as timm's validate.py)."),
+    window_stride: Optional[int] = typer.Option(None, "--window-stride", help="Segmentation: the sliding windows' stride in pixels (default: the window, i.e. the training crop)."),
+    multi_scale: bool = typer.Option(False, "--multi-scale", help="Segmentation: Segmenter's multi-scale test (scales 0.5-1.75 with flips)."),
 ) -> None:
-    """Evaluate a checkpoint: top-1/top-5, loss, calibration, per-class accuracy, few-shot."""
+    """Evaluate a checkpoint: top-1/top-5, loss, calibration, per-class accuracy, few-shot; for a segmentation
+    checkpoint mIoU, pixel and mean accuracy, per-class IoU."""
     from vitcli.data import LoaderSpec
     from vitcli.engine.evalrun import EvalSpec, FewshotSpec, print_eval, run_eval
 
     spec = EvalSpec(ckpt, dataset, split=split, res=_parse_res(res), data_dir=data_dir, labels=labels, device=device,
                     predictions=predictions, confusion=confusion, reduced_decode=reduced_decode,
+                    window_stride=window_stride, multi_scale=multi_scale,
                     loader=LoaderSpec.evaluation(batch_size, num_workers=num_workers, bad_images=bad_images),
                     fewshot=FewshotSpec.parse(fewshot))
     shown = err_console if as_json else console
@@ -231,17 +238,28 @@ def predict_cmd(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     num_workers: int = typer.Option(0, "--num-workers", min=0, help="Loader processes."),
     reduced_decode: bool = typer.Option(True, "--reduced-decode/--full-decode", help="Decode a large JPEG at 1/2-1/8 size when its short side is 2-8x the resize target, or every image whole."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="A segmentation checkpoint: write one palette PNG mask per image into this folder."),
+    overlay: bool = typer.Option(False, "--overlay", help="With --masks: also write each image with its mask's colours blended in (NAME_overlay.png)."),
 ) -> None:
-    """Classify images: each image's top-k classes and probabilities (exit code 4 if some could not be read)."""
+    """Classify images: each image's top-k classes and probabilities; with a segmentation checkpoint and
+    --masks DIR, each image's mask and class areas (exit code 4 if some could not be read)."""
     from vitcli.predict import PARTIAL_EXIT_CODE, Predictions, predict
+    from vitcli.predict.masks import predict_masks
     from vitcli.predict.output import CsvRows, JsonArray, progress_bar, text_line
 
+    if overlay and masks is None:
+        raise VitError("--overlay draws each mask over its image: give the folder for them with --masks DIR.")
+    if masks is not None and csv_out is not None:
+        raise VitError("--csv lists classes per image; with --masks use --json for each image's class areas.")
     csv_path = writable_file(csv_out, "--csv") if csv_out is not None else None  # before any work
     info = Predictions()
     say = lambda message: err_console.print(message, markup=False, highlight=False)  # noqa: E731
     with progress_bar(err_console) as progress, JsonArray(sys.stdout, as_json) as json_rows, CsvRows(csv_path, topk) as csv_rows:
-        for row in predict(ckpt, inputs, topk=topk, batch_size=batch_size, device=device, num_workers=num_workers,
-                           reduced_decode=reduced_decode, info=info, progress=progress, say=say):
+        rows = predict_masks(ckpt, inputs, masks, overlay=overlay, device=device, info=info, progress=progress, say=say) \
+            if masks is not None else \
+            predict(ckpt, inputs, topk=topk, batch_size=batch_size, device=device, num_workers=num_workers,
+                    reduced_decode=reduced_decode, info=info, progress=progress, say=say)
+        for row in rows:
             json_rows.add(row)
             csv_rows.add(row)
             if not as_json:

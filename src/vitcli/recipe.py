@@ -47,6 +47,14 @@ class ModelCfg:
     # Fine-tuning: a head trained on the very classes being fine-tuned on (same data set, same class names)
     # is kept; true replaces it by a zero-initialised one anyway (the paper's §3.2 head for new classes).
     new_head: bool = False
+    # task: segmentation. Segmenter's decoders on the last block's patch tokens: linear (a linear layer per
+    # patch) or mask_transformer (decoder_layers blocks over the patches and one learned embedding per
+    # class, decoder_dim wide (null: the encoder's), decoder_heads (null: width / 64), dropout decoder_dropout)
+    decoder: Literal["linear", "mask_transformer"] = "linear"
+    decoder_layers: int = 2
+    decoder_dim: Optional[int] = None
+    decoder_heads: Optional[int] = None
+    decoder_dropout: float = 0.1
 
 
 @dataclass
@@ -105,7 +113,7 @@ class ObjectiveCfg:
     class). distill: the same, with a teacher. mpp: the
     paper's masked patch prediction. mae: masked autoencoder. mpp and mae read no labels."""
 
-    name: Literal["supervised", "multilabel", "distill", "mpp", "mae"] = "supervised"
+    name: Literal["supervised", "multilabel", "distill", "mpp", "mae", "segmentation"] = "supervised"
     # Closed-form few-shot accuracy at every evaluation, where the data has labels; None: [10] for
     # objectives that read no labels (watch the representation improve), none otherwise.
     fewshot: Optional[list[int]] = None
@@ -147,6 +155,16 @@ class DataCfg:
     # stream the training split (datasets' streaming=True for a Hub set; any other set streams its table)
     # instead of reading it whole first; tar shards always stream
     streaming: bool = False
+    # task: segmentation. Training crops of crop_size (null: the model's img_size) from images whose shorter
+    # side is resized to crop x U(resize_range), flipped (hflip), colour-jittered (photometric); evaluation
+    # resizes the shorter side to the crop size and slides crop-size windows every window_stride pixels
+    # (null: the crop size), at eval_scales (several: multi-scale, probabilities averaged), with eval_flip
+    crop_size: Optional[Union[int, list[int]]] = None
+    resize_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    photometric: bool = True
+    window_stride: Optional[int] = None
+    eval_scales: list[float] = field(default_factory=lambda: [1.0])
+    eval_flip: bool = False
     # augmentation (timm.data)
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])
@@ -199,7 +217,7 @@ class OptimCfg:
 @dataclass
 class ScheduleCfg:
     warmup_steps: int = 10_000
-    decay: Literal["cosine", "linear", "constant"] = "linear"
+    decay: Literal["cosine", "linear", "poly", "constant"] = "linear"  # poly: (1 - t)^0.9 (Segmenter, mmseg)
     min_lr: float = 0.0
 
 
@@ -231,6 +249,7 @@ class TrainCfg:
 @dataclass
 class Recipe:
     name: str = "recipe"
+    task: Literal["classification", "segmentation"] = "classification"  # segmentation: a decoder on the ViT, masks per pixel
     model: ModelCfg = field(default_factory=ModelCfg)
     objective: ObjectiveCfg = field(default_factory=ObjectiveCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -251,6 +270,7 @@ class Recipe:
 
 
 SECTIONS = {f.name: f for f in dataclasses.fields(Recipe)}
+TOP_LEVEL = ("name", "task")  # the recipe's plain settings; everything else is section.field
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,12 +321,13 @@ def recipe_from_dict(raw: dict[str, Any], overrides=(), default_name: str = "rec
     for item, key, value in parsed:
         path = key.split(".")
         if len(path) == 1:
-            if key != "name":
-                raise VitError(f"--set {item}: the key must be section.field (e.g. optim.lr=3e-4); sections: {', '.join(SECTIONS)}.")
-            raw["name"] = value
+            if key not in TOP_LEVEL:
+                raise VitError(f"--set {item}: the key must be section.field (e.g. optim.lr=3e-4) or one of "
+                               f"{', '.join(TOP_LEVEL)}; sections: {', '.join(s for s in SECTIONS if s not in TOP_LEVEL)}.")
+            raw[key] = value
             continue
-        if path[0] not in SECTIONS or path[0] == "name":
-            sections = ", ".join(s for s in SECTIONS if s != "name")
+        if path[0] not in SECTIONS or path[0] in TOP_LEVEL:
+            sections = ", ".join(s for s in SECTIONS if s not in TOP_LEVEL)
             raise VitError(f"--set {item}: unknown section '{path[0]}'.{did_you_mean(path[0], SECTIONS)} Sections: {sections}.")
         if path[0] == "objective" and len(path) == 2 and path[1] in LEGACY_OBJECTIVE_KEYS:
             path = ["objective", *_legacy_path(path[1], value, name)]
@@ -468,6 +489,19 @@ def validate(r: Recipe) -> None:
         _check(0.0 <= v < 1.0, f"model.{key}", f"must be in [0, 1); got {v}.")
     _check(m.class_token is not False or m.global_pool in ("avg", "map"), "model.class_token",
            "false needs model.global_pool: avg or map (there is no class token to pool).")
+    _check(m.decoder_layers >= 1, "model.decoder_layers", f"must be >= 1; got {m.decoder_layers}.")
+    _check(all(v is None or v > 0 for v in (m.decoder_dim, m.decoder_heads)), "model.decoder_dim",
+           f"and model.decoder_heads must be > 0; got {m.decoder_dim}, {m.decoder_heads}.")
+    _check(m.decoder_dim is None or m.decoder_heads is None or m.decoder_dim % m.decoder_heads == 0, "model.decoder_dim",
+           f"({m.decoder_dim}) must be divisible by model.decoder_heads ({m.decoder_heads}).")
+    _check(0.0 <= m.decoder_dropout < 1.0, "model.decoder_dropout", f"must be in [0, 1); got {m.decoder_dropout}.")
+    crop = d.crop_size if isinstance(d.crop_size, list) else [d.crop_size] * 2 if d.crop_size is not None else [1, 1]
+    _check(len(crop) == 2 and all(v > 0 for v in crop), "data.crop_size", f"must be one size or [height, width] > 0; got {d.crop_size}.")
+    _check(len(d.resize_range) == 2 and 0 < d.resize_range[0] <= d.resize_range[1], "data.resize_range",
+           f"must be [min, max] with 0 < min <= max; got {d.resize_range}.")
+    _check(d.window_stride is None or d.window_stride > 0, "data.window_stride", f"must be > 0; got {d.window_stride}.")
+    _check(len(d.eval_scales) >= 1 and all(v > 0 for v in d.eval_scales), "data.eval_scales",
+           f"must be one or more scales > 0 (e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]); got {d.eval_scales}.")
 
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0; got {d.num_workers}.")
     for key in ("train_subset", "eval_subset"):

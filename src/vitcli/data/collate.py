@@ -12,7 +12,7 @@ import torch
 
 from vitcli.data.batches import FIX, BadImages, Batch, Deferred, unreadable
 from vitcli.data.decode import as_byte_tensor, decode_host, decode_reduced, encoded_bytes, jpeg_size, scalable_jpeg_size
-from vitcli.data.masks import IGNORE_INDEX
+from vitcli.data.masks import OUTSIDE
 from vitcli.data.tensor_transforms import CropPlan, TensorTransform
 from vitcli.errors import VitError
 from vitcli.rng import preserved_rng, seed_all
@@ -25,7 +25,8 @@ def build_batch(items: list[tuple[tuple[int, ...], int, dict, int]], transform: 
 
     Each image is augmented from (seed, *key), independently of batching, workers and ranks. With
     `decode_target` the label is an encoded mask: decoded, transformed with the image (a joint
-    transform) and stacked, padded to the batch's largest (images with 0, masks with 255: ignored)."""
+    transform) and stacked, padded to the batch's largest (images with 0, masks with -1: not the image's;
+    training crops are never padded here, evaluation batches of different sizes are)."""
     decoder = decoder or datasets.Image()
     tensors = isinstance(transform, TensorTransform)
     images, deferred, labels, skipped = [], [], [], []
@@ -59,7 +60,7 @@ def build_batch(items: list[tuple[tuple[int, ...], int, dict, int]], transform: 
     if not labels:
         return Batch(None, None, skipped, None)
     if decode_target is not None:
-        return Batch(padded_stack(images, 0), padded_stack(labels, IGNORE_INDEX), skipped, None)
+        return Batch(padded_stack(images, 0), padded_stack(labels, OUTSIDE), skipped, None)
     stacked = torch.stack(images) if images else None
     targets = torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], list) else torch.int64)  # multi-hot or ids
     return Batch(stacked, targets, skipped, None, tuple(deferred))

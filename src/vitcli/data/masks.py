@@ -28,6 +28,7 @@ from PIL import Image
 from vitcli.errors import VitError
 
 IGNORE_INDEX = 255
+OUTSIDE = -1  # a batch's padding around a smaller mask: not part of its image (ignored like 255)
 
 
 @dataclass

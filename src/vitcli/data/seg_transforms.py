@@ -5,8 +5,8 @@ Train (mmseg's / Segmenter's ADE20K pipeline): resize the shorter side to crop x
 random crop of the crop size, padded where the image is smaller (image 0, mask 255: ignored) ->
 horizontal flip -> colour jitter (mmseg's PhotoMetricDistortion ranges: brightness 32/255, contrast
 and saturation 0.5, hue 18/255) -> normalise. mmseg's `cat_max_ratio` crop retries are not done.
-Eval: resize the shorter side to the crop size (mask nearest) -> normalise; scores and metrics are
-taken at that size.
+Eval: resize the image's shorter side to the crop size -> normalise; the mask stays as it is, so the
+scores are resized back to it and judged at the image's own resolution (mmseg's and Segmenter's test).
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class SegTransform:
             if spec.photometric:
                 steps.append(v2.ColorJitter(brightness=32 / 255, contrast=0.5, saturation=0.5, hue=18 / 255))
         else:
-            steps = [v2.Resize(short, antialias=True)]
+            steps = [v2.Resize(short, antialias=True)]  # the image only: see __call__
+        self.short = short
         self.geometry = v2.Compose(steps)
         self.finish = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))])
 
@@ -66,5 +67,17 @@ class SegTransform:
             raise VitError(f"its mask is {mask.shape[1]}x{mask.shape[0]} pixels but the image {image.size[0]}x{image.size[1]}; "
                            "a mask must match its image pixel for pixel.")
         pixels = tv_tensors.Image(torch.from_numpy(np.array(image)).reshape(image.size[1], image.size[0], -1).permute(2, 0, 1))
-        image_t, mask_t = self.geometry(pixels, tv_tensors.Mask(torch.from_numpy(np.array(mask))))
-        return self.finish(image_t).as_subclass(torch.Tensor), mask_t.as_subclass(torch.Tensor).long()
+        mask_t = tv_tensors.Mask(torch.from_numpy(np.array(mask)))
+        if self.train:
+            pixels, mask_t = self.geometry(pixels, mask_t)
+        else:
+            pixels = self.geometry(pixels)
+        return self.finish(pixels).as_subclass(torch.Tensor), mask_t.as_subclass(torch.Tensor).long()
+
+
+def resized_size(height: int, width: int, short: int) -> tuple[int, int]:
+    """The size the evaluation transform gives an image of (height, width): shorter side `short`, the
+    longer one scaled and truncated (torchvision's Resize(int))."""
+    if height <= width:
+        return short, int(short * width / height)
+    return int(short * height / width), short

@@ -25,6 +25,7 @@ from vitcli.objectives import fewshot as fs
 from vitcli.engine.evalspec import EvalSpec, FewshotSpec
 from vitcli.engine.report import PredictionLog, draw_confusion, figure_path, print_eval, write_predictions
 from vitcli.engine.resolve import load_for_inference, resolve_dataset
+from vitcli.engine.seg_eval import segmentation_eval
 from vitcli.engine.runtime import autocast_dtype, pick_device
 from vitcli.errors import VitError
 from vitcli.io.paths import writable_file
@@ -59,6 +60,8 @@ def run_eval(spec: EvalSpec, *, progress: Callable[[int, int], None] | None = No
     img_size = input_size(model)
     if ck.meta.task == "multilabel":
         return _multilabel(spec, model, ck, run_dir, dataset, data_dir, dev, amp, say, progress)
+    if ck.meta.task == "segmentation":
+        return segmentation_eval(spec, model, ck, dataset, data_dir, dev, amp, say, progress)
     eval_set = vdata.load_split(dataset, spec.split, role="eval", data_dir=data_dir, img_size=img_size, seed=0,
                                 subset=spec.subset, carve=False, say=say)  # a folder of class folders: every image
     head_fits = _head_fits(model, eval_set, ck, shots, bool(predictions or confusion), say)

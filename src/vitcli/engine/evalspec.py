@@ -72,6 +72,8 @@ class EvalSpec:
     confusion: Optional[Path] = None
     runs_root: Path = Path("runs")
     reduced_decode: bool = True
+    window_stride: Optional[int] = None  # segmentation: the sliding windows' stride (None: the window, no overlap)
+    multi_scale: bool = False  # segmentation: Segmenter's scales 0.5-1.75 with flips, probabilities averaged
     loader: LoaderSpec = field(default_factory=lambda: LoaderSpec.evaluation(256, num_workers=2))
     fewshot: FewshotSpec = field(default_factory=FewshotSpec)
 
@@ -80,3 +82,5 @@ class EvalSpec:
             raise ValueError("an evaluation loader neither shuffles nor drops images: use LoaderSpec.evaluation")
         if self.subset is not None and self.subset < 1:
             raise VitError(f"the evaluation subset must hold at least 1 image, got {self.subset}.")
+        if self.window_stride is not None and self.window_stride < 1:
+            raise VitError(f"--window-stride must be at least 1 pixel, got {self.window_stride}.")

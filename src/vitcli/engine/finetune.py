@@ -17,6 +17,7 @@ from rich.console import Console
 
 from vitcli import data as vdata
 from vitcli.data import lookup
+from vitcli.data.seg_sources import load_mask_split
 from vitcli.engine.trainer import train
 from vitcli.errors import VitError
 from vitcli.io.meta import CheckpointMeta
@@ -77,12 +78,23 @@ def paper_finetune_recipe(num_train: int, dataset: str) -> dict:
     }
 
 
-def shipped_recipe(dataset: str) -> Path | None:
-    """recipes/finetune_*.yaml whose data.dataset is this set (digits -> finetune_digits.yaml), if any."""
+def segmenter_finetune_recipe(num_train: int, dataset: str) -> dict:
+    """Segmenter's fine-tuning settings (Strudel et al., 2021, §4.2: SGD, lr 0.001, momentum 0.9, no weight
+    decay, poly decay, drop path 0.1), with the batch and steps fitted to the set as `fitted_schedule` does."""
+    fitted = fitted_schedule(num_train, dataset)
+    fitted["schedule"]["decay"] = "poly"
+    return {"task": "segmentation", "optim": {"name": "sgd", "lr": 0.001, "momentum": 0.9, "weight_decay": 0.0,
+                                              "clip_grad_norm": None},
+            "model": {"drop_path_rate": 0.1}, **fitted}
+
+
+def shipped_recipe(dataset: str, task: str = "classification") -> Path | None:
+    """recipes/finetune_*.yaml (task segmentation: segment_*.yaml) whose data.dataset is this set (digits ->
+    finetune_digits.yaml, digits-seg -> segment_digits.yaml), if any."""
     spec = lookup(dataset)
     if spec is None:
         return None
-    for path in sorted(shipped_dir().glob("finetune_*.yaml")):
+    for path in sorted(shipped_dir().glob("segment_*.yaml" if task == "segmentation" else "finetune_*.yaml")):
         named = (parse_yaml(path.read_text(), str(path)).get("data") or {}).get("dataset")
         if isinstance(named, str) and lookup(named) == spec:
             return path
@@ -96,36 +108,50 @@ def build_finetune_recipe(
     dataset: str | None,
     recipe_file: RecipeFile | None,
     overrides: list[str],
+    task: str | None = None,
+    decoder: str | None = None,
 ) -> FinetunePlan:
     """The recipe of a fine-tuning run, checkpoint, data set and resolution filled in: `recipe_file`,
-    else the shipped recipe for the data set, else the paper's settings fitted to its size."""
+    else the shipped recipe for the data set, else the paper's settings (task segmentation: Segmenter's)
+    fitted to its size. The data set: --dataset, else the recipe file's, else the checkpoint's."""
     init = load_checkpoint(ckpt)
     meta = init.meta
-    dataset = dataset or meta.dataset
+    stated = parse_yaml(recipe_file.path.read_text(), str(recipe_file.path)) if recipe_file is not None else {}
+    task = task or stated.get("task") or ("segmentation" if meta.task == "segmentation" else "classification")
+    dataset = dataset or (stated.get("data") or {}).get("dataset") or meta.dataset
     if not dataset:
         raise VitError(f"{ckpt} does not say which data set it was trained on. Pass --dataset NAME or PATH.")
-    fixed = [f"data.dataset={dataset}", f"model.init_ckpt={init.source}", f"model.name={meta.model}"]
+    fixed = [f"data.dataset={dataset}", f"model.init_ckpt={init.source}", f"model.name={meta.model}", f"task={task}"]
+    if decoder is not None:
+        fixed.append(f"model.decoder={decoder}")
     if res is not None:
         fixed.append(f"model.img_size=[{res[0]}, {res[1]}]")
     if dataset == meta.dataset and meta.data_dir:
         fixed.append(f"data.data_dir={meta.data_dir}")
     if meta.preprocess is not None:  # feed the model the normalisation it was trained with
         fixed += [f"data.mean={list(meta.preprocess.mean)}", f"data.std={list(meta.preprocess.std)}"]
-    if recipe_file is None and (found := shipped_recipe(dataset)) is not None:
+    if recipe_file is None and (found := shipped_recipe(dataset, task)) is not None:
         recipe_file = RecipeFile(found, f"the shipped recipe '{found.stem}' for {dataset}")
     recipe_path = recipe_file.path if recipe_file is not None else None
     fixed += _mae_defaults(meta, recipe_path, overrides)
     if recipe_file is not None:
         return FinetunePlan(load_recipe(recipe_file.path, fixed + overrides), init, _with_mae_note(recipe_file.origin, meta))
-    name = f"finetune_{Path(str(dataset)).name}"
+    name = f"{'segment' if task == 'segmentation' else 'finetune'}_{Path(str(dataset)).name}"
     data_only = recipe_from_dict({"name": name, "train": {"steps": 1}}, fixed + [o for o in overrides if o.startswith("data.")])
-    num_train = len(vdata.build(vdata.SourceSpec.of(data_only.data), "train"))
-    defaults = paper_finetune_recipe(num_train, dataset)
+    if task == "segmentation":
+        d = data_only.data
+        num_train = len(load_mask_split(d.dataset, d.train_split, data_dir=d.data_dir, subset=d.train_subset))
+        defaults = segmenter_finetune_recipe(num_train, dataset)
+    else:
+        num_train = len(vdata.build(vdata.SourceSpec.of(data_only.data), "train"))
+        defaults = paper_finetune_recipe(num_train, dataset)
     if any(o.startswith("train.batch_size=") for o in overrides) and not any(o.startswith("train.micro_batch_size=") for o in overrides):
         defaults["train"]["micro_batch_size"] = None  # the user's batch, in one pass unless they say otherwise
     recipe = recipe_from_dict({"name": name, **defaults}, fixed + overrides)
     fit = defaults["train"]
-    source = (f"the paper's settings (SGD momentum 0.9, cosine decay, clip 1) fitted to {num_train:,} training images: "
+    settings = "Segmenter's settings (SGD momentum 0.9, poly decay, drop path 0.1)" if task == "segmentation" else \
+        "the paper's settings (SGD momentum 0.9, cosine decay, clip 1)"
+    source = (f"{settings} fitted to {num_train:,} training images: "
               f"batch {fit['batch_size']}, {fit['steps']:,} steps (the batch halved from {PAPER_BATCH} until the set holds "
               f"{MIN_BATCHES_PER_EPOCH} batches, at most {MAX_EPOCHS} epochs)")
     if any(o.startswith(("train.", "schedule.")) for o in overrides):

@@ -43,8 +43,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimCfg, device: torch.device)
     return optimizer
 
 
+POLY_POWER = 0.9
+
+
 def lr_at(step: int, total_steps: int, peak_lr: float, cfg: ScheduleCfg) -> float:
-    """Linear warmup from 0 to peak_lr over warmup_steps, then cosine/linear decay to min_lr.
+    """Linear warmup from 0 to peak_lr over warmup_steps, then cosine/linear/poly decay to min_lr.
 
     `step` counts optimizer updates already taken, so step 0 is the first update.
     """
@@ -56,6 +59,8 @@ def lr_at(step: int, total_steps: int, peak_lr: float, cfg: ScheduleCfg) -> floa
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     if cfg.decay == "cosine":
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif cfg.decay == "poly":  # mmseg's PolyLR, power 0.9 (Segmenter)
+        shape = (1.0 - progress) ** POLY_POWER
     else:
         shape = 1.0 - progress
     return cfg.min_lr + (peak_lr - cfg.min_lr) * shape

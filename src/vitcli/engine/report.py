@@ -184,6 +184,16 @@ def print_eval(result: dict[str, Any], console=None) -> None:
         if len(aps) > 1:
             table.add_row(f"lowest AP ({min(len(aps), WORST_SHOWN)} classes)",
                           escape(", ".join(f"{n}: {_pct(a)}" for a, n in sorted(aps)[:WORST_SHOWN])))
+    if result.get("task") == "segmentation":
+        table.add_row("mIoU", _pct(result["miou"]))
+        table.add_row("pixel accuracy", _pct(result["pixel_accuracy"]))
+        table.add_row("mean accuracy", _pct(result["mean_accuracy"]))
+        ious = [(a, n) for a, n in zip(result["per_class_iou"], result.get("class_names") or []) if a is not None]
+        if len(ious) > 1:
+            table.add_row(f"lowest IoU ({min(len(ious), WORST_SHOWN)} classes)",
+                          escape(", ".join(f"{n}: {_pct(a)}" for a, n in sorted(ious)[:WORST_SHOWN])))
+        scales = "" if result["scales"] == [1.0] else f", scales {result['scales']} with flips"
+        table.add_row("windows", f"{result['window']} px every {result['window_stride']} px{scales}")
     table.add_row("images", f"{result.get('num_images', 0):,}")
     table.add_row("images/s", f"{result.get('images_per_second', 0.0):,.1f}")
 

@@ -228,13 +228,14 @@ def _start(recipe: Recipe, run_dir: Path, env: DistEnv, console: Console, *, res
             init = load_checkpoint(recipe.model.init_ckpt)
         data = build_data(recipe, init, say)
     keep_head = not resuming and keeps_head(recipe.model, init, recipe.data.dataset, data.class_names)
-    model = build_model(recipe.model, data.num_classes, init, keep_head=keep_head)
+    model = build_model(recipe.model, data.num_classes, init, keep_head=keep_head, task=recipe.task)
     if keep_head:
         say(f"Keeping the checkpoint's trained head: its {data.num_classes} classes are {data.name}'s own "
             "(--new-head starts a zero-initialised one).")
     if t.linear_probe:  # the paper's linear evaluation: a frozen backbone under a trained head
+        heads = ("decoder.",) if recipe.task == "segmentation" else ("head.", "head_dist.")  # a distilled model has two
         for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith(("head.", "head_dist.")))  # a distilled model has two heads
+            p.requires_grad_(name.startswith(heads))
     model.to(env.device)
     plan = StepPlan.make(t, len(data.train), env.world_size)
     fewshot = fewshot_set(data, recipe, env.device, plan.eval_batch)

@@ -56,7 +56,9 @@ class CheckpointMeta:
         inferred: the architecture was inferred from the tensors (a foreign file).
         pre_logits: the weights have a representation layer before the head (old Google checkpoints).
         dataset / data_dir / objective: what the run that wrote it trained on, and how.
-        task: "multilabel" for a head of independent sigmoids (its threshold in `training`), None otherwise.
+        task: "multilabel" for a head of independent sigmoids (its threshold in `training`), "segmentation" for
+            a Segmenter (the weights: encoder.* and decoder.*), None otherwise (classification).
+        decoder: a segmenter's decoder (kind, dim, layers, heads, dropout); model / model_args describe its encoder.
         training: the rest of what a run records (step, top1, score ...), kept as written.
     """
 
@@ -73,10 +75,11 @@ class CheckpointMeta:
     data_dir: str | None = None
     objective: str | None = None
     task: str | None = None
+    decoder: dict[str, Any] | None = None
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     _FIELDS = ("format", "model", "model_args", "num_classes", "img_size", "class_names", "inferred", "pre_logits",
-               "dataset", "data_dir", "objective", "task")
+               "dataset", "data_dir", "objective", "task", "decoder")
     _PREPROCESS = ("mean", "std", "interpolation", "crop_pct")
 
     @classmethod
@@ -99,6 +102,7 @@ class CheckpointMeta:
             data_dir=d.get("data_dir"),
             objective=d.get("objective"),
             task=d.get("task"),
+            decoder=dict(d["decoder"]) if d.get("decoder") else None,
             training={k: v for k, v in d.items() if k not in cls._FIELDS + cls._PREPROCESS},
         )
 
@@ -108,7 +112,7 @@ class CheckpointMeta:
                                "num_classes": self.num_classes, "img_size": self.img_size}
         if self.preprocess is not None:
             out.update(self.preprocess.to_dict())
-        for key in ("class_names", "dataset", "data_dir", "objective", "task"):
+        for key in ("class_names", "dataset", "data_dir", "objective", "task", "decoder"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.inferred:

@@ -34,6 +34,7 @@ class LinearDecoder(nn.Module):
     def __init__(self, encoder_dim: int, num_classes: int):
         super().__init__()
         self.head = nn.Linear(encoder_dim, num_classes)
+        self.settings: dict = {"kind": "linear"}
         init_linears(self)
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
@@ -48,6 +49,8 @@ class MaskTransformer(nn.Module):
         super().__init__()
         dim = dim or encoder_dim
         heads = heads or max(1, dim // 64)
+        self.settings = {"kind": "mask_transformer", "dim": dim, "layers": layers, "heads": heads, "drop_path": drop_path,
+                         "dropout": dropout}  # what rebuilds it (a checkpoint's `decoder`)
         self.num_classes = num_classes
         self.proj_dec = nn.Linear(encoder_dim, dim)
         rates = torch.linspace(0, drop_path, layers, device="cpu").tolist()
@@ -74,6 +77,7 @@ class MaskTransformer(nn.Module):
 
 
 def make_decoder(kind: Decoder, encoder_dim: int, num_classes: int, **settings) -> nn.Module:
+    """A decoder by kind; `settings` as a decoder's own `settings` (a checkpoint's) or the recipe's."""
     if kind == "linear":
         return LinearDecoder(encoder_dim, num_classes)
     return MaskTransformer(encoder_dim, num_classes, **settings)
@@ -88,6 +92,27 @@ class Segmenter(nn.Module):
         embed = encoder.patch_embed
         self.stride = tuple(s // g for s, g in zip(embed.img_size, embed.grid_size))
 
+    @property
+    def config(self):
+        """The encoder's (a registered ViT's) config: what the checkpoint's model / model_args describe."""
+        return self.encoder.config
+
+    @property
+    def embed_dim(self) -> int:
+        return self.encoder.embed_dim
+
+    @property
+    def blocks(self) -> nn.Module:
+        """The encoder's blocks: what activation checkpointing and FSDP wrap one by one."""
+        return self.encoder.blocks
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new decoder of the same kind and settings for `num_classes` classes (fine-tuning on other classes)."""
+        settings = {k: v for k, v in self.decoder.settings.items() if k != "kind"}
+        ref = next(self.encoder.parameters())
+        self.decoder = make_decoder(self.decoder.settings["kind"], self.embed_dim, num_classes, **settings).to(ref.device)
+        self.num_classes = num_classes
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         h, w = images.shape[-2:]
         sh, sw = self.stride
@@ -101,7 +126,8 @@ class Segmenter(nn.Module):
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"decoder.cls_emb"}
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        """Layer decay over the encoder's depth (timm.optim); the decoder trains at the full rate."""
+        """Layer decay over the encoder's depth (timm.optim); the decoder, matched by nothing, is timm's head:
+        the last group, at the full rate (the final norm joins the last block, as in timm's ViT)."""
         inner = self.encoder.group_matcher(coarse)
         stem = "|".join(f"^encoder.{p.lstrip('^')}" for p in inner["stem"].split("|"))
-        return {"stem": stem, "blocks": [(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm|^decoder", (99999,))]}
+        return {"stem": stem, "blocks": [(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm", (99999,))]}

@@ -3,8 +3,9 @@
 An objective holds the model (and any trainable parts of its own) so the engine wraps it once with
 DDP/FSDP, and says what its evaluations report (`evaluate`, `eval_metrics`, `score`). The engine knows
 nothing else about it. `supervised` (Classification) is the paper's; `multilabel` its sigmoid-per-class
-form (chosen for multi-label data); `distill` adds a frozen teacher (DeiT); `mpp` (the paper's masked
-patch prediction, §4.6) and `mae` (masked autoencoder) need no labels.
+form (chosen for multi-label data); `segmentation` a Segmenter's per-pixel one (task: segmentation);
+`distill` adds a frozen teacher (DeiT); `mpp` (the paper's masked patch prediction, §4.6) and `mae`
+(masked autoencoder) need no labels.
 
 A new objective is one module (a subclass of Objective with its `from_recipe`) and one line in OBJECTIVES,
 plus its settings' section in the recipe (objective.<name>.*) if it has any.
@@ -22,12 +23,13 @@ from vitcli.objectives.fewshot import FewshotSet
 from vitcli.objectives.mae import MaskedAutoencoder
 from vitcli.objectives.mpp import MaskedPatchPrediction
 from vitcli.objectives.multilabel import MultiLabel
+from vitcli.objectives.segmentation import SemanticSegmentation
 from vitcli.objectives.selfsup import SelfSupervised
 from vitcli.objectives.supervised import Classification
 from vitcli.recipe import ObjectiveCfg
 
 __all__ = ["ECE_BINS", "OBJECTIVES", "Classification", "Distillation", "EvalAccumulator", "FewshotSet", "Inputs", "MaskedAutoencoder",
-           "MaskedPatchPrediction", "MultiLabel", "Objective", "SelfSupervised", "build_objective", "evaluate", "objective_class"]
+           "MaskedPatchPrediction", "MultiLabel", "Objective", "SelfSupervised", "SemanticSegmentation", "build_objective", "evaluate", "objective_class"]
 
 # The one registry of objectives, shared by `vit pretrain` (engine.setup) and `vit bench --objective`.
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -36,6 +38,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "multilabel": MultiLabel,
     "mpp": MaskedPatchPrediction,
     "mae": MaskedAutoencoder,
+    "segmentation": SemanticSegmentation,
 }
 
 

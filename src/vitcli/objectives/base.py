@@ -34,6 +34,10 @@ class Inputs:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     fewshot: FewshotSet | None = None
+    window: int | None = None  # segmentation: the sliding window, the training crop (None: the encoder's resolution)
+    window_stride: int | None = None  # segmentation: sliding windows' stride (None: the window, i.e. no overlap)
+    eval_scales: tuple[float, ...] = (1.0,)  # segmentation: several scales average their probabilities
+    eval_flip: bool = False
 
 
 class Objective(nn.Module, ABC):

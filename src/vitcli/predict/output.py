@@ -12,14 +12,19 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 from vitcli.errors import path_error
+from vitcli.predict.masks import MaskPrediction
 from vitcli.predict.run import Prediction
 
 
-def text_line(row: Prediction) -> str:
+def text_line(row: Prediction | MaskPrediction) -> str:
+    if isinstance(row, MaskPrediction):  # the mask written and the largest class areas
+        return f"{row.path} -> {row.mask}  " + "  ".join(f"{name} {a:.1%}" for name, a in list(row.areas.items())[:5])
     return f"{row.path}  " + "  ".join(f"{label} {p:.4f}" for label, _, p in row.top)
 
 
-def as_dict(row: Prediction) -> dict[str, Any]:
+def as_dict(row: Prediction | MaskPrediction) -> dict[str, Any]:
+    if isinstance(row, MaskPrediction):
+        return {"path": row.path, "mask": row.mask, "overlay": row.overlay, "areas": row.areas}
     return {"path": row.path, "top": [{"label": label, "index": i, "probability": p} for label, i, p in row.top]}
 
 
@@ -34,7 +39,7 @@ class JsonArray:
             self.stream.write("[")
         return self
 
-    def add(self, row: Prediction) -> None:
+    def add(self, row: Prediction | MaskPrediction) -> None:
         if self.enabled:
             self.stream.write(("," if self.count else "") + "\n" + json.dumps(as_dict(row)))
             self.stream.flush()

@@ -71,6 +71,8 @@ def predict(ckpt: str | Path | None, inputs: list[str], *, topk: int = 5, batch_
     info = info if info is not None else Predictions()
     paths = find_images(inputs)
     model, ck, _ = load_for_inference(ckpt, Path(runs_root), say, needs_head="it cannot predict classes")
+    if ck.meta.task == "segmentation":
+        raise VitError(f"{ck.source} segments images: pass --masks DIR to write each image's mask (and --overlay to see it).")
     names = ck.meta.class_names or [str(i) for i in range(model.num_classes)]
     dev = pick_device(device)
     amp = autocast_dtype("auto", dev)
