@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from helpers import SETS, offline_env, run_cli, sigterm_then_resume_matches_an_uninterrupted_run
-from vitcli.data import LoaderSpec, builtin, load_split, make_loader
+from helpers import SETS, offline_env, recipe_file, run_cli, sigterm_then_resume_matches_an_uninterrupted_run, take
+from vitcli.data import LoaderSpec, builtin, load_split, make_loader, make_stream_loader, stream_split
 from vitcli.data.masks import MaskSet, decode_mask
 from vitcli.data.seg_sources import load_mask_split
 from vitcli.data.collate import padded_stack
 from vitcli.data.seg_transforms import SegTransform, SegTransformSpec, resized_size
+from vitcli.data.tarshards import read_samples
 from vitcli.objectives.segmentation import evaluate_segmentation
 from vitcli.errors import VitError
 from vitcli.engine.optim import build_optimizer, lr_at
@@ -423,3 +424,99 @@ SCRATCH = [*SETS, "--set", "task=segmentation", "--set", "data.dataset=digits-se
 @pytest.mark.slow
 def test_segmentation_from_scratch_resumes_exactly_after_sigterm(tmp_path):
     sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, SCRATCH)
+
+
+def test_onnx_export_of_a_segmenter_runs_in_onnxruntime(seg_run, tmp_path, capsys):
+    import onnx
+    import onnxruntime as ort
+
+    out = tmp_path / "seg.onnx"
+    assert run_cli("export", "--ckpt", str(seg_run), "--format", "onnx", "--out", str(out), "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verified"] and report["num_classes"] == 11
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["task"] == "segmentation" and props["class_names"].split(",")[:2] == ["background", "0"]
+    model, _ = model_from_checkpoint(seg_run)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), atol=1e-4)
+    assert got.shape == (2, 11, 16, 16)
+    assert run_cli("export", "--ckpt", str(seg_run), "--format", "timm", "--out", str(tmp_path / "t")) == 2
+    assert "no model class for a Segmenter" in capsys.readouterr().err
+
+
+def test_inspect_draws_images_truths_and_predictions(seg_run, tmp_path):
+    out = tmp_path / "inspect"
+    assert run_cli("inspect", "--ckpt", str(seg_run), "--out", str(out), "--show", "3") == 0
+    summary = json.loads((out / "inspect.json").read_text())
+    assert {"filters", "position", "segmentation"} <= set(summary["figures"]) and summary["num_images"] == 3
+    assert Image.open(out / "segmentation.png").size[0] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Tar shards of images with masks
+
+
+def test_shards_of_a_segmentation_set_hold_masks_and_train(tmp_path, capsys):
+    shards = tmp_path / "shards"
+    assert run_cli("shards", "digits-seg", str(shards), "--samples-per-shard", "500") == 0
+    index = json.loads((shards / "index.json").read_text())
+    assert index["task"] == "segmentation" and index["classes"][:2] == ["background", "0"]
+    assert set(index["splits"]) == {"train", "val"} and index["splits"]["val"]["num_samples"] == 500
+    val = load_mask_split(str(shards), role="eval")
+    original = load_mask_split("digits-seg", role="eval")
+    decode = val.target_decoder()
+    cells = val.dataset.cast_column("mask", datasets.Image(decode=False))
+    for i in (0, 99, 499):  # the val split keeps its order; its masks come back pixel for pixel
+        np.testing.assert_array_equal(decode(cells[i]["mask"]), np.asarray(original.dataset[i]["mask"]))
+    capsys.readouterr()
+    run = tmp_path / "run"
+    assert run_cli("pretrain", str(recipe_file(tmp_path, "train: {steps: 4}\n")), "--out", str(run), *SCRATCH,
+                   "--set", f"data.dataset={shards}", "--set", "data.train_subset=null", "--set", "data.shuffle_buffer=50") == 0
+    assert json.loads((run / "summary.json").read_text())["best_metric"] == "miou"
+    assert run_cli("shards", "digits", str(tmp_path / "cls"), "--samples-per-shard", "500") == 0
+    capsys.readouterr()
+    assert run_cli("pretrain", str(recipe_file(tmp_path)), "--out", str(tmp_path / "r2"), *SCRATCH,
+                   "--set", "data.dataset=" + str(tmp_path / "cls"), "--set", "data.train_subset=null") == 2
+    assert "hold classification samples" in capsys.readouterr().err
+
+
+def test_a_jpeg_with_a_png_beside_it_is_an_image_and_its_mask(tmp_path):
+    import io as _io
+    import tarfile
+
+    def encoded(array, fmt):
+        buf = _io.BytesIO()
+        Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buf, format=fmt)
+        return buf.getvalue()
+
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("a.jpg", encoded(np.zeros((4, 4, 3)), "JPEG")), ("a.png", encoded(np.full((4, 4), 3), "PNG")),
+                           ("b.png", encoded(np.zeros((4, 4)), "PNG")), ("b.seg.png", encoded(np.full((4, 4), 1), "PNG"))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, _io.BytesIO(data))
+    a, b = read_samples(str(path))
+    assert (a.ext, b.ext) == ("jpg", "png") and a.mask is not None and b.mask is not None
+    assert decode_mask({"bytes": a.mask, "path": None})[0, 0] == 3 and decode_mask({"bytes": b.mask, "path": None})[0, 0] == 1
+
+
+def test_a_restored_segmentation_stream_gives_the_same_images_and_masks(tmp_path):
+    shards = tmp_path / "shards"
+    assert run_cli("shards", "digits-seg", str(shards), "--samples-per-shard", "250") == 0
+    train = stream_split(str(shards), None)
+    tf = SegTransform(SegTransformSpec(crop_size=(16, 16), mean=(0.5,), std=(0.5,)), train=True)
+
+    def loader():
+        return make_stream_loader(train, tf, LoaderSpec.training(8, seed=1), buffer=20)
+
+    straight = take(loader(), 6)
+    first = loader()
+    take(first, 2)
+    state = first.state_dict()
+    resumed = loader()
+    assert resumed.load_state_dict(state)
+    for (x, y), (u, v) in zip(straight[2:], take(resumed, 4)):
+        assert torch.equal(x, u) and torch.equal(y, v) and y.shape == (8, 16, 16)

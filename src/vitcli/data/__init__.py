@@ -10,7 +10,7 @@ from vitcli.data.loader import BatchDataset, EpochBatchSampler, Loader, make_loa
 from vitcli.data.registry import ALIASES, REGISTRY, DatasetSpec, get_spec, list_datasets, lookup
 from vitcli.data.hub_stream import HubSet
 from vitcli.data.stream_loader import StreamLoader, first_images, is_streamed, make_stream_loader
-from vitcli.data.shard_sets import ShardSet
+from vitcli.data.shard_sets import ShardSet, stream_split
 from vitcli.data.sources import ImageSet, build, label_array, load_split, take_subset
 from vitcli.data.tensor_transforms import TensorTransform
 from vitcli.data.specs import LoaderSpec, MixSpec, SourceSpec, TransformSpec
@@ -46,5 +46,6 @@ __all__ = [
     "LoaderSpec",
     "is_streamed",
     "make_stream_loader",
+    "stream_split",
     "take_subset",
 ]

@@ -81,6 +81,7 @@ DIGITS_SEG_SIZES = {"train": 2000, "val": 500}
 DIGITS_SEG_CANVAS = 32
 DIGITS_SEG_SIDES = (10, 20)  # a pasted digit's side in pixels, uniform in this range
 DIGITS_SEG_INK = 64  # a pasted pixel at least this bright (of 255) belongs to its digit's mask
+DIGITS_SEG_TRIES = 50  # positions drawn for a digit before it is left out (digits never overlap)
 
 
 @lru_cache(maxsize=None)
@@ -89,10 +90,11 @@ def digits_seg_splits() -> dict[str, datasets.Dataset]:
 
     Each 32x32 grey canvas holds one to three digits of the matching digits split (train: the training
     digits; val: the test digits), each resized (bilinear) to a side of 10-20 px and pasted at a uniform
-    position; a pixel's brightness is the maximum over the digits covering it. The mask labels each
-    pixel of a digit (at least 64 of 255 after resizing) with its class + 1, later digits over earlier
-    ones, and everything else 0 (background): 11 classes. Seeded (numpy's default_rng(0) for train, (1)
-    for val), so every machine builds the same 2,000 + 500 images. Images and masks are grey PNGs.
+    position where its square overlaps no digit placed before (up to 50 draws; a digit that finds no room
+    is left out, so a canvas may hold fewer than it drew). The mask labels each pixel of a digit (at least
+    64 of 255 after resizing) with its class + 1 and everything else 0 (background): 11 classes. Seeded
+    (numpy's default_rng(0) for train, (1) for val), so every machine builds the same 2,000 + 500 images.
+    Images and masks are grey PNGs.
     """
     pixels, labels, pools = _digit_pixels()
     features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image()})
@@ -103,13 +105,20 @@ def digits_seg_splits() -> dict[str, datasets.Dataset]:
         for _ in range(DIGITS_SEG_SIZES[split]):
             image = np.zeros((DIGITS_SEG_CANVAS, DIGITS_SEG_CANVAS), dtype=np.uint8)
             mask = np.zeros_like(image)
+            taken = np.zeros_like(image, dtype=bool)  # the squares of the digits placed so far
             for _ in range(int(rng.integers(1, 4))):
                 i = int(rng.choice(pool))
                 side = int(rng.integers(DIGITS_SEG_SIDES[0], DIGITS_SEG_SIDES[1] + 1))
                 digit = np.asarray(Image.fromarray(pixels[i]).resize((side, side), Image.BILINEAR))
-                top, left = (int(v) for v in rng.integers(0, DIGITS_SEG_CANVAS - side + 1, size=2))
-                window = (slice(top, top + side), slice(left, left + side))
-                image[window] = np.maximum(image[window], digit)
+                for _ in range(DIGITS_SEG_TRIES):
+                    top, left = (int(v) for v in rng.integers(0, DIGITS_SEG_CANVAS - side + 1, size=2))
+                    window = (slice(top, top + side), slice(left, left + side))
+                    if not taken[window].any():
+                        break
+                else:
+                    continue  # no room left for this one
+                taken[window] = True
+                image[window] = digit
                 mask[window][digit >= DIGITS_SEG_INK] = labels[i] + 1
             rows["image"].append(_encode(image, "PNG"))
             rows["mask"].append(_encode(mask, "PNG"))

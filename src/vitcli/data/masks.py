@@ -82,3 +82,20 @@ def largest_class(ds: datasets.Dataset, reduce_zero_label: bool) -> int:
             top = max(top, int(ids.max()))
     return top
 
+
+
+def palette() -> list[int]:
+    """Pascal VOC's colour map (class id bits interleaved over R, G, B), 256 RGB entries as a flat list for
+    PIL's putpalette: class 0 black, 255 (ignored) white."""
+    colours = []
+    for c in range(256):
+        r = g = b = 0
+        label = c
+        for shift in range(7, -1, -1):
+            r |= (label & 1) << shift
+            g |= ((label >> 1) & 1) << shift
+            b |= ((label >> 2) & 1) << shift
+            label >>= 3
+        colours += [r, g, b]
+    colours[IGNORE_INDEX * 3:] = [255, 255, 255]
+    return colours

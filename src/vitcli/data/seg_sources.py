@@ -17,6 +17,8 @@ from vitcli.data.hub import load_hub_split
 from vitcli.data.masks import MaskSet, largest_class
 from vitcli.data.registry import DatasetSpec
 from vitcli.data.seg_layouts import Layout, class_file, read_layout
+from vitcli.data.shard_index import is_shard_source
+from vitcli.data.shard_sets import read_split, shard_task
 from vitcli.data.sources import CARVE_FRACTION, CARVE_SEED, resolve_source
 from vitcli.errors import VitError
 
@@ -29,7 +31,19 @@ EVAL_SPLITS = ("val", "validation", "test", "eval")
 def load_mask_split(dataset: str, split: Optional[str] = None, *, role: Role = "train", data_dir: Optional[str] = None,
                     subset: Optional[int] = None, seed: int = 0, carve: bool = True,
                     say: Optional[Callable[[str], object]] = None) -> MaskSet:
-    """One split of a segmentation set (split None: the set's training or evaluation split for `role`)."""
+    """One split of a segmentation set (split None: the set's training or evaluation split for `role`); a
+    split of tar shards is read whole (training streams them: data.shard_sets.stream_split)."""
+    if data_dir is None and is_shard_source(dataset):
+        task, reduce = shard_task(dataset)
+        if task != "segmentation":
+            raise VitError(f"The shards at {dataset} hold classification samples (labels, no masks). Write the segmentation "
+                           "set with `vit shards` (it stores each mask as KEY.seg.png).")
+        ds, names, split_name = read_split(dataset, split, role)
+        image_set = MaskSet(ds, len(names), names, dataset, split_name, reduce)
+        if subset and subset < len(ds):
+            keep = np.sort(np.random.default_rng(seed).permutation(len(ds))[:subset])
+            image_set = MaskSet(ds.select(keep, keep_in_memory=True), len(names), names, dataset, f"{split_name}[{subset}]", reduce)
+        return image_set
     spec, path = resolve_source(dataset, data_dir)
     if spec is not None and spec.task != "segmentation" and path is None:
         raise VitError(f"'{spec.name}' is a classification set (a class per image); segmentation needs a mask per image. "
@@ -124,3 +138,19 @@ def _carved(n: int, role: Role) -> np.ndarray:
     order = np.random.default_rng(CARVE_SEED).permutation(n)
     n_eval = max(1, round(CARVE_FRACTION * n))
     return np.sort(order[n_eval:] if role == "train" else order[:n_eval])
+
+
+def is_segmentation_source(dataset: str, data_dir: Optional[str] = None) -> bool:
+    """Whether `dataset` names a segmentation set: a registry set of that task, a folder in a segmentation
+    layout, a save_to_disk copy with an image and a mask column, or shards whose index says so."""
+    if data_dir is None and is_shard_source(dataset):
+        return shard_task(dataset)[0] == "segmentation"
+    spec, path = resolve_source(dataset, data_dir)
+    if path is None or not path.is_dir():
+        return spec is not None and spec.task == "segmentation"
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        loaded = datasets.load_from_disk(str(path))
+        first = next(iter(loaded.values())) if isinstance(loaded, datasets.DatasetDict) else loaded
+        images = [c for c, f in first.features.items() if isinstance(f, datasets.Image)]
+        return len(images) >= 2 and any(c in MASK_COLUMNS for c in images)
+    return read_layout(path) is not None

@@ -58,6 +58,8 @@ class ShardIndex:
     classes: list[str] = field(default_factory=list)
     source: Optional[str] = None
     multilabel: bool = False  # samples carry lists of classes (KEY.json {"labels": [...]})
+    task: str = "classification"  # segmentation: samples carry masks (KEY.seg.png), no labels
+    reduce_zero_label: bool = False  # segmentation masks whose 0 is ignored (ADE20K)
 
 
 def is_shard_source(dataset: str) -> bool:
@@ -96,7 +98,8 @@ def load_index(dataset: str) -> ShardIndex:
         shards = [ShardInfo(_join(folder, s["name"]), s.get("samples"), s.get("bytes"), s.get("sha256"))
                   for s in split.get("shards", [])]
         splits[name] = ShardSplit(name, shards, split.get("class_counts"))
-    return ShardIndex(index_url, splits, list(raw.get("classes") or []), raw.get("source"), bool(raw.get("multilabel")))
+    return ShardIndex(index_url, splits, list(raw.get("classes") or []), raw.get("source"), bool(raw.get("multilabel")),
+                      str(raw.get("task") or "classification"), bool(raw.get("reduce_zero_label")))
 
 
 def expand(patterns: str) -> list[str]:
@@ -129,11 +132,12 @@ def _ranges(pattern: str) -> list[str]:
 
 
 def write_index(folder: str, source: str, classes: list[str], splits: dict[str, list[dict]], multilabel: bool = False,
-                class_counts: Optional[dict[str, list[int]]] = None) -> str:
+                class_counts: Optional[dict[str, list[int]]] = None, segmentation: Optional[dict] = None) -> str:
     """index.json in folder (written whole, then renamed into place); returns its path. `class_counts`: per
     split, its samples per class (what class-balanced loss weights of a streamed split are computed from)."""
     counts = class_counts or {}
     body = {"format": FORMAT, "version": VERSION, "source": source, "classes": classes, **({"multilabel": True} if multilabel else {}),
+            **({"task": "segmentation", **segmentation} if segmentation is not None else {}),
             "splits": {name: {"num_samples": sum(s["samples"] for s in shards),
                               **({"class_counts": counts[name]} if name in counts else {}), "shards": shards}
                        for name, shards in splits.items()}}

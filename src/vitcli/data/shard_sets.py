@@ -8,6 +8,7 @@ are small beside training ones (ImageNet's 50,000 validation images: 6.4 GB).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Optional
@@ -15,6 +16,7 @@ from typing import Optional
 import datasets
 
 from vitcli.data.indexing import quiet_bars
+from vitcli.data.masks import decode_mask
 from vitcli.data.sample_stream import StreamedSet
 from vitcli.data.shard_index import ShardIndex, ShardSplit, load_index
 from vitcli.data.tarshards import ShardError, open_shard, read_samples
@@ -29,6 +31,12 @@ class ShardSet(StreamedSet):
 
     urls: list[str] = field(kw_only=True)
     multilabel: bool = field(default=False, kw_only=True)  # samples carry lists of classes: multi-hot targets
+    task: str = field(default="classification", kw_only=True)  # segmentation: samples carry masks
+    reduce_zero_label: bool = field(default=False, kw_only=True)
+
+    def target_decoder(self):
+        """A segmentation stream's mask decoder (None: labels need none)."""
+        return functools.partial(decode_mask, reduce_zero_label=self.reduce_zero_label) if self.task == "segmentation" else None
 
 
 def shard_split(index: ShardIndex, split: Optional[str], role: str) -> ShardSplit:
@@ -53,7 +61,8 @@ def stream_split(dataset: str, split: Optional[str], num_samples: Optional[int] 
     index = load_index(dataset)
     found = shard_split(index, split, "train")
     return ShardSet(found.num_samples or num_samples, len(index.classes), list(index.classes), index.location, found.name,
-                    urls=[s.url for s in found.shards], multilabel=index.multilabel, class_counts=found.class_counts)
+                    urls=[s.url for s in found.shards], multilabel=index.multilabel, class_counts=found.class_counts,
+                    task=index.task, reduce_zero_label=index.reduce_zero_label)
 
 
 def check_shards(dataset: str, split: Optional[str]) -> None:
@@ -66,7 +75,8 @@ def check_shards(dataset: str, split: Optional[str]) -> None:
 
 
 def read_split(dataset: str, split: Optional[str], role: str, labels: bool = True) -> tuple[datasets.Dataset, list[str], str]:
-    """(image/label Dataset, class names, split name): a split of the shards read whole into the cache."""
+    """(image/label Dataset, class names, split name): a split of the shards read whole into the cache
+    (a segmentation split: image/mask)."""
     index = load_index(dataset)
     if split is not None and (".tar" in split or "{" in split):  # an evaluation split given by its own pattern
         index, split = load_index(split), "train"
@@ -79,11 +89,12 @@ def read_split(dataset: str, split: Optional[str], role: str, labels: bool = Tru
 def _table(found: ShardSplit, index: ShardIndex, labels: bool) -> datasets.Dataset:
     keys = [[s.url, s.bytes or 0, s.sha256 or ""] for s in found.shards]  # the cache key: new shards, new table
     label = datasets.Sequence(datasets.ClassLabel(names=index.classes)) if index.multilabel else datasets.Value("int64")
-    features = datasets.Features({"image": datasets.Image(), "label": label})
+    masks = index.task == "segmentation"
+    features = datasets.Features({"image": datasets.Image(), **({"mask": datasets.Image()} if masks else {"label": label})})
     try:
         with quiet_bars():
-            return datasets.Dataset.from_generator(_rows, features=features, gen_kwargs={"keys": keys, "labels": labels,
-                                                                                          "multilabel": index.multilabel},
+            return datasets.Dataset.from_generator(_mask_rows if masks else _rows, features=features,
+                                                   gen_kwargs={"keys": keys, **({} if masks else {"labels": labels, "multilabel": index.multilabel})},
                                                    split=datasets.NamedSplit(found.name))
     except Exception as e:  # noqa: BLE001 -- datasets wraps the generator's errors; show ours
         cause = e
@@ -101,6 +112,20 @@ def _rows(keys: list[list], labels: bool, multilabel: bool):
             if s.problem or (labels and s.label is None):
                 raise VitError(f"Sample {s.key} of shard {url} cannot be used: {s.problem or 'it has no label (.cls or .json)'}.")
             yield {"image": {"bytes": s.image, "path": f"{url}:{s.key}"}, "label": s.label if s.label is not None else empty}
+
+
+def _mask_rows(keys: list[list]):
+    for url, _, _ in keys:
+        for s in read_samples(url):
+            if s.problem or s.mask is None:
+                raise VitError(f"Sample {s.key} of shard {url} cannot be used: {s.problem or 'it has no mask (KEY.seg.png)'}.")
+            yield {"image": {"bytes": s.image, "path": f"{url}:{s.key}"}, "mask": {"bytes": s.mask, "path": f"{url}:{s.key}.seg.png"}}
+
+
+def shard_task(dataset: str) -> tuple[str, bool]:
+    """(what the shards hold, whether their masks' 0 is ignored), from their index."""
+    index = load_index(dataset)
+    return index.task, index.reduce_zero_label
 
 
 def labelled_cells(shards: ShardSet) -> Iterator[tuple[dict, int]]:

@@ -24,6 +24,8 @@ import numpy as np
 from PIL import Image
 
 from vitcli.data.balance import class_counts
+from vitcli.data.masks import MaskSet
+from vitcli.data.seg_sources import is_segmentation_source, load_mask_split
 from vitcli.data.shard_index import write_index
 from vitcli.data.sources import ImageSet, load_split
 from vitcli.data.tarshards import ShardWriter, closed_size, tar_size
@@ -62,7 +64,11 @@ def write_shards(src: str, out: Path, plan: ShardPlan, *, splits: Optional[list[
     chosen = _splits(src, splits, say, label_file)
     names = [name for name, _ in chosen]
     written, classes = {}, chosen[0][1].class_names
-    counts = {name: class_counts(s).tolist() for name, s in chosen if s.num_classes > 0 and not s.multilabel}
+    counts = {name: class_counts(s).tolist() for name, s in chosen
+              if s.num_classes > 0 and not s.multilabel and not isinstance(s, MaskSet)}
+    masks = isinstance(chosen[0][1], MaskSet)
+    if masks and plan.max_size:
+        raise VitError("--max-size re-encodes images smaller; a segmentation set's masks would no longer fit them. Drop it.")
     try:
         for name, image_set in chosen:
             shuffle = plan.shuffle_seed is not None and name == "train"
@@ -70,7 +76,8 @@ def write_shards(src: str, out: Path, plan: ShardPlan, *, splits: Optional[list[
                 written[name] = _write_split(image_set, out, name, plan, shuffle, advance, done=written)
             total = sum(s["bytes"] for s in written[name])
             say(f"{name}: {len(image_set):,} images -> {len(written[name])} shard(s), {total / 1e6:,.1f} MB")
-        index = write_index(str(out), src, list(classes), written, multilabel=chosen[0][1].multilabel, class_counts=counts)
+        index = write_index(str(out), src, list(classes), written, multilabel=chosen[0][1].multilabel, class_counts=counts,
+                            segmentation={"reduce_zero_label": chosen[0][1].reduce_zero_label} if masks else None)
     except BaseException:  # a full disk, Ctrl-C: shards without their index are no set; leave none behind
         for shard in (s for shards in written.values() for s in shards):
             (out / shard["name"]).unlink(missing_ok=True)
@@ -79,7 +86,12 @@ def write_shards(src: str, out: Path, plan: ShardPlan, *, splits: Optional[list[
                                        for n in names}}
 
 
-def _splits(src: str, wanted: Optional[list[str]], say, label_file: Optional[str] = None) -> list[tuple[str, ImageSet]]:
+def _splits(src: str, wanted: Optional[list[str]], say, label_file: Optional[str] = None) -> list[tuple[str, ImageSet | MaskSet]]:
+    if is_segmentation_source(src):  # images with masks: KEY.seg.png beside each image
+        if wanted:
+            return [(w, load_mask_split(src, w, carve=False, say=say)) for w in wanted]
+        sides = [load_mask_split(src, None, role=role, say=say) for role in ("train", "eval")]
+        return [(SPLIT_NAMES.get(s.split, s.split), s) for s in sides]
     if wanted:
         return [(w, load_split(src, w, carve=False, labels=False, say=say, label_file=label_file)) for w in wanted]
     train = load_split(src, None, role="train", labels=False, say=say, label_file=label_file)
@@ -114,8 +126,11 @@ def _write_split(image_set: ImageSet, out: Path, split: str, plan: ShardPlan, sh
                  advance: Callable[[], None] = lambda: None, *, done: dict[str, list[dict]]) -> list[dict]:
     """The split's shards; each closed one is also listed in done[split] at once (removed if a later one fails)."""
     ds = image_set.dataset.cast_column("image", datasets.Image(decode=False))
+    masked = isinstance(image_set, MaskSet)
+    if masked:
+        ds = ds.cast_column("mask", datasets.Image(decode=False))
     order = np.random.default_rng(plan.shuffle_seed).permutation(len(ds)) if shuffle else np.arange(len(ds))
-    labelled, multilabel = image_set.num_classes > 0, image_set.multilabel
+    labelled, multilabel = image_set.num_classes > 0 and not masked, image_set.multilabel
     shards: list[dict] = done.setdefault(split, [])
     writer: Optional[ShardWriter] = None
     size = 0
@@ -124,14 +139,15 @@ def _write_split(image_set: ImageSet, out: Path, split: str, plan: ShardPlan, sh
             row = ds[i]
             data, ext = _image_bytes(row["image"], image_set, i, plan.max_size)
             label = (list(row["label"]) if multilabel else int(row["label"])) if labelled else None
-            member = tar_size([len(data)] + ([len(str(label)) + 16] if labelled else []))
+            mask = _stored(row["mask"]) if masked else None
+            member = tar_size([len(data)] + ([len(str(label)) + 16] if labelled else []) + ([len(mask)] if masked else []))
             if writer is not None and _full(writer.samples, size + member, plan):
                 shards.append(_close(writer))
                 writer = None
             if writer is None:
                 name = f"{split}-{len(shards):06d}.tar"
                 writer, size = ShardWriter(str(out / name)), 0
-            writer.add(f"{i:09d}", data, ext, label)
+            writer.add(f"{i:09d}", data, ext, label, mask=mask)
             size += member
             advance()
         if writer is not None:
@@ -143,6 +159,11 @@ def _write_split(image_set: ImageSet, out: Path, split: str, plan: ShardPlan, sh
             raise path_error(e, Path(e.filename or out), "the shards") from e
         raise
     return shards
+
+
+def _stored(cell: dict) -> bytes:
+    """A cell's encoded bytes as stored (a mask is never re-encoded)."""
+    return cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
 
 
 def _full(samples: int, size_after: int, plan: ShardPlan) -> bool:

@@ -3,7 +3,8 @@
 A sample is a run of consecutive tar members sharing a key, the member name up to the first dot of its
 base name (WebDataset's rule): `KEY.jpg|jpeg|png|webp|...` holds the image as stored, and `KEY.cls` the
 class index in ASCII (or `KEY.json` with a "label" or "cls" field, or for a multi-label sample a "labels"
-list of class indices). Shards are opened through fsspec,
+list of class indices); a segmentation sample has its mask as `KEY.seg.png` (or `KEY.mask.png`, or
+`KEY.png` beside a `KEY.jpg|jpeg|webp` image) instead of a label. Shards are opened through fsspec,
 so a local path and `s3://`, `gs://`, `https://` URLs read alike (remote ones by range requests).
 
 Each sample carries the byte offset of its first member's header: a reader that saved it seeks straight
@@ -28,6 +29,7 @@ import fsspec
 from vitcli.errors import VitError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
+MASK_EXTS = ("seg.png", "mask.png")  # a segmentation sample's mask member (also KEY.png beside a KEY.jpg)
 BLOCK = tarfile.BLOCKSIZE
 
 
@@ -48,6 +50,7 @@ class Sample:
     label: Optional[int | list[int]]  # a class index, or a multi-label sample's list of them
     problem: Optional[str] = None  # why the sample cannot be used (no image, unreadable label)
     end: int = 0  # byte offset where the next sample (or the end of the archive) starts
+    mask: Optional[bytes] = None  # a segmentation sample's mask PNG
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -73,7 +76,10 @@ def _label(ext: str, data: bytes) -> int | list[int]:
 
 
 def _finish(key: str, offset: int, members: dict[str, bytes], end: int) -> Sample:
-    image_ext = next((e for e in members if e in IMAGE_EXTS), None)
+    mask_ext = next((e for e in MASK_EXTS if e in members), None)
+    if mask_ext is None and "png" in members and any(e in members for e in ("jpg", "jpeg", "webp")):
+        mask_ext = "png"  # KEY.jpg + KEY.png: the image and its mask
+    image_ext = next((e for e in members if e in IMAGE_EXTS and e != mask_ext), None)
     label, problem = None, None
     label_ext = "cls" if "cls" in members else "json" if "json" in members else None
     if label_ext is not None:
@@ -83,7 +89,8 @@ def _finish(key: str, offset: int, members: dict[str, bytes], end: int) -> Sampl
             problem = f"its label {key}.{label_ext} is not a class index ({e})"
     if image_ext is None:
         problem = f"it has no image member (found {', '.join(sorted(members)) or 'nothing'}; expected one of .jpg, .png, .webp)"
-    return Sample(key, offset, members.get(image_ext) if image_ext else None, image_ext, label, problem, end)
+    return Sample(key, offset, members.get(image_ext) if image_ext else None, image_ext, label, problem, end,
+                  members.get(mask_ext) if mask_ext else None)
 
 
 def open_shard(url: str):
@@ -183,8 +190,10 @@ class ShardWriter:
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
         self.samples = 0
 
-    def add(self, key: str, image: bytes, ext: str, label: Optional[int | list[int]]) -> None:
+    def add(self, key: str, image: bytes, ext: str, label: Optional[int | list[int]], mask: Optional[bytes] = None) -> None:
         _member(self.tar, f"{key}.{ext}", image)
+        if mask is not None:  # segmentation: KEY.seg.png
+            _member(self.tar, f"{key}.seg.png", mask)
         if isinstance(label, list):  # multi-label: KEY.json {"labels": [...]}
             _member(self.tar, f"{key}.json", json.dumps({"labels": label}).encode("ascii"))
         elif label is not None:

@@ -136,12 +136,20 @@ def segmentation_data(recipe: Recipe, img_size: tuple[int, int], say=None) -> Ru
                      ("objective.fewshot", recipe.objective.fewshot)):
         if bad:
             raise VitError(f"{key} is for classification; task: segmentation does not use it. Drop it.")
-    if is_shard_source(d.dataset):
-        raise VitError("task: segmentation reads folders, saved sets and named sets; tar shards of images with masks are "
-                       "not read yet. Point data.dataset at the folder the shards were written from.")
     crop = d.crop_size if d.crop_size is not None else list(img_size)
     crop = (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
-    train = load_mask_split(d.dataset, d.train_split, role="train", data_dir=d.data_dir, subset=d.train_subset, seed=seed, say=say)
+    if is_shard_source(d.dataset):  # images with KEY.seg.png masks: the training split streams
+        if d.train_subset:
+            raise VitError("data.train_subset picks images of a map-style set; tar shards stream whole. Drop it.")
+        train = vdata.stream_split(d.dataset, d.train_split, d.num_samples)
+        if train.task != "segmentation":
+            raise VitError(f"The shards at {d.dataset} hold classification samples; task: segmentation needs masks. Write the "
+                           "segmentation set with `vit shards` (each mask as KEY.seg.png).")
+        if not train.num_samples and recipe.train.steps is None:
+            raise VitError(f"The streamed set {train.name} comes without a sample count, so an epoch has no length. "
+                           "Set data.num_samples=N or train.steps=N.")
+    else:
+        train = load_mask_split(d.dataset, d.train_split, role="train", data_dir=d.data_dir, subset=d.train_subset, seed=seed, say=say)
     evals = load_mask_split(d.dataset, d.eval_split, role="eval", data_dir=d.data_dir, subset=d.eval_subset, seed=0)
     spec = SegTransformSpec(crop_size=crop, resize_range=tuple(d.resize_range), hflip=d.hflip, photometric=d.photometric,
                             mean=tuple(d.mean), std=tuple(d.std))

@@ -177,7 +177,11 @@ def _quiet_transformers(transformers):
 
 
 def head_metadata(meta: CheckpointMeta) -> dict[str, Any]:
-    """A multi-label head's: {"task": "multilabel", "activation": "sigmoid", "threshold": t}; {} for a softmax head."""
+    """A multi-label head's: {"task": "multilabel", "activation": "sigmoid", "threshold": t}; a segmenter's: its
+    task, class names and that the logits are (N, classes, H, W) maps; {} for a softmax head."""
+    if meta.task == "segmentation":
+        return {"task": "segmentation", "output": "per-pixel class scores (N, classes, H, W); argmax for the mask",
+                "class_names": ",".join(meta.class_names or []), "decoder": (meta.decoder or {}).get("kind", "")}
     if meta.task != "multilabel":
         return {}
     return {"task": "multilabel", "activation": "sigmoid", "threshold": float(meta.training.get("threshold") or 0.5)}

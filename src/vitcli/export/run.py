@@ -43,6 +43,9 @@ def export(ckpt: str | Path | None, fmt: str, out: str | Path, *, res: tuple[int
         writable_file(out, "--out")
     # an image size the patches do not divide is refused here
     model, ck, _ = load_for_inference(ckpt, Path(runs_root), say, img_size=res, needs_head="there are no class scores to export")
+    if ck.meta.task == "segmentation" and fmt in ("hf", "timm"):
+        raise VitError(f"{fmt} has no model class for a Segmenter (a ViT with a segmentation decoder); export it as onnx, "
+                       "exported-program or vitcli (each verified against PyTorch).")
     channels, size = input_channels(model), input_size(model)
     example = torch.randn(VERIFY_BATCH, channels, *size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -199,3 +199,26 @@ def draw_reconstruction(path: Path, originals: np.ndarray, masked: np.ndarray, r
     fig.suptitle(title or "MAE reconstruction", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def draw_segmentation(path: Path, images: list[np.ndarray], truths: list[np.ndarray], predictions: list[np.ndarray],
+                      colours: np.ndarray, captions: list[str], title: str = "") -> Path:
+    """A row per image: the image, its ground-truth mask, the prediction (masks coloured by `colours`, a
+    (256, 3) uint8 table; ignored pixels white)."""
+    n = len(images)
+    fig = new_figure(6.0, 2.0 * n + 0.5)
+    for i in range(n):
+        for col, (label, shown) in enumerate((("image", images[i]), ("ground truth", colours[truths[i]]),
+                                             ("prediction", colours[predictions[i]]))):
+            ax = fig.add_subplot(n, 3, 3 * i + col + 1)
+            ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1 if shown.dtype != np.uint8 else 255,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(label, fontsize=9)
+            if col == 2:
+                ax.set_xlabel(captions[i], fontsize=7)
+    fig.suptitle(title or "segmentation", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -29,6 +29,7 @@ from vitcli.io.paths import writable_dir, write_text
 from vitcli.inspect import features as ft
 from vitcli.inspect import figures as fg
 from vitcli.inspect.reconstruct import load_mae, reconstructions
+from vitcli.inspect.segmentation import segmentation_figure
 from vitcli.models import input_channels, input_size
 from vitcli.objectives.evaluate import evaluate
 
@@ -86,6 +87,9 @@ def run_inspect(
         raise needs_vit("vit inspect (position embeddings, attention maps, patch filters)", ck.meta.model)
     out = writable_dir(Path(out) if out is not None else _default_out(ck.source, run_dir), "--out")
     name = run_dir.name if run_dir is not None else Path(str(ck.source)).name
+    segmenter = model if ck.meta.task == "segmentation" else None
+    if segmenter is not None:  # the encoder's figures, then images with their masks instead of attention
+        model = segmenter.encoder
     grid = tuple(model.patch_embed.grid_size)
     result: dict[str, Any] = {
         "checkpoint": str(ck.source), "model": ck.meta.model, "out": str(out),
@@ -116,6 +120,11 @@ def run_inspect(
     if dataset is None and not ck.meta.dataset:
         result["notes"].append("no attention figures: the checkpoint does not say which data set it was trained "
                                "on; pass --dataset to draw them")
+    elif segmenter is not None:
+        dataset, data_dir = resolve_dataset(dataset, data_dir, ck, run_dir)
+        drawn = segmentation_figure(segmenter, ck, dataset, split, data_dir, out, max(show, 1), pick_device(device), name)
+        result["figures"].update(drawn.pop("figures"))
+        result.update(drawn)
     else:
         dataset, data_dir = resolve_dataset(dataset, data_dir, ck, run_dir)
         mae = load_mae(ck, run_dir, model)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vitcli.data.masks import palette
 from vitcli.data.seg_transforms import SegTransform, SegTransformSpec
 from vitcli.engine.resolve import load_for_inference
 from vitcli.engine.runtime import autocast_dtype, pick_device
@@ -40,22 +41,6 @@ class MaskPrediction:
     overlay: str | None = None
 
 
-def palette(num_classes: int) -> list[int]:
-    """Pascal VOC's colour map (bit-interleaved class ids), 256 entries: class 0 black, 255 white."""
-    colours = []
-    for c in range(256):
-        r = g = b = 0
-        label = c
-        for shift in range(7, -1, -1):
-            r |= ((label >> 0) & 1) << shift
-            g |= ((label >> 1) & 1) << shift
-            b |= ((label >> 2) & 1) << shift
-            label >>= 3
-        colours += [r, g, b]
-    colours[255 * 3: 256 * 3] = [255, 255, 255]
-    return colours
-
-
 def predict_masks(ckpt: str | Path | None, inputs: list[str], out_dir: Path, *, overlay: bool = False, device: str = "auto",
                   runs_root: Path = Path("runs"), info: Predictions | None = None,
                   progress: Callable[[int, int], Any] | None = None, say: Callable[[str], Any] = print) -> Iterator[MaskPrediction]:
@@ -74,7 +59,7 @@ def predict_masks(ckpt: str | Path | None, inputs: list[str], out_dir: Path, *, 
     pre = ck.meta.preprocess
     mean, std = (tuple(pre.mean), tuple(pre.std)) if pre is not None else ((0.5,) * 3, (0.5,) * 3)
     tf = SegTransform(SegTransformSpec(crop_size=(window, window), mean=mean, std=std), train=False)
-    colours = palette(model.num_classes)
+    colours = palette()
     model.to(dev).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     info.checkpoint, info.img_size, info.total = str(ck.source), (window, window), len(paths)

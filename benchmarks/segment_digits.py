@@ -1,0 +1,73 @@
+"""Segmentation on digits-seg: a linear and a mask-transformer decoder on three encoders (the quickstart's,
+an MAE encoder from recipes/mae_digits.yaml, a random initialisation), recipes/segment_digits.yaml.
+
+    .venv/bin/python benchmarks/segment_digits.py                      # seeds 0-2
+    .venv/bin/python benchmarks/segment_digits.py --seeds 0
+
+The two encoders are pretrained once (seed 0): `vit pretrain recipes/quickstart.yaml` and `vit pretrain
+recipes/mae_digits.yaml`. Each segmentation run is `vit finetune --ckpt ENCODER --recipe
+recipes/segment_digits.yaml --decoder D --set train.seed=S` (random init: `vit pretrain` of the same recipe
+with model.name vit_pico), 20 epochs at 32x32; its best mIoU over the 500 val canvases and its wall time.
+Prints one JSON line per run and a table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from vit_runs import ROOT, pretrain, vit
+
+RECIPE = ROOT / "recipes" / "segment_digits.yaml"
+DECODERS = ("linear", "mask_transformer")
+
+
+def encoders(root: Path) -> dict[str, Path | None]:
+    """name -> pretrained run (None: random initialisation), pretraining the two once."""
+    made = {}
+    for name, recipe in (("quickstart", "quickstart.yaml"), ("mae_digits", "mae_digits.yaml")):
+        run = root / f"encoder-{name}"
+        if not (run / "summary.json").exists():
+            pretrain(ROOT / "recipes" / recipe, run, [])
+        made[name] = run
+    return {**made, "random init": None}
+
+
+def segment(encoder: Path | None, decoder: str, seed: int, out: Path) -> dict:
+    sets = [f"model.decoder={decoder}", f"train.seed={seed}"]
+    if encoder is None:
+        return pretrain(RECIPE, out, ["model.name=vit_pico", *sets])
+    vit("finetune", "--ckpt", str(encoder), "--recipe", str(RECIPE), "--out", str(out), "--force",
+        *[x for s in sets for x in ("--set", s)])
+    return json.loads((out / "summary.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--root", default="runs/segment_digits_bench")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    root = Path(args.root)
+    rows = []
+    for name, encoder in encoders(root).items():
+        for decoder in DECODERS:
+            for seed in seeds:
+                summary = segment(encoder, decoder, seed, root / f"{name.split()[0]}-{decoder}-s{seed}")
+                rows.append({"encoder": name, "decoder": decoder, "seed": seed, "best_miou": summary["best_score"],
+                             "wall_seconds": summary["wall_seconds"]})
+                print(json.dumps(rows[-1]), flush=True)
+    print(f"\n| encoder | decoder | best mIoU ({' / '.join(f'seed {s}' for s in seeds)}) | median | minutes |\n|---|---|---|---|---|")
+    for name in ("quickstart", "mae_digits", "random init"):
+        for decoder in DECODERS:
+            got = [r for r in rows if r["encoder"] == name and r["decoder"] == decoder]
+            values = [r["best_miou"] for r in got]
+            minutes = statistics.median(r["wall_seconds"] for r in got) / 60
+            print(f"| {name} | {decoder} | {' / '.join(f'{100 * v:.1f}%' for v in values)} | "
+                  f"{100 * statistics.median(values):.1f}% | {minutes:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
