@@ -178,10 +178,19 @@ def test_every_objective_is_built_from_the_one_registry_and_keeps_the_base_defau
     from vitcli.objectives import OBJECTIVES, Objective
 
     model = create_model("vit_pico", num_classes=10)
-    assert set(OBJECTIVES) == {"supervised", "multilabel", "distill", "mpp", "mae"}
-    # distill needs a teacher (tests/test_distill.py builds it); the others need only the model
+    assert set(OBJECTIVES) == {"supervised", "multilabel", "distill", "mpp", "mae", "segmentation"}
+    # distill needs a teacher (tests/test_distill.py builds it), segmentation a Segmenter (below); the others the model
     built = {name: build_objective(ObjectiveCfg(name=name, mae=TINY_DECODER), model, Inputs(num_classes=10))
-             for name in OBJECTIVES if name != "distill"}
+             for name in OBJECTIVES if name not in ("distill", "segmentation")}
+    from vitcli.errors import VitError
+    from vitcli.models.segmenter import LinearDecoder, Segmenter
+
+    with pytest.raises(VitError, match="trains a Segmenter"):
+        build_objective(ObjectiveCfg(name="segmentation"), model, Inputs(num_classes=10))
+    encoder = create_model("vit_pico", num_classes=0)
+    segmenting = build_objective(ObjectiveCfg(name="segmentation"), Segmenter(encoder, LinearDecoder(64, 3), 3),
+                                 Inputs(num_classes=3))
+    assert segmenting.own_state() == {} and segmenting.best_metric == "miou" and segmenting.window == 8
     for name, objective in built.items():
         assert isinstance(objective, Objective) and objective.name == name and objective.model is model
     supervised, mae = built["supervised"], built["mae"]
