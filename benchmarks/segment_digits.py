@@ -3,6 +3,7 @@ an MAE encoder from recipes/mae_digits.yaml, a random initialisation), recipes/s
 
     .venv/bin/python benchmarks/segment_digits.py                      # seeds 0-2
     .venv/bin/python benchmarks/segment_digits.py --seeds 0
+    .venv/bin/python benchmarks/segment_digits.py --seeds 1,2 --decoders linear
 
 The two encoders are pretrained once (seed 0): `vit pretrain recipes/quickstart.yaml` and `vit pretrain
 recipes/mae_digits.yaml`. Each segmentation run is `vit finetune --ckpt ENCODER --recipe
@@ -47,13 +48,15 @@ def segment(encoder: Path | None, decoder: str, seed: int, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--decoders", default=",".join(DECODERS))
     parser.add_argument("--root", default="runs/segment_digits_bench")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    decoders = [d for d in args.decoders.split(",") if d in DECODERS]
     root = Path(args.root)
     rows = []
     for name, encoder in encoders(root).items():
-        for decoder in DECODERS:
+        for decoder in decoders:
             for seed in seeds:
                 summary = segment(encoder, decoder, seed, root / f"{name.split()[0]}-{decoder}-s{seed}")
                 rows.append({"encoder": name, "decoder": decoder, "seed": seed, "best_miou": summary["best_score"],
@@ -61,7 +64,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     print(f"\n| encoder | decoder | best mIoU ({' / '.join(f'seed {s}' for s in seeds)}) | median | minutes |\n|---|---|---|---|---|")
     for name in ("quickstart", "mae_digits", "random init"):
-        for decoder in DECODERS:
+        for decoder in decoders:
             got = [r for r in rows if r["encoder"] == name and r["decoder"] == decoder]
             values = [r["best_miou"] for r in got]
             minutes = statistics.median(r["wall_seconds"] for r in got) / 60

@@ -27,7 +27,7 @@ from vitcli.engine.optim import build_optimizer, lr_at
 from vitcli.models import create_model
 from vitcli.models.adapt import meta_for_model, model_from_checkpoint, save_state_dict
 from vitcli.models.load import load_checkpoint
-from vitcli.recipe import OptimCfg, ScheduleCfg
+from vitcli.recipe import OptimCfg, ScheduleCfg, load_recipe
 from vitcli.models.seg_infer import segment, sliding_window
 from vitcli.models.segmenter import LinearDecoder, MaskTransformer, Segmenter
 from vitcli.objectives.seg_metrics import ConfusionMatrix
@@ -520,3 +520,22 @@ def test_a_restored_segmentation_stream_gives_the_same_images_and_masks(tmp_path
     assert resumed.load_state_dict(state)
     for (x, y), (u, v) in zip(straight[2:], take(resumed, 4)):
         assert torch.equal(x, u) and torch.equal(y, v) and y.shape == (8, 16, 16)
+
+
+def test_finetune_on_a_mask_folder_without_a_recipe_fits_segmenters_settings(trained, tmp_path, capsys):
+    root = tmp_path / "seg"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 4)):
+        for i in range(n):
+            classes = rng.integers(0, 3, (2, 2)).repeat(4, 0).repeat(4, 1)
+            png(root / "img_dir" / split / f"im{i}.png", np.stack([classes * 80] * 3, -1))
+            png(root / "ann_dir" / split / f"im{i}.png", classes)
+    (root / "classes.txt").write_text("sky\nroad\ncar\n")
+    out = tmp_path / "run"
+    assert run_cli("finetune", "--ckpt", str(trained), "--task", "segmentation", "--dataset", str(root), "--out", str(out),
+                   "--set", "train.steps=2", "--set", "data.num_workers=0") == 0
+    said = capsys.readouterr().out
+    assert "Segmenter's settings (SGD momentum 0.9, poly decay, drop path 0.1) fitted to 12 training images" in said
+    recipe = load_recipe(out / "recipe.yaml")
+    assert (recipe.task, recipe.optim.name, recipe.optim.lr, recipe.schedule.decay) == ("segmentation", "sgd", 0.001, "poly")
+    assert load_checkpoint(out).meta.class_names == ["sky", "road", "car"]
