@@ -224,3 +224,27 @@ def test_ranks_stream_disjoint_shards_and_resume_each_at_its_next_sample(recipe,
     assert "Resuming" in proc.stdout and "restarts" not in proc.stdout
     assert max_diff(weights(cut, STEPS), weights(full, STEPS)) == 0.0  # the same batches after the resume
     assert [e["loss"] for e in events(cut, "train")] == [e["loss"] for e in events(full, "train")]
+
+
+SEGMENT = ["--set", "task=segmentation", "--set", "data.dataset=digits-seg", "--set", "model.img_size=16",
+           "--set", "model.decoder=mask_transformer", "--set", "model.decoder_dim=32", "--set", "model.decoder_heads=2",
+           "--set", "model.decoder_dropout=0.0"]
+
+
+@pytest.mark.slow
+def test_segmentation_trains_the_same_under_ddp_and_fsdp(recipe, tmp_path):
+    one = tmp_path / "one"
+    assert run_cli("pretrain", str(recipe), "--out", str(one), *SEGMENT) == 0
+    ddp = tmp_path / "ddp"
+    script = tmp_path / "dump.py"
+    script.write_text(DUMP_WEIGHTS)
+    torchrun(str(script), str(tmp_path), "pretrain", str(recipe), "--out", str(ddp), *SEGMENT)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert max_diff(weights(ddp, STEPS), weights(one, STEPS)) < 1e-5  # encoder.* and decoder.* alike
+    # the evaluation's confusion matrix is all-reduced: each process scores half the images, the sums are the whole
+    assert events(ddp, "eval")[-1]["miou"] == pytest.approx(events(one, "eval")[-1]["miou"], abs=1e-4)
+    fsdp = tmp_path / "fsdp"
+    torchrun("-m", "vitcli", "pretrain", str(recipe), "--out", str(fsdp), *SEGMENT, *FSDP)
+    assert events(fsdp, "eval")[-1]["miou"] == pytest.approx(events(one, "eval")[-1]["miou"], abs=1e-4)
+    assert events(fsdp, "eval")[-1]["num_images"] == events(one, "eval")[-1]["num_images"] == 30
