@@ -15,22 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-VIT = str(ROOT / ".venv" / "bin" / "vit")
-
-
-def vit(*args: str) -> str:
-    proc = subprocess.run([VIT, *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"vit {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return proc.stdout
+from vit_runs import ROOT, vit
 
 
 def random_init(run: Path, seed: int, out: Path) -> Path:
