@@ -22,6 +22,14 @@ def window_of(model: torch.nn.Module) -> int:
     return min(model.encoder.patch_embed.img_size)
 
 
+def checkpoint_transform(model: torch.nn.Module, ck) -> tuple[int, SegTransform]:
+    """(window, evaluation transform) of a segmentation checkpoint: its window, its normalisation."""
+    window = window_of(model)
+    pre = ck.meta.preprocess
+    mean, std = (tuple(pre.mean), tuple(pre.std)) if pre is not None else ((0.5,) * 3, (0.5,) * 3)
+    return window, SegTransform(SegTransformSpec(crop_size=(window, window), mean=mean, std=std), train=False)
+
+
 def segmentation_eval(spec: EvalSpec, model: torch.nn.Module, ck, dataset: str, data_dir: str | None, dev: torch.device,
                       amp, say: Callable[[str], Any], progress: Callable[[int, int], None] | None) -> dict[str, Any]:
     if spec.fewshot.shots or spec.predictions or spec.confusion:
@@ -31,11 +39,8 @@ def segmentation_eval(spec: EvalSpec, model: torch.nn.Module, ck, dataset: str, 
     if eval_set.num_classes != model.num_classes:
         raise VitError(f"the checkpoint segments {model.num_classes} classes but {eval_set.name} has {eval_set.num_classes}. "
                        f"Fine-tune it on that set first (vit finetune --ckpt {ck.source} --task segmentation --dataset {eval_set.name}).")
-    window = window_of(model)
+    window, tf = checkpoint_transform(model, ck)
     stride = spec.window_stride or window
-    pre = ck.meta.preprocess
-    mean, std = (tuple(pre.mean), tuple(pre.std)) if pre is not None else ((0.5,) * 3, (0.5,) * 3)
-    tf = SegTransform(SegTransformSpec(crop_size=(window, window), mean=mean, std=std), train=False)
     loader = make_loader(eval_set, tf, LoaderSpec.evaluation(spec.loader.batch_size, num_workers=spec.loader.num_workers,
                                                               bad_images=spec.loader.bad_images, pin_memory=dev.type == "cuda"),
                          device=dev)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from vitcli.data.masks import IGNORE_INDEX, palette
 from vitcli.data.seg_sources import load_mask_split
-from vitcli.data.seg_transforms import SegTransform, SegTransformSpec
+from vitcli.engine.seg_eval import checkpoint_transform
 from vitcli.inspect.figures import draw_segmentation
 from vitcli.models.seg_infer import segment
 from vitcli.objectives.seg_metrics import ConfusionMatrix
@@ -24,10 +24,7 @@ FILE = "segmentation.png"
 def segmentation_figure(model: torch.nn.Module, ck, dataset: str, split: str | None, data_dir: str | None, out: Path,
                         show: int, device: torch.device, name: str) -> dict[str, Any]:
     val = load_mask_split(dataset, split, role="eval", data_dir=data_dir, carve=False)
-    window = min(model.encoder.patch_embed.img_size)
-    pre = ck.meta.preprocess
-    mean, std = (tuple(pre.mean), tuple(pre.std)) if pre is not None else ((0.5,) * 3, (0.5,) * 3)
-    tf = SegTransform(SegTransformSpec(crop_size=(window, window), mean=mean, std=std), train=False)
+    window, tf = checkpoint_transform(model, ck)
     decode = val.target_decoder()
     rows = val.dataset.cast_column("mask", val.dataset.features["mask"].__class__(decode=False))
     model.to(device).eval()

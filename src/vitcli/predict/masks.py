@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vitcli.data.masks import palette
-from vitcli.data.seg_transforms import SegTransform, SegTransformSpec
 from vitcli.engine.resolve import load_for_inference
 from vitcli.engine.runtime import autocast_dtype, pick_device
-from vitcli.engine.seg_eval import window_of
+from vitcli.engine.seg_eval import checkpoint_transform
 from vitcli.errors import VitError
 from vitcli.io.paths import writable_dir
 from vitcli.models.seg_infer import segment
@@ -55,10 +54,7 @@ def predict_masks(ckpt: str | Path | None, inputs: list[str], out_dir: Path, *, 
     names = ck.meta.class_names or [str(i) for i in range(model.num_classes)]
     dev = pick_device(device)
     amp = autocast_dtype("auto", dev)
-    window = window_of(model)
-    pre = ck.meta.preprocess
-    mean, std = (tuple(pre.mean), tuple(pre.std)) if pre is not None else ((0.5,) * 3, (0.5,) * 3)
-    tf = SegTransform(SegTransformSpec(crop_size=(window, window), mean=mean, std=std), train=False)
+    window, tf = checkpoint_transform(model, ck)
     colours = palette()
     model.to(dev).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
