@@ -248,3 +248,38 @@ def test_segmentation_trains_the_same_under_ddp_and_fsdp(recipe, tmp_path):
     torchrun("-m", "vitcli", "pretrain", str(recipe), "--out", str(fsdp), *SEGMENT, *FSDP)
     assert events(fsdp, "eval")[-1]["miou"] == pytest.approx(events(one, "eval")[-1]["miou"], abs=1e-4)
     assert events(fsdp, "eval")[-1]["num_images"] == events(one, "eval")[-1]["num_images"] == 30
+
+
+DINO = ["--set", "objective.name=dino", "--set", "objective.dino.out_dim=64", "--set", "objective.dino.hidden_dim=32",
+        "--set", "objective.dino.bottleneck_dim=16", "--set", "objective.dino.local_crops_number=2",
+        "--set", "objective.dino.local_crops_size=4", "--set", "objective.fewshot=[1]"]
+
+# Runs `vit` under torchrun and saves every rank's DINO objective state: student, teacher, heads and centre.
+DUMP_DINO = """
+import sys, torch, torch.distributed as dist
+import vitcli.engine.run as run
+from vitcli.cli import main
+built = []
+_build = run.build_objective
+run.build_objective = lambda *a, **k: built.append(_build(*a, **k)) or built[-1]
+try:
+    main(sys.argv[2:])
+except SystemExit as e:
+    if e.code:
+        raise
+torch.save({k: v.detach().clone() for k, v in built[0].state_dict().items()}, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_dino_under_ddp_keeps_replicas_teachers_and_centres_identical(recipe, tmp_path):
+    run = tmp_path / "ddp"
+    script = tmp_path / "dump.py"
+    script.write_text(DUMP_DINO)
+    torchrun(str(script), str(tmp_path), "pretrain", str(recipe), "--out", str(run), *DINO)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert sorted(rank0) == sorted(rank1) and {"centre", "teacher.head.mlp.0.weight", "model.cls_token"} <= set(rank0)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert rank0["centre"].abs().sum() > 0  # it moved, by the all-reduced mean of both ranks' teacher outputs
+    teacher = {k.removeprefix("teacher.backbone."): v for k, v in rank0.items() if k.startswith("teacher.backbone.")}
+    assert max_diff(teacher, weights(run, STEPS)) == 0.0  # model.safetensors holds the teacher's backbone

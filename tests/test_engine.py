@@ -44,6 +44,21 @@ def test_no_weight_decay_on_norms_biases_pos_embed_and_tokens():
     assert isinstance(sgd, torch.optim.SGD) and not sgd.param_groups[0]["nesterov"] and sgd.param_groups[0]["momentum"] == 0.9
 
 
+def test_weight_decay_schedule_is_dinos_cosine_on_the_decayed_groups_only():
+    from vitcli.engine.optim import set_lr, weight_decay_at
+
+    cfg = OptimCfg(name="adamw", lr=1e-3, weight_decay=0.04, weight_decay_end=0.4)
+    opt = build_optimizer(create_model("vit_pico"), cfg, torch.device("cpu"))
+    total = 90  # DINO's utils.cosine_scheduler(0.04, 0.4, epochs, niter_per_ep): one value per iteration
+    table = 0.4 + 0.5 * (0.04 - 0.4) * (1 + np.cos(np.pi * np.arange(total) / total))
+    for step in (0, 17, 45, 89):
+        wd = weight_decay_at(step, total, cfg)
+        assert wd == pytest.approx(table[step])
+        set_lr(opt, 1e-3, wd)
+        assert sorted({g["weight_decay"] for g in opt.param_groups}) == [0.0, pytest.approx(table[step])]
+    assert weight_decay_at(5, total, OptimCfg(weight_decay=0.05)) is None
+
+
 @pytest.mark.parametrize("name,kw,stem", [
     ("vit_pico", {}, ["patch_embed.proj.weight", "cls_token", "pos_embed"]),
     ("vit_pico", dict(distilled=True, init_values=0.1), ["dist_token", "cls_token"]),   # DeiT distilled, LayerScale

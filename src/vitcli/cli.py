@@ -198,6 +198,9 @@ def eval_cmd(
     res: Optional[str] = typer.Option(None, "--res", help="Evaluate at this resolution, 384 or 384x512 (position embeddings interpolated)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per batch."),
     fewshot: Optional[str] = typer.Option(None, "--fewshot", help="Few-shot linear evaluation with K images per class, e.g. 1,5,10,25."),
+    knn: Optional[str] = typer.Option(None, "--knn", help="Weighted k-NN accuracy of the frozen features (DINO's), the training split as neighbours, e.g. 20 or 10,20,100,200."),
+    linear_probe: bool = typer.Option(False, "--linear-probe", help="A linear probe of the frozen features: several learning rates at once, chosen on held-out training images."),
+    probe_protocol: str = typer.Option("auto", "--probe-protocol", help="dino (last-4 class tokens; ViT-B+: class token + pooled patches) | mae (BatchNorm before the head) | auto (mae for an MAE checkpoint)."),
     predictions: Optional[Path] = typer.Option(None, "--predictions", help="Write one CSV row per image."),
     confusion: Optional[Path] = typer.Option(None, "--confusion", help="Draw the confusion matrix to this PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
@@ -208,7 +211,7 @@ def eval_cmd(
     window_stride: Optional[int] = typer.Option(None, "--window-stride", help="Segmentation: the sliding windows' stride in pixels (default: the window, i.e. the training crop)."),
     multi_scale: bool = typer.Option(False, "--multi-scale", help="Segmentation: Segmenter's multi-scale test (scales 0.5-1.75 with flips)."),
 ) -> None:
-    """Evaluate a checkpoint: top-1/top-5, loss, calibration, per-class accuracy, few-shot; for a segmentation
+    """Evaluate a checkpoint: top-1/top-5, loss, calibration, per-class accuracy, few-shot, k-NN, linear probe; for a segmentation
     checkpoint mIoU, pixel and mean accuracy, per-class IoU."""
     from vitcli.data import LoaderSpec
     from vitcli.engine.evalrun import EvalSpec, FewshotSpec, print_eval, run_eval
@@ -217,7 +220,7 @@ def eval_cmd(
                     predictions=predictions, confusion=confusion, reduced_decode=reduced_decode,
                     window_stride=window_stride, multi_scale=multi_scale,
                     loader=LoaderSpec.evaluation(batch_size, num_workers=num_workers, bad_images=bad_images),
-                    fewshot=FewshotSpec.parse(fewshot))
+                    fewshot=FewshotSpec.parse(fewshot), knn=knn or (), linear_probe=probe_protocol if linear_probe else None)
     shown = err_console if as_json else console
     say = lambda message: shown.print(message, markup=False, highlight=False)  # noqa: E731
     result = run_eval(spec, say=say)

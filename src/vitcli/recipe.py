@@ -96,6 +96,33 @@ class DistillCfg:
     tau: float = 1.0
 
 
+@dataclass
+class DinoCfg:
+    """Self-distillation with no labels (DINO, Caron et al., 2021; defaults: main_dino.py's for ViT-S/16) and
+    DINOv2's additions (Oquab et al., 2023): the KoLeo regulariser and iBOT's masked-patch loss, each off at 0."""
+
+    out_dim: int = 65536  # prototypes of the head's weight-normalised last layer
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    norm_last_layer: bool = True  # the last layer's weight norm fixed at 1 (ViT-S); false for ViT-B (DINO's)
+    freeze_last_layer: float = 1.0  # epochs at the start whose last-layer gradients are dropped
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07  # reached after the warm-up
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 30
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996  # the EMA teacher's momentum, cosine-scheduled to 1 at the last step
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])  # 2 at the model's resolution
+    local_crops_number: int = 8
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    local_crops_size: int = 96
+    koleo_weight: float = 0.0  # DINOv2: 0.1
+    ibot_weight: float = 0.0  # DINOv2: 1.0
+    ibot_mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])  # per masked image, uniform
+    ibot_mask_probability: float = 0.5  # share of the global crops that are masked
+
+
 # Keys of the flat objective section that earlier versions wrote (and their run directories' recipe.yaml
 # still hold): key -> (section, key there); mask_ratio went to the section of the objective named.
 LEGACY_OBJECTIVE_KEYS = {
@@ -111,15 +138,20 @@ class ObjectiveCfg:
     """What training learns from, and each objective's own settings in its section (objective.mae.*).
     supervised: the paper's classification of labelled images (multilabel on multi-label data: a sigmoid per
     class). distill: the same, with a teacher. mpp: the
-    paper's masked patch prediction. mae: masked autoencoder. mpp and mae read no labels."""
+    paper's masked patch prediction. mae: masked autoencoder. dino: self-distillation from an EMA teacher over
+    multi-crop views. mpp, mae and dino read no labels."""
 
-    name: Literal["supervised", "multilabel", "distill", "mpp", "mae", "segmentation"] = "supervised"
+    name: Literal["supervised", "multilabel", "distill", "mpp", "mae", "dino", "segmentation"] = "supervised"
     # Closed-form few-shot accuracy at every evaluation, where the data has labels; None: [10] for
     # objectives that read no labels (watch the representation improve), none otherwise.
     fewshot: Optional[list[int]] = None
+    # Weighted k-NN accuracy (this k) of the frozen features at every evaluation of an objective that reads
+    # no labels, the training split as neighbours, where the data has labels; it then picks the best checkpoint.
+    knn: Optional[int] = None
     mpp: MppCfg = field(default_factory=MppCfg)
     mae: MaeCfg = field(default_factory=MaeCfg)
     distill: DistillCfg = field(default_factory=DistillCfg)
+    dino: DinoCfg = field(default_factory=DinoCfg)
 
 
 @dataclass
@@ -207,6 +239,9 @@ class OptimCfg:
     name: Literal["adamw", "adam", "sgd", "lamb"] = "adam"  # lamb: timm's LAMB (DeiT III)
     lr: float = 1e-3
     weight_decay: float = 0.1
+    # DINO's schedule: weight decay from weight_decay at the first step to this at the last, on a cosine
+    # (0.04 -> 0.4); None: constant
+    weight_decay_end: Optional[float] = None
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     momentum: float = 0.9  # sgd only
     eps: float = 1e-8
@@ -533,6 +568,9 @@ def validate(r: Recipe) -> None:
 
     _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive number; got {o.lr}.")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0; got {o.weight_decay}.")
+    _check(o.weight_decay_end is None or (o.weight_decay_end >= 0 and o.weight_decay > 0), "optim.weight_decay_end",
+           f"schedules a weight decay that starts at optim.weight_decay (> 0) and must be >= 0; got {o.weight_decay_end} "
+           f"from {o.weight_decay}.")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be two numbers in [0, 1); got {o.betas}.")
     _check(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1); got {o.momentum}.")
     _check(o.eps > 0, "optim.eps", f"must be > 0; got {o.eps}.")
@@ -578,3 +616,25 @@ def validate_objective(j: ObjectiveCfg, r: Recipe) -> None:
            "is needed for objective distill: a run directory, a checkpoint file or timm:ARCH "
            "(e.g. --set objective.distill.teacher=runs/cnn_teacher_digits).")
     _check(all(k >= 1 for k in j.fewshot or []), "objective.fewshot", f"takes images per class >= 1; got {j.fewshot}.")
+    _check(j.knn is None or j.knn >= 1, "objective.knn", f"is a number of neighbours >= 1 (DINO's: 20); got {j.knn}.")
+    validate_dino(j.dino)
+
+
+def validate_dino(d: DinoCfg) -> None:
+    _check(min(d.out_dim, d.hidden_dim, d.bottleneck_dim) > 0 and d.head_layers >= 1, "objective.dino.out_dim",
+           f"hidden_dim, bottleneck_dim and head_layers must be positive; got {d.out_dim}, {d.hidden_dim}, "
+           f"{d.bottleneck_dim}, {d.head_layers}.")
+    for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+        _check(getattr(d, key) > 0, f"objective.dino.{key}", f"is a temperature and must be > 0; got {getattr(d, key)}.")
+    _check(0 <= d.center_momentum < 1, "objective.dino.center_momentum", f"must be in [0, 1); got {d.center_momentum}.")
+    _check(0 <= d.momentum_teacher <= 1, "objective.dino.momentum_teacher", f"must be in [0, 1]; got {d.momentum_teacher}.")
+    for key in ("global_crops_scale", "local_crops_scale", "ibot_mask_ratio"):
+        low_high = getattr(d, key)
+        _check(len(low_high) == 2 and 0 < low_high[0] <= low_high[1] <= 1, f"objective.dino.{key}",
+               f"is [low, high] with 0 < low <= high <= 1; got {low_high}.")
+    _check(d.local_crops_number >= 0 and d.local_crops_size > 0, "objective.dino.local_crops_number",
+           f"must be >= 0 and local_crops_size > 0; got {d.local_crops_number}, {d.local_crops_size}.")
+    for key in ("koleo_weight", "ibot_weight", "freeze_last_layer", "warmup_teacher_temp_epochs"):
+        _check(getattr(d, key) >= 0, f"objective.dino.{key}", f"must be >= 0; got {getattr(d, key)}.")
+    _check(0 <= d.ibot_mask_probability <= 1, "objective.dino.ibot_mask_probability",
+           f"must be in [0, 1]; got {d.ibot_mask_probability}.")

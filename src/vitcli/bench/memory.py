@@ -31,7 +31,7 @@ def cpu_step_peak(mut: ModelUnderTest) -> int | None:
     try:
         tracker = MemTracker()
         extra = [mut.optimizer] if mut.optimizer is not None else []
-        tracker.track_external(mut.model, *extra, *mut.inputs)
+        tracker.track_external(mut.model, *extra, *mut.input_tensors)
         with tracker:
             mut.eager_step()
         snapshot = tracker.get_tracker_snapshot("peak")

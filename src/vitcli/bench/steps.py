@@ -1,7 +1,8 @@
 """The models under test and the one step each is timed on.
 
 train: the trainer's own step (engine.step.train_step on the objective: supervised cross-entropy,
-       distill (with the teacher's forward), or mpp / mae, whose masking the step includes): autocast
+       distill (with the teacher's forward), mpp / mae, whose masking the step includes, or dino on 2 + 10
+       views, the teacher's forward, centring and EMA update included): autocast
        forward -> loss -> backward -> unscale -> global-norm clip at 1.0 -> AdamW step (timm's, fused, no
        decay on norms, biases and embeddings; engine.step.build_step) -> zero_grad, with bf16 autocast
        when asked. So the bench times exactly what `vit pretrain` runs per step.
@@ -31,7 +32,7 @@ from vitcli.objectives import Distillation, Inputs, build_objective
 from vitcli.objectives.teacher import Teacher
 from vitcli.models import create_model
 from vitcli.models.config import ModelConfig
-from vitcli.recipe import MaeCfg, ObjectiveCfg, OptimCfg
+from vitcli.recipe import DinoCfg, MaeCfg, ObjectiveCfg, OptimCfg
 
 
 @dataclass
@@ -46,9 +47,14 @@ class ModelUnderTest:
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer | None
-    inputs: tuple[torch.Tensor, torch.Tensor]
+    inputs: tuple  # (images, labels); images: a tensor, or a tuple of views
     step: Callable[[], None]
     eager_step: Callable[[], None]
+
+    @property
+    def input_tensors(self) -> list[torch.Tensor]:
+        """The batch's tensors (a multi-view batch holds one per view)."""
+        return [t for x in self.inputs for t in (x if isinstance(x, tuple) else (x,))]
 
     @property
     def params(self) -> int:
@@ -57,7 +63,7 @@ class ModelUnderTest:
     def resident_bytes(self) -> int:
         """Bytes held between steps: parameters, gradients, optimizer state and the input batch."""
         tensors = list(self.model.parameters()) + [p.grad for p in self.model.parameters() if p.grad is not None]
-        tensors += [b for b in self.model.buffers()] + list(self.inputs)
+        tensors += [b for b in self.model.buffers()] + self.input_tensors
         if self.optimizer is not None:
             tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
         seen, total = set(), 0
@@ -106,9 +112,20 @@ def bench_objective(name: str, model: nn.Module, num_classes: int) -> nn.Module:
         teacher = Teacher(copy.deepcopy(model).eval().requires_grad_(False), "a copy of the student", None, None)
         return Distillation(model, teacher, nn.CrossEntropyLoss(), num_classes, mode="logit")
     cfg = ObjectiveCfg(name=name)
+    if name == "dino":  # DINO's defaults with its best multi-crop (2 x 224 + 10 x 96 for a /16 model at 224)
+        cfg.dino = DinoCfg(local_crops_number=BENCH_LOCAL_CROPS, local_crops_size=dino_local_size(model))
     if name == "mae" and model.embed_dim < 512:
         cfg.mae = MaeCfg(decoder_dim=model.embed_dim, decoder_heads=model.blocks[0].attn.num_heads, decoder_depth=2)
     return build_objective(cfg, model, Inputs(num_classes=num_classes))
+
+
+BENCH_LOCAL_CROPS = 10
+
+
+def dino_local_size(model: nn.Module) -> int:
+    """DINO's local crop: 96/224 of the resolution, a whole number of patches (at least one)."""
+    patch, size = model.patch_embed.patch_size[0], min(model.patch_embed.img_size)
+    return max(patch, round(size * 96 / 224 / patch) * patch)
 
 
 def prepare(label: str, name: str, model: nn.Module, cfg: ModelConfig, *, mode: str, batch_size: int, device: torch.device,
@@ -119,6 +136,11 @@ def prepare(label: str, name: str, model: nn.Module, cfg: ModelConfig, *, mode: 
     h, w = cfg.img_size
     images = torch.randn(batch_size, cfg.in_chans, h, w, generator=g).to(device)
     labels = torch.randint(0, max(cfg.num_classes, 1), (batch_size,), generator=g).to(device)
+    if objective == "dino":  # its batch is the views of each image: 2 global crops, then the local ones
+        local = dino_local_size(model)
+        images = tuple([images, torch.randn(batch_size, cfg.in_chans, h, w, generator=g).to(device)] +
+                       [torch.randn(batch_size, cfg.in_chans, local, local, generator=g).to(device)
+                        for _ in range(BENCH_LOCAL_CROPS)])
     if mode == "infer":
         model.eval()
         amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext

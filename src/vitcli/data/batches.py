@@ -31,8 +31,9 @@ class Deferred(NamedTuple):
 
 class Batch(NamedTuple):
     # (N, C, H, W): float from the PIL pipeline, uint8 from the tensor pipeline (then only the images not
-    # deferred, in batch order); None when there is none.
-    images: Optional[torch.Tensor]
+    # deferred, in batch order); None when there is none. Several views per image (data/views.py): a
+    # tuple of float batches, one per view.
+    images: Optional[torch.Tensor | tuple[torch.Tensor, ...]]
     labels: Optional[torch.Tensor]  # (N,) int64, for every image of the batch, deferred ones included
     skipped: list[str]  # one line per dropped image (bad_images="skip")
     error: Optional[str]  # the message to raise in the main process (bad_images="error")
@@ -62,7 +63,10 @@ def finish_batch(batch: Batch, transform: Callable, bad_images: BadImages, devic
     if batch.labels is None:  # every image of the batch was unreadable (and skipped)
         return None, None, []
     if not isinstance(transform, TensorTransform):
-        return batch.images.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True), []
+        images = batch.images
+        if isinstance(images, tuple):  # several views per image (multi-crop): one batch per view
+            return tuple(v.to(device, non_blocking=True) for v in images), batch.labels.to(device, non_blocking=True), []
+        return images.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True), []
     labels, skipped = batch.labels, []
     ready = batch.images.to(device, non_blocking=True) if batch.images is not None else None
     if not batch.deferred:

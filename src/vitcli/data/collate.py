@@ -61,9 +61,16 @@ def build_batch(items: list[tuple[tuple[int, ...], int, dict, int]], transform: 
         return Batch(None, None, skipped, None)
     if decode_target is not None:
         return Batch(padded_stack(images, 0), padded_stack(labels, OUTSIDE), skipped, None)
-    stacked = torch.stack(images) if images else None
+    stacked = stack_views(images) if images else None
     targets = torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], list) else torch.int64)  # multi-hot or ids
     return Batch(stacked, targets, skipped, None, tuple(deferred))
+
+
+def stack_views(images: list) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Per-image tensors stacked into a batch; per-image tuples of views (multi-crop) into one batch per view."""
+    if isinstance(images[0], tuple):
+        return tuple(torch.stack(view) for view in zip(*images))
+    return torch.stack(images)
 
 
 def padded_stack(tensors: list[torch.Tensor], fill: float) -> torch.Tensor:

@@ -11,6 +11,7 @@ from vitcli import data as vdata
 from vitcli.engine.plan import StepPlan
 from vitcli.engine.setup import RunData, fewshot_shots
 from vitcli.objectives import FewshotSet
+from vitcli.objectives.knn import NeighbourSet
 from vitcli.objectives.fewshot import needed_images
 from vitcli.recipe import Recipe
 
@@ -141,3 +142,20 @@ def fewshot_set(data: RunData, recipe: Recipe, device: torch.device, batch_size:
     spec = vdata.LoaderSpec.evaluation(batch_size, bad_images=recipe.data.bad_images, cache_bytes=EVAL_CACHE_BYTES)
     loader = vdata.make_loader(chosen, data.eval_transform, spec, device=device)
     return FewshotSet(loader, index, labels, data.train.num_classes, shots, FEWSHOT_SEEDS)
+
+
+def knn_set(data: RunData, recipe: Recipe, device: torch.device, batch_size: int) -> NeighbourSet | None:
+    """The training split with the eval transform, the neighbours of k-NN evaluation (objective.knn); None
+    when not asked, or without labels. A streamed split offers its first images, up to 100 per class."""
+    k, num_classes = recipe.objective.knn, len(data.class_names)
+    if k is None or num_classes == 0 or getattr(data.train, "multilabel", False):
+        return None
+    train = vdata.first_images(data.train, KNN_STREAMED_PER_CLASS) if vdata.is_streamed(data.train) else data.train.dataset
+    images = vdata.ImageSet(train, num_classes, data.class_names, data.train.name, f"{data.train.split}[k-NN]")
+    spec = vdata.LoaderSpec.evaluation(batch_size, num_workers=recipe.data.num_workers, bad_images=recipe.data.bad_images,
+                                       cache_bytes=EVAL_CACHE_BYTES)
+    return NeighbourSet(vdata.make_loader(images, data.eval_transform, spec, device=device), k, num_classes)
+
+
+KNN_STREAMED_PER_CLASS = 100
+

@@ -7,7 +7,8 @@
 Steps: find the checkpoint (newest run's best when none is given) -> build its model at the asked
 resolution (position embeddings resampled) -> load the evaluation split -> the eval transform the
 checkpoint was trained with (normalisation, interpolation, crop_pct from its metadata) -> `evaluate`
--> optional predictions CSV / confusion matrix -> optional few-shot linear evaluation (objectives.fewshot).
+-> optional predictions CSV / confusion matrix -> optional frozen-feature evaluations: few-shot linear
+(objectives.fewshot), weighted k-NN (objectives.knn), a linear probe (objectives.linear_probe).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from vitcli.io.paths import writable_file
 from vitcli.models import input_channels, input_size
 from vitcli.io.rundir import saved_data_setting
 from vitcli.objectives import evaluate
+from vitcli.objectives import linear_probe as probe
+from vitcli.objectives.knn import knn_accuracy
 from vitcli.objectives.multilabel import evaluate_multilabel
 
 __all__ = ["EvalSpec", "FewshotSpec", "print_eval", "run_eval"]  # print_eval lives in engine.report
@@ -48,7 +51,9 @@ def run_eval(spec: EvalSpec, *, progress: Callable[[int, int], None] | None = No
         top1, top5, loss, ece (fractions; None when the head does not fit the data set and only
         few-shot was asked), num_images, images_per_second, seconds, per_class_accuracy (None for classes
         without images), class_names, checkpoint, model, dataset, split, img_size, device, skipped_images,
-        and, when asked, fewshot {str(K): accuracy}, fewshot_l2, fewshot_seeds, predictions, confusion (paths).
+        and, when asked, fewshot {str(K): accuracy}, fewshot_l2, fewshot_seeds, knn {str(k): accuracy},
+        linear_probe {accuracy, lr, protocol, heldout_accuracy},
+        predictions, confusion (paths).
     """
     shots = list(spec.fewshot.shots)
     predictions = writable_file(spec.predictions, "--predictions") if spec.predictions else None  # before any work
@@ -64,7 +69,8 @@ def run_eval(spec: EvalSpec, *, progress: Callable[[int, int], None] | None = No
         return segmentation_eval(spec, model, ck, dataset, data_dir, dev, amp, say, progress)
     eval_set = vdata.load_split(dataset, spec.split, role="eval", data_dir=data_dir, img_size=img_size, seed=0,
                                 subset=spec.subset, carve=False, say=say)  # a folder of class folders: every image
-    head_fits = _head_fits(model, eval_set, ck, shots, bool(predictions or confusion), say)
+    frozen_only = bool(shots or spec.knn or spec.linear_probe)  # evaluations of frozen features: no fitting head needed
+    head_fits = _head_fits(model, eval_set, ck, frozen_only, bool(predictions or confusion), say)
     _warn_class_names(ck.meta.class_names, eval_set, say)
 
     transform = vdata.TransformSpec.from_checkpoint(ck.meta, input_channels(model), reduced_decode=spec.reduced_decode)
@@ -72,7 +78,7 @@ def run_eval(spec: EvalSpec, *, progress: Callable[[int, int], None] | None = No
     loader = _loader(eval_set, tf, spec.loader, dev)
     model.to(dev)
     log = PredictionLog() if (predictions or confusion) else None
-    capture = FeatureCapture(model) if shots else None
+    capture = FeatureCapture(model) if frozen_only else None
     on_batch = _callbacks(log, capture, progress, len(eval_set))
     try:
         metrics = evaluate(model, loader, eval_set.num_classes if head_fits else None, dev, amp, on_batch=on_batch)
@@ -100,19 +106,25 @@ def run_eval(spec: EvalSpec, *, progress: Callable[[int, int], None] | None = No
         title = f"{Path(str(ck.source)).name} on {eval_set.name} [{eval_set.split}], top-1 {100 * result['top1']:.1f}%"
         result["confusion"] = str(draw_confusion(confusion, log.labels, log.predictions, eval_set.num_classes,
                                                  eval_set.class_names, title))
-    if shots:
+    if capture is not None:
         eval_feats, eval_labels = capture.arrays()
-        few = _FewshotRun(model, tf, dataset, data_dir, spec, dev, amp)
-        result["fewshot"] = few.scores(eval_set, eval_feats, eval_labels, say)
-        result["fewshot_l2"] = spec.fewshot.l2
-        result["fewshot_seeds"] = spec.fewshot.seeds
+        frozen = _FrozenFeatures(model, tf, dataset, data_dir, spec, dev, amp)
+        if shots:
+            result["fewshot"] = frozen.fewshot(eval_set, eval_feats, eval_labels, say)
+            result["fewshot_l2"] = spec.fewshot.l2
+            result["fewshot_seeds"] = spec.fewshot.seeds
+        if spec.knn:
+            result["knn"] = frozen.knn(eval_set, eval_feats, eval_labels, say)
+        if spec.linear_probe:
+            protocol = spec.linear_probe if spec.linear_probe != "auto" else ("mae" if ck.meta.objective == "mae" else "dino")
+            result["linear_probe"] = frozen.linear_probe(eval_set, protocol, say)
     return result
 
 
 def _multilabel(spec: EvalSpec, model, ck, run_dir, dataset: str, data_dir, dev, amp, say, progress) -> dict[str, Any]:
     """A multi-label checkpoint: mAP, per-class AP, F1 at the checkpoint's threshold (objectives.multilabel)."""
-    if spec.fewshot.shots or spec.predictions or spec.confusion:
-        raise VitError("--fewshot, --predictions and --confusion score one class per image; this checkpoint is "
+    if spec.fewshot.shots or spec.knn or spec.linear_probe or spec.predictions or spec.confusion:
+        raise VitError("--fewshot, --knn, --linear-probe, --predictions and --confusion score one class per image; this checkpoint is "
                        "multi-label. Drop them (vit predict lists each image's labels over the threshold).")
     labels = spec.labels or (saved_data_setting(run_dir, "labels") if run_dir is not None and spec.dataset is None else None)
     eval_set = vdata.load_split(dataset, spec.split, role="eval", data_dir=data_dir, img_size=input_size(model), seed=0,
@@ -141,21 +153,22 @@ def _multilabel(spec: EvalSpec, model, ck, run_dir, dataset: str, data_dir, dev,
 # What to evaluate
 
 
-def _head_fits(model: torch.nn.Module, eval_set, ck, shots: list[int], writes: bool, say) -> bool:
-    """Whether the model's head scores this data set's classes; if not, only few-shot can be asked for."""
+def _head_fits(model: torch.nn.Module, eval_set, ck, frozen_only: bool, writes: bool, say) -> bool:
+    """Whether the model's head scores this data set's classes; if not, only frozen-feature evaluations
+    (few-shot, k-NN) can be asked for."""
     if model.num_classes == eval_set.num_classes:
         return True
     what = f"the checkpoint's head has {model.num_classes} classes" if model.num_classes else \
         "the checkpoint has no classification head"
-    if not shots:
+    if not frozen_only:
         raise VitError(
             f"{what} but data set '{eval_set.name}' has {eval_set.num_classes}, so it cannot be scored on "
             f"it directly. Fine-tune it first (`vit finetune --ckpt {ck.source} --dataset {eval_set.name}`), "
-            "or measure its frozen features with few-shot linear evaluation (`--fewshot 1,5,10,25`)")
+            "or measure its frozen features: few-shot linear evaluation (`--fewshot 1,5,10,25`) or k-NN (`--knn 20`)")
     if writes:
         raise VitError(f"{what} but data set '{eval_set.name}' has {eval_set.num_classes}: there are no "
-                       "predictions to write; drop --predictions / --confusion (few-shot runs without them)")
-    say(f"{what} and '{eval_set.name}' has {eval_set.num_classes}: reporting few-shot accuracy only")
+                       "predictions to write; drop --predictions / --confusion (few-shot and k-NN run without them)")
+    say(f"{what} and '{eval_set.name}' has {eval_set.num_classes}: reporting frozen-feature accuracy only")
     return False
 
 
@@ -224,9 +237,10 @@ def _callbacks(log, capture, progress, total: int):
 
 
 @dataclass
-class _FewshotRun:
-    """Few-shot linear accuracy on the evaluation features for each K (see objectives.fewshot): the
-    model's features of the K training images per class chosen for each seed."""
+class _FrozenFeatures:
+    """The frozen model's features (eval transform) of training-split images, for the evaluations fitted on
+    them: few-shot linear (K images per class, objectives.fewshot), weighted k-NN (the whole split,
+    objectives.knn) and the linear probe (objectives.linear_probe). The training split is read once for all."""
 
     model: torch.nn.Module
     tf: Callable
@@ -235,17 +249,36 @@ class _FewshotRun:
     spec: EvalSpec
     dev: torch.device
     amp: Any
+    _train: Any = None
 
-    def scores(self, eval_set, eval_feats: np.ndarray, eval_labels: np.ndarray, say) -> dict[str, float]:
+    def train_split(self, eval_set, say):
+        if self._train is None:
+            train = vdata.load_split(self.dataset, None, role="train", data_dir=self.data_dir,
+                                     img_size=input_size(self.model), seed=0)
+            if train.split.split("[")[0] == eval_set.split.split("[")[0]:
+                say(f"warning: the frozen-feature training images come from split '{train.split}', the split being evaluated")
+            if train.num_classes != eval_set.num_classes:
+                raise VitError(f"the training split of '{train.name}' has {train.num_classes} classes but the evaluation "
+                               f"split has {eval_set.num_classes}; few-shot and k-NN evaluation need the same classes")
+            self._train = train
+        return self._train
+
+    def of(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of every image of `images` (an ImageSet), in order."""
+        capture = FeatureCapture(self.model)
+        try:
+            loader = _loader(images, self.tf, replace(self.spec.loader, seed=self.spec.fewshot.seed), self.dev)
+            evaluate(self.model, loader, None, self.dev, self.amp, on_batch=capture.add_labels)
+        finally:
+            capture.close()
+        return capture.arrays()
+
+    def fewshot(self, eval_set, eval_feats: np.ndarray, eval_labels: np.ndarray, say) -> dict[str, float]:
+        """Few-shot linear accuracy on the evaluation features for each K: the model's features of the K
+        training images per class chosen for each seed."""
         few = self.spec.fewshot
         shots, seeds = list(few.shots), few.seed_list
-        train = vdata.load_split(self.dataset, None, role="train", data_dir=self.data_dir, img_size=input_size(self.model),
-                                 seed=0)
-        if train.split.split("[")[0] == eval_set.split.split("[")[0]:
-            say(f"warning: the few-shot training images come from split '{train.split}', the split being evaluated")
-        if train.num_classes != eval_set.num_classes:
-            raise VitError(f"the training split of '{train.name}' has {train.num_classes} classes but the evaluation "
-                           f"split has {eval_set.num_classes}; few-shot evaluation needs the same classes")
+        train = self.train_split(eval_set, say)
         labels = vdata.label_array(train.dataset)
         need = fs.needed_images(labels, train.num_classes, shots, seeds)
         short = [train.class_names[c] for c in range(train.num_classes) if np.sum(labels == c) < max(shots)]
@@ -254,11 +287,23 @@ class _FewshotRun:
                 f"(e.g. {short[0]!r}); they use all they have")
         subset = vdata.ImageSet(train.dataset.select(need, keep_in_memory=True), train.num_classes, train.class_names,
                                 train.name, f"{train.split}[few-shot]")
-        capture = FeatureCapture(self.model)
-        try:
-            loader = _loader(subset, self.tf, replace(self.spec.loader, seed=seeds[0]), self.dev)
-            evaluate(self.model, loader, None, self.dev, self.amp, on_batch=capture.add_labels)
-        finally:
-            capture.close()
-        feats, _ = capture.arrays()
+        feats, _ = self.of(subset)
         return fs.fewshot_results(feats, need, labels, eval_feats, eval_labels, train.num_classes, shots, seeds, few.l2)
+
+    def linear_probe(self, eval_set, protocol: str, say) -> dict[str, Any]:
+        """A linear probe of the protocol's features, its learning rate chosen on held-out training images."""
+        train = self.train_split(eval_set, say)
+        say(f"linear probe ({protocol}): embedding {len(train)} training and {len(eval_set)} test images, then "
+            f"{len(probe.LEARNING_RATES)} heads at once")
+        batches = [_loader(part, self.tf, replace(self.spec.loader, seed=self.spec.fewshot.seed), self.dev)
+                   for part in (train, eval_set)]
+        (train_x, train_y), (test_x, test_y) = (probe.collect(self.model, b, protocol, self.dev, self.amp) for b in batches)
+        return probe.linear_probe(train_x.to(self.dev), train_y.to(self.dev), test_x.to(self.dev), test_y.to(self.dev),
+                                  train.num_classes, protocol, seed=self.spec.fewshot.seed)
+
+    def knn(self, eval_set, eval_feats: np.ndarray, eval_labels: np.ndarray, say) -> dict[str, float]:
+        """Weighted k-NN accuracy for each k of the spec, the whole training split as neighbours."""
+        train = self.train_split(eval_set, say)
+        say(f"k-NN: embedding the {len(train)} images of {train.name} [{train.split}]")
+        feats, labels = self.of(train)
+        return knn_accuracy(feats, labels, eval_feats, eval_labels, train.num_classes, self.spec.knn)

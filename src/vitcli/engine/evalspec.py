@@ -14,6 +14,8 @@ from typing import Optional
 from vitcli.data import LoaderSpec
 from vitcli.errors import VitError
 from vitcli.objectives.fewshot import DEFAULT_L2
+from vitcli.objectives.knn import parse_ks
+from vitcli.objectives.linear_probe import PROTOCOLS
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,9 @@ class EvalSpec:
     named set. subset: a seeded random choice of this many images. predictions / confusion: write a
     per-image CSV / a confusion-matrix image there. reduced_decode: decode a large JPEG at 1/2-1/8 size
     when the resize allows (False: every image whole, as timm's validate.py). labels: a multi-label folder's
-    labels file (None: the run's data.labels)."""
+    labels file (None: the run's data.labels). knn: weighted k-NN accuracy for each k, from the frozen
+    features of the whole training split ("20" or (10, 20) on entry). linear_probe: a linear probe of the
+    frozen features (objectives.linear_probe) by protocol dino or mae (auto: mae for an MAE checkpoint)."""
 
     ckpt: Optional[str | Path] = None
     dataset: Optional[str] = None
@@ -76,11 +80,19 @@ class EvalSpec:
     multi_scale: bool = False  # segmentation: Segmenter's scales 0.5-1.75 with flips, probabilities averaged
     loader: LoaderSpec = field(default_factory=lambda: LoaderSpec.evaluation(256, num_workers=2))
     fewshot: FewshotSpec = field(default_factory=FewshotSpec)
+    knn: tuple[int, ...] = ()  # weighted k-NN on frozen features (objectives.knn) for each k; (): none
+    linear_probe: Optional[str] = None  # a linear probe of frozen features by this protocol: dino | mae | auto
 
     def __post_init__(self) -> None:
         if self.loader.shuffle or self.loader.drop_last:
             raise ValueError("an evaluation loader neither shuffles nor drops images: use LoaderSpec.evaluation")
         if self.subset is not None and self.subset < 1:
             raise VitError(f"the evaluation subset must hold at least 1 image, got {self.subset}.")
+        try:
+            object.__setattr__(self, "knn", parse_ks(self.knn))
+        except ValueError:
+            raise VitError(f"--knn takes positive numbers of neighbours, e.g. 20 or 10,20,100,200; got {self.knn!r}.") from None
+        if self.linear_probe not in (None, "auto", *PROTOCOLS):
+            raise VitError(f"--probe-protocol must be dino, mae or auto; got {self.linear_probe!r}.")
         if self.window_stride is not None and self.window_stride < 1:
             raise VitError(f"--window-stride must be at least 1 pixel, got {self.window_stride}.")

@@ -40,6 +40,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimCfg, device: torch.device)
     )
     for group in optimizer.param_groups:
         group.setdefault("lr_scale", 1.0)
+        group["decayed"] = group.get("weight_decay", 0.0) > 0  # the groups a weight-decay schedule applies to
     return optimizer
 
 
@@ -66,6 +67,18 @@ def lr_at(step: int, total_steps: int, peak_lr: float, cfg: ScheduleCfg) -> floa
     return cfg.min_lr + (peak_lr - cfg.min_lr) * shape
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def weight_decay_at(step: int, total_steps: int, cfg: OptimCfg) -> float | None:
+    """DINO's weight-decay schedule: cosine from weight_decay (step 0) to weight_decay_end; None: constant."""
+    if cfg.weight_decay_end is None:
+        return None
+    progress = min(1.0, step / max(1, total_steps))
+    return cfg.weight_decay_end + (cfg.weight_decay - cfg.weight_decay_end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float | None = None) -> None:
+    """This step's learning rate (times each group's layer-decay scale) and, when scheduled, weight decay
+    (on the groups that have any: norms, biases and embeddings stay at 0)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
+        if weight_decay is not None and group.get("decayed"):
+            group["weight_decay"] = weight_decay

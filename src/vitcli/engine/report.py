@@ -207,6 +207,11 @@ def print_eval(result: dict[str, Any], console=None) -> None:
             table.add_row(f"worst {len(worst)} classes", escape(", ".join(f"{name}: {_pct(acc)}" for name, acc in worst)))
     for k, acc in (result.get("fewshot") or {}).items():
         table.add_row(f"{k}-shot linear", _pct(acc))
+    for k, acc in (result.get("knn") or {}).items():
+        table.add_row(f"{k}-NN", _pct(acc))
+    if result.get("linear_probe"):
+        probe = result["linear_probe"]
+        table.add_row(f"linear probe ({probe['protocol']})", f"{_pct(probe['accuracy'])} at lr {probe['lr']:g}")
     for key, label in (("predictions", "predictions"), ("confusion", "confusion matrix")):
         if result.get(key):
             table.add_row(label, escape(str(result[key])))

@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 
 from vitcli.engine import cluster
-from vitcli.engine.batches import TrainStream, eval_batches, fewshot_set
+from vitcli.engine.batches import TrainStream, eval_batches, fewshot_set, knn_set
 from vitcli.engine.cluster import DistEnv
 from vitcli.engine.logger import ProgressDisplay, RunLogger
 from vitcli.engine.plan import StepPlan
@@ -67,7 +67,11 @@ class TrainingRun:
 
     @property
     def eval_model(self) -> torch.nn.Module:
-        """What evaluations score and checkpoints hold: the EMA weights when EMA is on."""
+        """What evaluations score and checkpoints hold: the EMA weights when EMA is on; what the objective
+        publishes instead of the trained model if it does (DINO's teacher backbone)."""
+        published = self.objective.published()
+        if published is not None:
+            return published
         return self.parts.ema.module if self.parts.ema is not None else self.parts.model
 
     @property
@@ -128,7 +132,7 @@ class TrainingRun:
             saved.update(sharded=True, meta=meta)
         elif env.is_main:  # replicas are identical: rank 0's copy is the run's
             saved.update(optimizer=parts.optimizer.state_dict(),
-                         model=parts.model.state_dict() if parts.ema is not None else None)
+                         model=parts.model.state_dict() if self.eval_model is not parts.model else None)
             own = self.objective.own_state()  # decoder, [mask] token, head: resumed, never fine-tuned
             if own:
                 saved["objective"] = own
@@ -154,7 +158,7 @@ class TrainingRun:
         """What the first checkpoint will take: weights, optimizer state (and the raw weights under EMA)."""
         tensors = [*self.eval_model.state_dict().values(),
                    *(v for s in self.parts.optimizer.state.values() for v in s.values() if torch.is_tensor(v))]
-        if self.parts.ema is not None:
+        if self.eval_model is not self.parts.model:
             tensors += list(self.parts.model.state_dict().values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -239,7 +243,8 @@ def _start(recipe: Recipe, run_dir: Path, env: DistEnv, console: Console, *, res
     model.to(env.device)
     plan = StepPlan.make(t, len(data.train), env.world_size)
     fewshot = fewshot_set(data, recipe, env.device, plan.eval_batch)
-    objective = build_objective(model, data, recipe, fewshot).to(env.device)
+    knn = knn_set(data, recipe, env.device, plan.eval_batch)
+    objective = build_objective(model, data, recipe, fewshot, knn, plan).to(env.device)
     if not resuming:
         cluster.on_main(env, lambda: create_run_dir(run_dir, recipe))
     ema = _make_ema(model, t.ema_decay)

@@ -32,8 +32,8 @@ def checkpoint_transform(model: torch.nn.Module, ck) -> tuple[int, SegTransform]
 
 def segmentation_eval(spec: EvalSpec, model: torch.nn.Module, ck, dataset: str, data_dir: str | None, dev: torch.device,
                       amp, say: Callable[[str], Any], progress: Callable[[int, int], None] | None) -> dict[str, Any]:
-    if spec.fewshot.shots or spec.predictions or spec.confusion:
-        raise VitError("--fewshot, --predictions and --confusion are for classifiers; this checkpoint segments. Drop them "
+    if spec.fewshot.shots or spec.knn or spec.linear_probe or spec.predictions or spec.confusion:
+        raise VitError("--fewshot, --knn, --linear-probe, --predictions and --confusion are for classifiers; this checkpoint segments. Drop them "
                        "(vit predict --masks DIR writes each image's mask).")
     eval_set = load_mask_split(dataset, spec.split, role="eval", data_dir=data_dir, subset=spec.subset, carve=False, say=say)
     if eval_set.num_classes != model.num_classes:

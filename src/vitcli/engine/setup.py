@@ -27,8 +27,11 @@ from vitcli.models.timm_classifier import is_timm_classifier, needs_vit
 from vitcli.data.masks import IGNORE_INDEX
 from vitcli.data.seg_sources import load_mask_split
 from vitcli.data.seg_transforms import SegTransform, SegTransformSpec
+from vitcli.data.views import build_views_transform
+from vitcli.engine.plan import StepPlan
 from vitcli import objectives
 from vitcli.objectives import FewshotSet
+from vitcli.objectives.knn import NeighbourSet
 from vitcli.recipe import ModelCfg, Recipe
 
 
@@ -118,12 +121,20 @@ def build_data(recipe: Recipe, init: LoadedCheckpoint | None = None, say=None) -
         num_classes=num_classes,
         class_names=class_names,
         img_size=img_size,
-        train_transform=vdata.build_transform(transform, img_size, train=True),
+        train_transform=_train_transform(recipe, transform, img_size),
         eval_transform=vdata.build_transform(transform, img_size, train=False),
         mixup=vdata.build_mixup(mixing, num_classes),
         criterion=vdata.build_train_loss(mixing, counts, multilabel=multilabel),
         multilabel=multilabel,
     )
+
+
+def _train_transform(recipe: Recipe, transform: vdata.TransformSpec, img_size: tuple[int, int]):
+    """The recipe's crop, or the several views per image its objective asks for (DINO's multi-crop)."""
+    views = objectives.objective_class(recipe.objective.name).views(recipe, img_size)
+    if views is None:
+        return vdata.build_transform(transform, img_size, train=True)
+    return build_views_transform(transform, views)
 
 
 def segmentation_data(recipe: Recipe, img_size: tuple[int, int], say=None) -> RunData:
@@ -300,13 +311,15 @@ def objective_name(recipe: Recipe, data: RunData) -> str:
     return name
 
 
-def build_objective(model: torch.nn.Module, data: RunData, recipe: Recipe, fewshot: FewshotSet | None = None) -> objectives.Objective:
+def build_objective(model: torch.nn.Module, data: RunData, recipe: Recipe, fewshot: FewshotSet | None = None,
+                    knn: NeighbourSet | None = None, plan: StepPlan | None = None) -> objectives.Objective:
     """The recipe's training objective around the model (objectives.OBJECTIVES by name)."""
     d = recipe.data
     given = objectives.Inputs(criterion=data.criterion, num_classes=data.num_classes, class_names=data.class_names or None,
-                              mean=tuple(d.mean), std=tuple(d.std), fewshot=fewshot, window=min(data.img_size),
+                              mean=tuple(d.mean), std=tuple(d.std), fewshot=fewshot, knn=knn, window=min(data.img_size),
                               window_stride=d.window_stride,
-                              eval_scales=tuple(d.eval_scales), eval_flip=d.eval_flip)
+                              eval_scales=tuple(d.eval_scales), eval_flip=d.eval_flip,
+                              steps_per_epoch=plan.steps_per_epoch if plan else 1, total_steps=plan.total_steps if plan else 1)
     return objectives.build_objective(dataclasses.replace(recipe.objective, name=objective_name(recipe, data)), model, given)
 
 

@@ -1,8 +1,9 @@
 """One optimizer step, the same for `vit pretrain`, `vit finetune` and `vit bench`:
 
     autocast forward -> objective loss -> backward (accumulated over micro-batches; DDP syncs on the
-    last) -> one all-reduce of the loss and the stop flag -> unscale -> global-norm clip -> optimizer
-    step (skipped, gradients dropped, when the loss or gradient norm is not finite) -> EMA.
+    last) -> one all-reduce of the loss and the stop flag -> unscale -> the objective's before_update ->
+    global-norm clip of every trainable parameter -> optimizer step (skipped, gradients dropped, when the
+    loss or gradient norm is not finite) -> the objective's after_update (DINO's teacher) -> EMA.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class StepParts:
     ddp: Any = None
     ema: Any = None  # timm ModelEmaV3
     env: DistEnv | None = None
+    objective: Any = None  # the bare objective: its per-step hooks (DINO's schedules, last-layer freeze, teacher)
 
 
 def build_step(objective: torch.nn.Module, optim: OptimCfg, device: torch.device, *, amp_dtype: torch.dtype | None = None,
@@ -51,9 +53,9 @@ def build_step(objective: torch.nn.Module, optim: OptimCfg, device: torch.device
     optimizer = build_optimizer(objective.optimized(), optim, device)  # the model, plus the objective's own parts
     sharded = env is not None and env.active and strategy == "fsdp"
     scaler = grad_scaler(device, amp_dtype == torch.float16, sharded=sharded)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in objective.optimized().parameters() if p.requires_grad]  # clipped together: all it updates
     return StepParts(torch.compile(module) if compile else module, model, optimizer, scaler, params, device,
-                     optim.clip_grad_norm, accum, amp_dtype, ddp, ema, env)
+                     optim.clip_grad_norm, accum, amp_dtype, ddp, ema, env, objective)
 
 
 @dataclass
@@ -66,12 +68,16 @@ class StepResult:
 
 
 def train_step(parts: StepParts, batches: Iterator, lr: float, number: int, *,
-               stop_requested: Callable[[], bool] = lambda: False) -> StepResult:
-    """Take one optimizer step at learning rate `lr` (`number`: this update's 1-based count, for EMA).
+               stop_requested: Callable[[], bool] = lambda: False, weight_decay: float | None = None) -> StepResult:
+    """Take one optimizer step at learning rate `lr` (`number`: this update's 1-based count, for EMA; a
+    `weight_decay` replaces the decayed groups' own: DINO's schedule).
 
     `stop_requested` is asked once the gradients are in (a signal may arrive during the step); under
     torchrun every process learns whether any process was asked."""
-    set_lr(parts.optimizer, lr)
+    set_lr(parts.optimizer, lr, weight_decay)
+    hooks = parts.objective
+    if hooks is not None:
+        hooks.begin_step(number)
     loss_sum = torch.zeros((), device=parts.device)
     metric_sums: dict[str, torch.Tensor] = {}
     for i in range(parts.accum):
@@ -88,12 +94,16 @@ def train_step(parts: StepParts, batches: Iterator, lr: float, number: int, *,
     if parts.env is not None:
         loss_sum, stop = agree(parts.env, loss_sum, stop)  # mean over ranks; stop together
     parts.scaler.unscale_(parts.optimizer)
+    if hooks is not None:
+        hooks.before_update()
     grad_norm = local_value(torch.nn.utils.clip_grad_norm_(parts.params, parts.clip or float("inf")))
     applied = bool(torch.isfinite(loss_sum) and torch.isfinite(grad_norm))
     if applied:
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
         parts.optimizer.zero_grad(set_to_none=True)
+        if hooks is not None:
+            hooks.after_update()
         if parts.ema is not None:
             parts.ema.update(parts.model, step=number)
     else:  # drop this step's gradients; the scaler (fp16) lowers its scale

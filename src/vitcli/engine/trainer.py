@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from vitcli.engine.optim import lr_at
+from vitcli.engine.optim import lr_at, weight_decay_at
 from vitcli.engine.run import start_run
 from vitcli.engine.signals import StopRequested, graceful_stop
 from vitcli.engine.step import train_step
@@ -38,7 +38,9 @@ def train(recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = 
         with graceful_stop() as signals:  # SIGTERM / first Ctrl-C: checkpoint at the end of this step, then stop
             while state.step < plan.total_steps:
                 lr = lr_at(state.step, plan.total_steps, run.recipe.optim.lr, run.recipe.schedule)
-                result = train_step(run.parts, run.train_batches, lr, state.step + 1, stop_requested=lambda: signals.requested)
+                wd = weight_decay_at(state.step, plan.total_steps, run.recipe.optim)
+                result = train_step(run.parts, run.train_batches, lr, state.step + 1, stop_requested=lambda: signals.requested,
+                                    weight_decay=wd)
                 state.step += 1
                 images_since += t.batch_size
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitcli.errors import VitError
-from vitcli.models.intermediates import Indices, forward_intermediates
+from vitcli.models.intermediates import Indices, forward_intermediates, masked_patches
 from vitcli.models.layers import AttentionPoolLatent, DropPath, PatchEmbed, init_linears, make_mlp
 from vitcli.models.posemb import resample_pos_embed
 
@@ -256,11 +256,14 @@ class Eva(nn.Module):
             x = torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x)
 
-    def encoder_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], dict]:
+    def encoder_input(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                      mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int], dict]:
         """Images of any size the patch size divides -> (the first block's input, the patch grid, the
-        rotary table for that grid, which every block takes)."""
+        rotary table for that grid, which every block takes). `mask` (B, N): those patches' embeddings are
+        replaced by `mask_token` (D,) first (iBOT)."""
         grid = self.patch_embed.grid_for(x.shape[-2:])
-        tokens = self.norm_pre(self.embed_tokens(self.patch_embed(x, any_size=True), grid))
+        patches = masked_patches(self.patch_embed(x, any_size=True), mask, mask_token)
+        tokens = self.norm_pre(self.embed_tokens(patches, grid))
         return tokens, grid, {"rope": self.rope_at(grid)}
 
     def rope_at(self, grid: tuple[int, int]) -> torch.Tensor:

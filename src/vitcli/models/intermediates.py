@@ -60,3 +60,22 @@ def forward_intermediates(model: torch.nn.Module, x: torch.Tensor, indices: Indi
         grids = [g.reshape(g.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for g in grids]
     out = list(zip(grids, prefix)) if return_prefix_tokens and n else grids
     return out if intermediates_only else (model.norm(tokens), out)
+
+
+def masked_patches(patches: torch.Tensor, mask: torch.Tensor | None, token: torch.Tensor | None) -> torch.Tensor:
+    """Patch embeddings (B, N, D) with those where `mask` (B, N) is true replaced by `token` (D,)."""
+    if mask is None:
+        return patches
+    return torch.where(mask.unsqueeze(-1), token.to(patches.dtype), patches)
+
+
+def encode(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None,
+           mask_token: torch.Tensor | None = None) -> torch.Tensor:
+    """Images of any size the patch size divides -> the final normalised tokens (B, prefix + N, D), position
+    embeddings resampled (or rotary ones built) for the grid: what DINO's multi-crop student sees. With
+    `mask` the masked patches enter as `mask_token` (iBOT)."""
+    tokens, _, kwargs = model.encoder_input(x, mask=mask, mask_token=mask_token)
+    for block in model.blocks:
+        tokens = block(tokens, **kwargs)
+    return model.norm(tokens)
+

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from vitcli.errors import VitError
-from vitcli.models.intermediates import Indices, forward_intermediates
+from vitcli.models.intermediates import Indices, forward_intermediates, masked_patches
 from vitcli.models.layers import AttentionPoolLatent, Block, PatchEmbed, init_linears
 from vitcli.models.posemb import resample_pos_embed
 
@@ -197,11 +197,13 @@ class VisionTransformer(nn.Module):
             x = torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x)
 
-    def encoder_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], dict]:
+    def encoder_input(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                      mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int], dict]:
         """Images of any size the patch size divides -> (the first block's input, the patch grid, what
-        each block takes besides the tokens: nothing here)."""
+        each block takes besides the tokens: nothing here). `mask` (B, N): those patches' embeddings are
+        replaced by `mask_token` (D,) before the position embeddings are added (iBOT)."""
         grid = self.patch_embed.grid_for(x.shape[-2:])
-        patches = self.patch_embed(x, any_size=True)
+        patches = masked_patches(self.patch_embed(x, any_size=True), mask, mask_token)
         return self.norm_pre(self.embed_tokens(patches, pos_embed=self.pos_embed_at(grid))), grid, {}
 
     def forward_intermediates(self, x: torch.Tensor, indices: Indices = None, **kwargs):

@@ -4,8 +4,8 @@ An objective holds the model (and any trainable parts of its own) so the engine 
 DDP/FSDP, and says what its evaluations report (`evaluate`, `eval_metrics`, `score`). The engine knows
 nothing else about it. `supervised` (Classification) is the paper's; `multilabel` its sigmoid-per-class
 form (chosen for multi-label data); `segmentation` a Segmenter's per-pixel one (task: segmentation);
-`distill` adds a frozen teacher (DeiT); `mpp` (the paper's masked patch prediction, §4.6) and `mae`
-(masked autoencoder) need no labels.
+`distill` adds a frozen teacher (DeiT); `mpp` (the paper's masked patch prediction, §4.6), `mae`
+(masked autoencoder) and `dino` (self-distillation from a moving-average teacher) need no labels.
 
 A new objective is one module (a subclass of Objective with its `from_recipe`) and one line in OBJECTIVES,
 plus its settings' section in the recipe (objective.<name>.*) if it has any.
@@ -17,6 +17,7 @@ from torch import nn
 
 from vitcli.errors import VitError, did_you_mean
 from vitcli.objectives.base import Inputs, Objective
+from vitcli.objectives.dino import Dino
 from vitcli.objectives.distill import Distillation
 from vitcli.objectives.evaluate import ECE_BINS, EvalAccumulator, evaluate
 from vitcli.objectives.fewshot import FewshotSet
@@ -28,7 +29,7 @@ from vitcli.objectives.selfsup import SelfSupervised
 from vitcli.objectives.supervised import Classification
 from vitcli.recipe import ObjectiveCfg
 
-__all__ = ["ECE_BINS", "OBJECTIVES", "Classification", "Distillation", "EvalAccumulator", "FewshotSet", "Inputs", "MaskedAutoencoder",
+__all__ = ["ECE_BINS", "OBJECTIVES", "Classification", "Dino", "Distillation", "EvalAccumulator", "FewshotSet", "Inputs", "MaskedAutoencoder",
            "MaskedPatchPrediction", "MultiLabel", "Objective", "SelfSupervised", "SemanticSegmentation", "build_objective", "evaluate", "objective_class"]
 
 # The one registry of objectives, shared by `vit pretrain` (engine.setup) and `vit bench --objective`.
@@ -38,6 +39,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "multilabel": MultiLabel,
     "mpp": MaskedPatchPrediction,
     "mae": MaskedAutoencoder,
+    "dino": Dino,
     "segmentation": SemanticSegmentation,
 }
 

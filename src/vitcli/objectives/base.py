@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitcli.data.views import ViewSpec
 from vitcli.objectives.fewshot import FewshotSet
+from vitcli.objectives.knn import NeighbourSet
 from vitcli.recipe import ObjectiveCfg, Recipe
 
 
@@ -34,6 +36,9 @@ class Inputs:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     fewshot: FewshotSet | None = None
+    knn: NeighbourSet | None = None  # the training split's images for k-NN evaluations (objective.knn)
+    steps_per_epoch: int = 1  # the run's plan, for objectives with schedules of their own (DINO's)
+    total_steps: int = 1
     window: int | None = None  # segmentation: the sliding window, the training crop (None: the encoder's resolution)
     window_stride: int | None = None  # segmentation: sliding windows' stride (None: the window, i.e. no overlap)
     eval_scales: tuple[float, ...] = (1.0,)  # segmentation: several scales average their probabilities
@@ -68,6 +73,25 @@ class Objective(nn.Module, ABC):
     def evaluate(self, model: nn.Module, batches: Iterable, device: torch.device,
                  amp_dtype: torch.dtype | None) -> dict[str, Any]:
         """What one evaluation of `model` (the trained weights, or their EMA) reports."""
+
+    @classmethod
+    def views(cls, recipe: Recipe, img_size: tuple[int, int]) -> ViewSpec | None:
+        """The training views of each image when there are several (data/views.py); None: one, the recipe's crop."""
+        return None
+
+    def published(self) -> nn.Module | None:
+        """The module evaluations score and model.safetensors holds, when it is not the trained model (or its
+        EMA): DINO's teacher backbone. The trained model's weights then go to state.pt."""
+        return None
+
+    def begin_step(self, number: int) -> None:
+        """Update `number` (1-based) is about to run: objectives with their own schedules set their clock here."""
+
+    def before_update(self) -> None:
+        """The step's gradients are in (unscaled, not yet clipped); the optimizer has not run."""
+
+    def after_update(self) -> None:
+        """The optimizer has updated the parameters (a skipped, non-finite step does not get here)."""
 
     def start_note(self) -> str | None:
         """What the start of a run says about this objective, if anything beyond the model and data."""

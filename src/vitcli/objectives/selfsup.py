@@ -2,8 +2,9 @@
 
 An evaluation reports the objective's loss on the evaluation split, with masks drawn from a fixed seed
 (comparable from one evaluation to the next, and the training RNG is not touched), and, where the data
-has labels, the closed-form few-shot accuracy of the frozen features (objectives.fewshot). The best
-checkpoint is the one with the best few-shot accuracy at the largest K, else the lowest loss.
+has labels, the closed-form few-shot accuracy of the frozen features (objectives.fewshot) and, when
+objective.knn asks, their weighted k-NN accuracy against the training split (objectives.knn). The best
+checkpoint is the one with the best k-NN accuracy, else few-shot accuracy at the largest K, else the lowest loss.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from torch import nn
 from vitcli.errors import VitError
 from vitcli.objectives.base import Objective
 from vitcli.objectives.evaluate import gather_arrays
-from vitcli.objectives.fewshot import FewshotSet, fewshot_metrics
+from vitcli.objectives.fewshot import FewshotSet, features, fewshot_metrics
+from vitcli.objectives.knn import NeighbourSet, knn_accuracy
 
 EVAL_SEED = 0
 
 
 class SelfSupervised(Objective):
-    """Base of mpp and mae: `model` is the ViT encoder; the other children are the objective's own."""
+    """Base of mpp, mae and dino: `model` is the ViT encoder; the other children are the objective's own."""
 
     name = "self-supervised"
     reads_labels = False
@@ -51,26 +53,31 @@ class SelfSupervised(Objective):
                            f"ViTs ({name}) do not take yet; pretrain a vit_* model, or fine-tune this one")
         return embed.patch_size[0]
 
-    def __init__(self, model: nn.Module, fewshot: FewshotSet | None = None):
+    def __init__(self, model: nn.Module, fewshot: FewshotSet | None = None, knn: NeighbourSet | None = None):
         super().__init__(model)
         self.fewshot = fewshot  # set by the engine when the data has labels
+        self.knn = knn  # set by the engine when the data has labels and objective.knn asks
 
     @property
     def eval_metrics(self) -> tuple[str, ...]:
         shots = self.fewshot.shots if self.fewshot is not None else []
-        return ("loss", "num_images", "images_per_second", *(f"fewshot_{k}" for k in shots))
+        knn = [f"knn_{self.knn.k}"] if self.knn is not None else []
+        return ("loss", "num_images", "images_per_second", *(f"fewshot_{k}" for k in shots), *knn)
 
     @property
     def best_metric(self) -> str:
+        if self.knn is not None:
+            return f"knn_{self.knn.k}"
         return f"fewshot_{max(self.fewshot.shots)}" if self.fewshot is not None else "loss"
 
     def score(self, metrics: dict[str, Any]) -> float:
-        """Higher is better: few-shot accuracy, else minus the loss."""
-        return metrics[self.best_metric] if self.fewshot is not None else -metrics["loss"]
+        """Higher is better: k-NN accuracy, else few-shot accuracy, else minus the loss."""
+        return -metrics["loss"] if self.best_metric == "loss" else metrics[self.best_metric]
 
     def describe(self, metrics: dict[str, Any]) -> str:
         shots = "".join(f"  {k.removeprefix('fewshot_')}-shot {v:.4f}" for k, v in metrics.items() if k.startswith("fewshot_"))
-        return f"loss {metrics['loss']:.4f}{shots}"
+        knn = "".join(f"  {k.removeprefix('knn_')}-NN {v:.4f}" for k, v in metrics.items() if k.startswith("knn_"))
+        return f"loss {metrics['loss']:.4f}{shots}{knn}"
 
     def no_weight_decay(self) -> set[str]:
         """Embeddings and tokens stay out of weight decay (read by timm.optim), as in the ViT itself."""
@@ -104,7 +111,7 @@ class SelfSupervised(Objective):
             with amp:
                 totals += torch.stack([self((images, y), encoder, generator)[0].double() * len(y),
                                        torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
-                if self.fewshot is not None:
+                if self.fewshot is not None or self.knn is not None:
                     feats.append(encoder.forward_head(encoder.forward_features(images), pre_logits=True).float().cpu())
                     labels.append(y.cpu())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -112,10 +119,15 @@ class SelfSupervised(Objective):
         seconds = time.perf_counter() - start
         out: dict[str, Any] = {"loss": float(totals[0] / totals[1].clamp(min=1)), "num_images": int(totals[1]),
                                "seconds": seconds, "images_per_second": float(totals[1]) / seconds if seconds else 0.0}
-        if self.fewshot is not None:
+        if self.fewshot is not None or self.knn is not None:
             eval_feats, eval_labels = gather_arrays(torch.cat(feats).numpy() if feats else np.zeros((0, 0), np.float32),
                                                     torch.cat(labels).numpy() if labels else np.zeros(0, np.int64))
+        if self.fewshot is not None:
             out.update(fewshot_metrics(encoder, self.fewshot, eval_feats, eval_labels, device, amp_dtype))
+        if self.knn is not None:
+            train_feats, train_labels = features(encoder, self.knn.batches, device, amp_dtype)
+            found = knn_accuracy(train_feats, train_labels, eval_feats, eval_labels, self.knn.num_classes, (self.knn.k,))
+            out[f"knn_{self.knn.k}"] = found[str(self.knn.k)]
         self.train(was[1])
         encoder.train(was[0])
         return out
