@@ -4,7 +4,8 @@ supervised quickstart, each judged by weighted 20-NN, a linear probe and closed-
     .venv/bin/python benchmarks/frozen_digits.py                       # seeds 0-2
     .venv/bin/python benchmarks/frozen_digits.py --seeds 0 --objectives dino
 
-For each objective and seed: `vit pretrain recipes/<objective>_digits.yaml --set train.seed=S` (wall time),
+For each objective and seed: `vit pretrain recipes/<objective>_digits.yaml --set train.seed=S` (its wall time;
+a run already finished under --out is reused),
 then `vit eval --ckpt RUN --knn 20 --linear-probe --fewshot 10 --json` on the 360 held-out digits (the 1,437
 training digits are the neighbours and the probe's training set). The random init is the DINO run's model
 shape, randomly initialised (seeded), saved with the same metadata. Reference rows: k-NN on the raw pixels
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +38,14 @@ def frozen(ckpt: Path) -> dict:
 def random_init(run: Path, seed: int, out: Path) -> Path:
     """The run's model shape, randomly initialised (seeded), with the run's checkpoint metadata."""
     from vitcli.io.checkpoint import read_weights
+    from vitcli.io.meta import CheckpointMeta
     from vitcli.models import create_model
     from vitcli.models.adapt import save_state_dict
 
     _, meta = read_weights(run / "checkpoints" / "best" / "model.safetensors")
     torch.manual_seed(seed)
     model = create_model(meta["model"], **meta["model_args"])
-    return save_state_dict(out, model.state_dict(), {**meta, "step": 0, "score": None})
+    return save_state_dict(out, model.state_dict(), CheckpointMeta.from_dict({**meta, "step": 0, "score": None}))
 
 
 def raw_pixels() -> dict:
@@ -76,10 +77,11 @@ def main() -> None:
     for objective in args.objectives:
         for seed in args.seeds:
             run = args.out / f"{objective}-s{seed}"
-            t0 = time.perf_counter()
-            vit("pretrain", str(ROOT / "recipes" / f"{objective}_digits.yaml"), "--out", str(run), "--force",
-                "--set", f"train.seed={seed}")
-            rows.append({"features": objective, "seed": seed, "pretrain_seconds": round(time.perf_counter() - t0, 1), **frozen(run)})
+            if not (run / "summary.json").exists():  # a finished run is kept: the script can be re-run after a stop
+                vit("pretrain", str(ROOT / "recipes" / f"{objective}_digits.yaml"), "--out", str(run), "--force",
+                    "--set", f"train.seed={seed}")
+            wall = json.loads((run / "summary.json").read_text())["wall_seconds"]
+            rows.append({"features": objective, "seed": seed, "pretrain_seconds": round(wall, 1), **frozen(run)})
             print(json.dumps(rows[-1]), flush=True)
             if objective == args.objectives[0]:
                 rand = random_init(run, seed, args.out / f"random-s{seed}.safetensors")

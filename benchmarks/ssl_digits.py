@@ -26,13 +26,14 @@ from vit_runs import ROOT, vit
 def random_init(run: Path, seed: int, out: Path) -> Path:
     """The pretrained run's model shape, randomly initialised (seeded), with the run's checkpoint metadata."""
     from vitcli.io.checkpoint import read_weights
+    from vitcli.io.meta import CheckpointMeta
     from vitcli.models import create_model
     from vitcli.models.adapt import save_state_dict
 
     _, meta = read_weights(run / "checkpoints" / "best" / "model.safetensors")
     torch.manual_seed(seed)
     model = create_model(meta["model"], **meta["model_args"])
-    return save_state_dict(out, model.state_dict(), {**meta, "step": 0, "score": None})
+    return save_state_dict(out, model.state_dict(), CheckpointMeta.from_dict({**meta, "step": 0, "score": None}))
 
 
 def fewshot(ckpt: Path, shots: int) -> float:

@@ -3,6 +3,7 @@ fixtures several modules share."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import datasets
@@ -35,3 +36,20 @@ def trained(tmp_path_factory) -> Path:
         assert run_cli("pretrain", str(recipe_file(tmp, "train: {steps: 8}\n")), "--out", str(tmp / "run"), *DIGITS,
                        "--set", "data.interpolation=bilinear", "--set", "data.crop_pct=1.0") == 0
     return tmp / "run"
+
+
+@pytest.fixture()
+def hf_cache(tmp_path, monkeypatch):
+    """A private, empty Hugging Face hub cache; any attempt to open a network connection fails the test."""
+    import huggingface_hub
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"a network connection was attempted: {args}")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    return cache

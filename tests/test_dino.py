@@ -17,8 +17,8 @@ from vitcli import data as vdata
 from vitcli.data.views import MultiView, ViewSpec
 from vitcli.models import create_model
 from vitcli.objectives.dino import Dino
-from vitcli.objectives.dino_parts import (DinoHead, cross_view_loss, koleo_loss, teacher_momentum, teacher_temperature,
-                                          updated_centre)
+from vitcli.objectives.dino_parts import (DinoHead, cross_view_loss, koleo_loss, sinkhorn_knopp, teacher_momentum,
+                                          teacher_temperature, updated_centre)
 from vitcli.recipe import DinoCfg, recipe_from_dict
 
 from helpers import ARGS, read_metrics, recipe_file, run_cli, sigterm_then_resume_matches_an_uninterrupted_run
@@ -124,6 +124,33 @@ def test_koleo_is_minus_mean_log_distance_to_the_nearest_neighbour():
     unit = x / np.linalg.norm(x, axis=1, keepdims=True)
     dist = np.linalg.norm(unit[:, None] - unit[None], axis=-1) + np.diag([np.inf] * 9)
     assert koleo_loss(torch.tensor(x)).item() == pytest.approx(-np.mean(np.log(dist.min(axis=1) + 1e-8)), rel=1e-5)
+
+
+def test_sinkhorn_knopp_is_dinov2s_equipartition():
+    rng = np.random.default_rng(4)
+    t = rng.normal(size=(12, 5))  # 12 images, 5 prototypes
+    q = np.exp(t / 0.1).T  # DINOv2's sinkhorn_knopp_teacher, one process, 3 iterations
+    q /= q.sum()
+    for _ in range(3):
+        q /= q.sum(axis=1, keepdims=True) * 5
+        q /= q.sum(axis=0, keepdims=True) * 12
+    expected = (q * 12).T
+    got = sinkhorn_knopp(torch.tensor(t), 0.1).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=1e-6)  # each image: a distribution
+    mild = sinkhorn_knopp(torch.tensor(t), 2.0).numpy()  # at a mild temperature 3 iterations equipartition
+    np.testing.assert_allclose(mild.sum(axis=0), 12 / 5, rtol=0.01)
+    loss = cross_view_loss(torch.tensor(t), torch.tensor(t[:12]), None, student_views=2, teacher_views=2,
+                           student_temp=0.1, teacher_temp=0.1)
+    targets = expected.reshape(2, 6, 5)  # the targets span both teacher views, as DINOv2's
+    terms = [np.mean(np.sum(-targets[q] * log_softmax(t[v * 6:(v + 1) * 6] / 0.1), axis=1)) for q, v in ((0, 1), (1, 0))]
+    assert loss.item() == pytest.approx(np.mean(terms), rel=1e-5)
+
+
+def test_head_batch_norm_follows_each_hidden_layer():
+    head = DinoHead(32, 64, hidden_dim=16, bottleneck_dim=8, layers=3, batch_norm=True)
+    kinds = [type(m).__name__ for m in head.mlp]
+    assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]
 
 
 def test_head_last_layer_is_weight_normalised_with_a_fixed_norm():

@@ -10,7 +10,6 @@ format. Logits must agree within 1e-4 (fp32).
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 
@@ -24,6 +23,8 @@ import vitcli
 from vitcli.errors import VitError
 from vitcli.models.adapt import model_from_checkpoint
 from vitcli.models.load import load_checkpoint
+
+from helpers import lay_out_cache, perturbed
 
 ATOL = 1e-4
 SMALL = dict(embed_dim=128, depth=2, num_heads=2, num_classes=5)  # head width 64: a bare file says no head count
@@ -48,14 +49,6 @@ FAMILIES = {
     "eva02_clip": ("eva02_base_patch16_clip_224", P8),
     "dinov3": ("vit_small_patch16_dinov3", P8),
 }
-
-
-def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
 
 
 def small_timm(family: str) -> torch.nn.Module:
@@ -154,35 +147,6 @@ def test_features_are_recognised_from_the_weights(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------
 # timm:<name> from the Hugging Face cache, offline
-
-def lay_out_cache(cache, repo: str, files: dict) -> None:
-    """A Hugging Face hub cache entry as huggingface_hub writes it: refs/main -> snapshots/<commit>/files."""
-    commit = "0" * 40
-    root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(commit)
-    snap = root / "snapshots" / commit
-    snap.mkdir(parents=True)
-    for name, write in files.items():
-        write(snap / name)
-
-
-@pytest.fixture()
-def hf_cache(tmp_path, monkeypatch):
-    """A private, empty Hugging Face hub cache; any attempt to open a network connection fails the test."""
-    import huggingface_hub
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-
-    def no_network(*args, **kwargs):
-        raise AssertionError(f"a network connection was attempted: {args}")
-
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    return cache
-
 
 # The real timm names of the smaller members of each family: their architecture is timm's registry's.
 CACHED = ["deit_tiny_distilled_patch16_224.fb_in1k", "deit3_small_patch16_224.fb_in1k",

@@ -14,8 +14,7 @@ from vitcli.engine.evalrun import EvalSpec, run_eval
 from vitcli.errors import VitError
 from vitcli.objectives.knn import knn_accuracy, knn_predictions, parse_ks
 
-from helpers import make_ckpt, run_cli
-from test_families import hf_cache  # noqa: F401 -- the fixture
+from helpers import lay_out_cache, make_ckpt, perturbed, run_cli
 
 
 def brute_force_knn(train, train_labels, test, num_classes, k, temperature=0.07):
@@ -112,7 +111,6 @@ def test_knn_of_a_timm_name_from_the_cache(hf_cache, capsys):
     Hugging Face cache), at 28 px, against the brute-force vote over its own features."""
     import timm
     from safetensors.torch import save_file
-    from test_families import lay_out_cache, perturbed
     from timm.models import get_pretrained_cfg
 
     from vitcli.models.adapt import model_from_checkpoint

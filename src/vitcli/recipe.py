@@ -105,18 +105,28 @@ class DinoCfg:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     head_layers: int = 3
-    norm_last_layer: bool = True  # the last layer's weight norm fixed at 1 (ViT-S); false for ViT-B (DINO's)
+    norm_last_layer: bool = True  # the last layer's weight norm fixed at 1 (DINO's ViT-B); false for its ViT-S
+    head_batch_norm: bool = False  # DINO's use_bn_in_head: a BatchNorm after each hidden layer of the head
     freeze_last_layer: float = 1.0  # epochs at the start whose last-layer gradients are dropped
     student_temp: float = 0.1
     teacher_temp: float = 0.07  # reached after the warm-up
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 30
     center_momentum: float = 0.9
+    # centre: DINO's running centre subtracted before the teacher's softmax; sinkhorn_knopp: DINOv2's
+    # equipartition of each batch over the prototypes (3 iterations), no running state, no early transient
+    centering: Literal["centre", "sinkhorn_knopp"] = "centre"
     momentum_teacher: float = 0.996  # the EMA teacher's momentum, cosine-scheduled to 1 at the last step
     global_crops_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])  # 2 at the model's resolution
     local_crops_number: int = 8
     local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
     local_crops_size: int = 96
+    # DINO's photometric changes, as probabilities: colour jitter and greyscale on every crop, solarization
+    # on the second global crop; blur: its Gaussian blur (first global always, second 10%, locals 50%)
+    color_jitter: float = 0.8
+    grayscale: float = 0.2
+    solarize: float = 0.2
+    blur: bool = True
     koleo_weight: float = 0.0  # DINOv2: 0.1
     ibot_weight: float = 0.0  # DINOv2: 1.0
     ibot_mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])  # per masked image, uniform
@@ -636,5 +646,7 @@ def validate_dino(d: DinoCfg) -> None:
            f"must be >= 0 and local_crops_size > 0; got {d.local_crops_number}, {d.local_crops_size}.")
     for key in ("koleo_weight", "ibot_weight", "freeze_last_layer", "warmup_teacher_temp_epochs"):
         _check(getattr(d, key) >= 0, f"objective.dino.{key}", f"must be >= 0; got {getattr(d, key)}.")
+    for key in ("color_jitter", "grayscale", "solarize"):
+        _check(0 <= getattr(d, key) <= 1, f"objective.dino.{key}", f"is a probability in [0, 1]; got {getattr(d, key)}.")
     _check(0 <= d.ibot_mask_probability <= 1, "objective.dino.ibot_mask_probability",
            f"must be in [0, 1]; got {d.ibot_mask_probability}.")

@@ -59,13 +59,16 @@ class ViewSpec:
 
     @classmethod
     def dino(cls, global_size: tuple[int, int], global_scale: tuple[float, float], *, local_number: int,
-             local_size: int, local_scale: tuple[float, float]) -> ViewSpec:
+             local_size: int, local_scale: tuple[float, float], jitter: float = JITTER_P, grayscale: float = GRAYSCALE_P,
+             solarize: float = 0.2, blur: bool = True) -> ViewSpec:
         """DINO's multi-crop: two global crops (the first always blurred; the second blurred 10% of the
-        time and solarized 20%) and `local_number` small ones (blurred half the time)."""
-        groups = [ViewGroup(1, global_size, global_scale, blur=1.0),
-                  ViewGroup(1, global_size, global_scale, blur=0.1, solarize=0.2)]
+        time and solarized 20%) and `local_number` small ones (blurred half the time); every crop gets the
+        colour jitter (80%) and greyscale (20%). The probabilities can be changed, the blur turned off."""
+        photo = dict(jitter=jitter, grayscale=grayscale)
+        groups = [ViewGroup(1, global_size, global_scale, blur=1.0 * blur, **photo),
+                  ViewGroup(1, global_size, global_scale, blur=0.1 * blur, solarize=solarize, **photo)]
         if local_number:
-            groups.append(ViewGroup(local_number, (local_size, local_size), local_scale, blur=0.5))
+            groups.append(ViewGroup(local_number, (local_size, local_size), local_scale, blur=0.5 * blur, **photo))
         return cls(tuple(groups))
 
 

@@ -11,9 +11,11 @@ temperature warms up from 0.04 to 0.07.
 What a checkpoint holds: model.safetensors is the teacher's backbone (what DINO publishes, timm's keys),
 and what evaluations score; the student, both heads and the centres live in state.pt.
 
-DINOv2's additions (Oquab et al., 2023), each off at weight 0:
-- KoLeo: spreads the student's class-token features of each global crop over the sphere;
-- iBOT: a share of the global crops enter the student with random patches masked (a learned [mask]
+DINOv2's additions (Oquab et al., 2023), each a setting (off by default):
+- Sinkhorn-Knopp centring (`centering: sinkhorn_knopp`): the teacher's targets are an equipartition of
+  each batch over the prototypes instead of a softmax around a running centre;
+- KoLeo (weight > 0): spreads the student's class-token features of each global crop over the sphere;
+- iBOT (weight > 0): a share of the global crops enter the student with random patches masked (a learned [mask]
   embedding); the student's masked patch tokens, through the same head, match the teacher's tokens of the
   unmasked crop (centred with their own centre). Masks are drawn patch by patch (iBOT's `rand`), not in blocks.
 """
@@ -31,8 +33,8 @@ from torch import nn
 from vitcli.data.views import ViewSpec
 from vitcli.errors import VitError
 from vitcli.models.intermediates import encode
-from vitcli.objectives.dino_parts import (DinoHead, cross_view_loss, koleo_loss, teacher_momentum, teacher_temperature,
-                                          updated_centre)
+from vitcli.objectives.dino_parts import (DinoHead, cross_view_loss, koleo_loss, teacher_momentum, teacher_targets,
+                                          teacher_temperature, updated_centre)
 from vitcli.objectives.selfsup import SelfSupervised
 from vitcli.recipe import DinoCfg
 
@@ -45,7 +47,8 @@ class Dino(SelfSupervised):
     def views(cls, recipe, img_size: tuple[int, int]) -> ViewSpec:
         d = recipe.objective.dino
         return ViewSpec.dino(tuple(img_size), tuple(d.global_crops_scale), local_number=d.local_crops_number,
-                             local_size=d.local_crops_size, local_scale=tuple(d.local_crops_scale))
+                             local_size=d.local_crops_size, local_scale=tuple(d.local_crops_scale), jitter=d.color_jitter,
+                             grayscale=d.grayscale, solarize=d.solarize, blur=d.blur)
 
     @classmethod
     def check_recipe(cls, recipe) -> None:
@@ -80,7 +83,9 @@ class Dino(SelfSupervised):
         self.steps_per_epoch, self.total_steps = max(1, steps_per_epoch), max(1, total_steps)
         width = int(getattr(model, "num_features", model.embed_dim))
         self.head = DinoHead(width, cfg.out_dim, hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim,
-                             layers=cfg.head_layers, norm_last_layer=cfg.norm_last_layer)
+                             layers=cfg.head_layers, norm_last_layer=cfg.norm_last_layer, batch_norm=cfg.head_batch_norm)
+        if cfg.head_batch_norm and torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.head = nn.SyncBatchNorm.convert_sync_batchnorm(self.head)  # batch statistics over every process
         # the teacher starts as the student and is never optimized: it follows by EMA (after_update)
         self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(model), "head": copy.deepcopy(self.head)})
         self.teacher.requires_grad_(False)
@@ -98,7 +103,9 @@ class Dino(SelfSupervised):
 
     def train(self, mode: bool = True) -> Dino:
         super().train(mode)
-        self.teacher.eval()  # no dropout or drop-path in the teacher (DINO's teacher runs without them)
+        # DINO builds its teacher without drop path and never switches it to eval: its backbone runs here in
+        # eval mode (no drop path), its head in the student's mode (a BatchNorm'd head normalises each batch)
+        self.teacher["backbone"].eval()
         return self
 
     def begin_step(self, number: int) -> None:
@@ -118,6 +125,11 @@ class Dino(SelfSupervised):
         teacher = list(self.teacher["backbone"].parameters()) + list(self.teacher["head"].parameters())
         torch._foreach_mul_(teacher, m)
         torch._foreach_add_(teacher, [s.detach() for s in student], alpha=1 - m)
+
+    @property
+    def running_centre(self) -> torch.Tensor | None:
+        """The centre subtracted from the teacher's outputs; None under Sinkhorn-Knopp centring."""
+        return self.centre if self.cfg.centering == "centre" else None
 
     @property
     def teacher_temp(self) -> float:
@@ -144,9 +156,9 @@ class Dino(SelfSupervised):
             s_features.append(self.model.forward_head(encode(self.model, torch.cat(views[2:])), pre_logits=True))
         s_out = self.head(torch.cat(s_features))
         temp = self.teacher_temp
-        dino = cross_view_loss(s_out, t_out, self.centre, student_views=len(views), teacher_views=2,
+        dino = cross_view_loss(s_out, t_out, self.running_centre, student_views=len(views), teacher_views=2,
                                student_temp=c.student_temp, teacher_temp=temp)
-        if self.training:
+        if self.training and self.running_centre is not None:
             self.centre.copy_(updated_centre(self.centre, t_out, c.center_momentum))
         loss, metrics = dino, {"dino_loss": dino.detach(), "teacher_temp": torch.tensor(temp)}
         if c.koleo_weight:
@@ -180,11 +192,12 @@ class Dino(SelfSupervised):
         s = self.head(s_tokens[:, prefix:][mask]).float() / self.cfg.student_temp
         with torch.no_grad():
             t_out = self.teacher["head"](t_tokens[:, prefix:][mask])
-        t = F.softmax((t_out.float() - self.patch_centre) / temp, dim=-1)
+        centre = self.patch_centre if self.cfg.centering == "centre" else None
+        t = teacher_targets(t_out, centre, temp)
         per_patch = torch.sum(-t * F.log_softmax(s, dim=-1), dim=-1)
         weights = (1.0 / mask.sum(dim=1).clamp(min=1)).unsqueeze(1).expand_as(mask)[mask]
         loss = (per_patch * weights).sum() / mask.any(dim=1).sum()
-        if self.training:
+        if self.training and centre is not None:
             self.patch_centre.copy_(updated_centre(self.patch_centre, t_out, self.cfg.center_momentum))
         return loss
 
@@ -194,7 +207,7 @@ class Dino(SelfSupervised):
         temperatures, centred, the centre left as it is."""
         t = self.teacher["head"](teacher_backbone.forward_head(teacher_backbone.forward_features(images), pre_logits=True))
         s = self.head(self.model.forward_head(self.model.forward_features(images), pre_logits=True))
-        return cross_view_loss(torch.cat([s, s]), torch.cat([t, t]), self.centre, student_views=2, teacher_views=2,
+        return cross_view_loss(torch.cat([s, s]), torch.cat([t, t]), self.running_centre, student_views=2, teacher_views=2,
                                student_temp=self.cfg.student_temp, teacher_temp=self.cfg.teacher_temp)
 
     @torch.no_grad()

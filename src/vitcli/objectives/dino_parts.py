@@ -18,15 +18,17 @@ from torch.nn.utils.parametrizations import weight_norm
 class DinoHead(nn.Module):
     """MLP (Linear-GELU x (layers - 1), then a Linear to the bottleneck), L2 normalisation, and a
     weight-normalised linear layer without bias onto `out_dim` prototypes; with `norm_last_layer` its
-    weight norm stays fixed at 1 (DINO's ViT-S setting)."""
+    weight norm stays fixed at 1; with `batch_norm` a BatchNorm follows each hidden Linear (DINO's
+    use_bn_in_head)."""
 
     def __init__(self, in_dim: int, out_dim: int, *, hidden_dim: int = 2048, bottleneck_dim: int = 256, layers: int = 3,
-                 norm_last_layer: bool = True):
+                 norm_last_layer: bool = True, batch_norm: bool = False):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (layers - 1) + [bottleneck_dim]
         mlp: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims, dims[1:])):
-            mlp += [nn.Linear(a, b)] + ([nn.GELU()] if i < len(dims) - 2 else [])
+            hidden = i < len(dims) - 2
+            mlp += [nn.Linear(a, b)] + ([nn.BatchNorm1d(b)] if hidden and batch_norm else []) + ([nn.GELU()] if hidden else [])
         self.mlp = nn.Sequential(*mlp)
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
@@ -42,13 +44,22 @@ class DinoHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
 
-def cross_view_loss(student: torch.Tensor, teacher: torch.Tensor, centre: torch.Tensor, *, student_views: int,
+def teacher_targets(teacher: torch.Tensor, centre: torch.Tensor | None, temp: float) -> torch.Tensor:
+    """The teacher's distributions: softmax((t - centre) / temp) (DINO), or Sinkhorn-Knopp's equipartition
+    when `centre` is None (DINOv2)."""
+    if centre is None:
+        return sinkhorn_knopp(teacher, temp)
+    return F.softmax((teacher.float() - centre) / temp, dim=-1)
+
+
+def cross_view_loss(student: torch.Tensor, teacher: torch.Tensor, centre: torch.Tensor | None, *, student_views: int,
                     teacher_views: int, student_temp: float, teacher_temp: float) -> torch.Tensor:
     """DINO's loss: for each teacher view q and each student view v != q, the cross-entropy of the student's
-    softmax(s_v / student_temp) against the teacher's softmax((t_q - centre) / teacher_temp), averaged over
-    images and then over the pairs. Outputs are stacked view after view: (views x B, K)."""
+    softmax(s_v / student_temp) against the teacher's softmax((t_q - centre) / teacher_temp) (or, centre
+    None, Sinkhorn-Knopp's targets over all teacher views, as DINOv2), averaged over images and then over the pairs.
+    Outputs are stacked view after view: (views x B, K)."""
     s = (student.float() / student_temp).chunk(student_views)
-    t = F.softmax((teacher.float() - centre) / teacher_temp, dim=-1).detach().chunk(teacher_views)
+    t = teacher_targets(teacher, centre, teacher_temp).detach().chunk(teacher_views)
     total, pairs = student.new_zeros((), dtype=torch.float32), 0
     for q, target in enumerate(t):
         for v, logits in enumerate(s):
@@ -57,6 +68,28 @@ def cross_view_loss(student: torch.Tensor, teacher: torch.Tensor, centre: torch.
             total = total + torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
             pairs += 1
     return total / max(pairs, 1)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher: torch.Tensor, temp: float, iterations: int = 3) -> torch.Tensor:
+    """DINOv2's alternative to centring: the teacher's softmax(t / temp) over the batch, rescaled
+    `iterations` times so that each prototype receives 1/K of the batch's mass and each image sums to 1
+    (an equipartition; sums over every process's images). Returns (B, K) targets."""
+    q = torch.exp((teacher.float() - teacher.float().max()) / temp).T  # (K, B); the shift cancels out
+    k, b = q.shape
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world = torch.distributed.get_world_size() if distributed else 1
+    total = q.sum()
+    if distributed:
+        torch.distributed.all_reduce(total)
+    q /= total
+    for _ in range(iterations):
+        rows = q.sum(dim=1, keepdim=True)
+        if distributed:
+            torch.distributed.all_reduce(rows)
+        q /= rows * k
+        q /= q.sum(dim=0, keepdim=True) * b * world
+    return (q * b * world).T
 
 
 @torch.no_grad()
