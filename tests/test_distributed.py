@@ -38,14 +38,15 @@ train: {{steps: {STEPS}, batch_size: 8, micro_batch_size: 2, log_every: 4, check
 """
 FSDP = ["--set", "train.strategy=fsdp", "--set", "train.activation_checkpointing=true"]
 
-# Runs `vit` under torchrun and saves every rank's final weights (the module the trainer built).
-DUMP_WEIGHTS = """
+# Runs `vit` under torchrun and saves every rank's state of the module BUILDER built (the trainer's model, or
+# its objective with the model inside).
+DUMP = """
 import sys, torch, torch.distributed as dist
 import vitcli.engine.run as run
 from vitcli.cli import main
 built = []
-_build = run.build_model
-run.build_model = lambda *a, **k: built.append(_build(*a, **k)) or built[-1]
+_build = run.BUILDER
+run.BUILDER = lambda *a, **k: built.append(_build(*a, **k)) or built[-1]
 try:
     main(sys.argv[2:])
 except SystemExit as e:
@@ -53,6 +54,7 @@ except SystemExit as e:
         raise
 torch.save({k: v.detach().clone() for k, v in built[0].state_dict().items()}, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
 """
+DUMP_WEIGHTS = DUMP.replace("BUILDER", "build_model")
 
 
 def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
@@ -254,21 +256,7 @@ DINO = ["--set", "objective.name=dino", "--set", "objective.dino.out_dim=64", "-
         "--set", "objective.dino.bottleneck_dim=16", "--set", "objective.dino.local_crops_number=2",
         "--set", "objective.dino.local_crops_size=4", "--set", "objective.fewshot=[1]"]
 
-# Runs `vit` under torchrun and saves every rank's DINO objective state: student, teacher, heads and centre.
-DUMP_DINO = """
-import sys, torch, torch.distributed as dist
-import vitcli.engine.run as run
-from vitcli.cli import main
-built = []
-_build = run.build_objective
-run.build_objective = lambda *a, **k: built.append(_build(*a, **k)) or built[-1]
-try:
-    main(sys.argv[2:])
-except SystemExit as e:
-    if e.code:
-        raise
-torch.save({k: v.detach().clone() for k, v in built[0].state_dict().items()}, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
-"""
+DUMP_DINO = DUMP.replace("BUILDER", "build_objective")  # student, teacher, heads and centre
 
 
 @pytest.mark.slow

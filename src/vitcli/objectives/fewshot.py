@@ -17,7 +17,7 @@ evaluation split. As in big_vision's `fewshot_lsr` evaluator (the paper's code):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -145,10 +145,15 @@ class FewshotSet:
     seeds: list[int]
 
 
+def pre_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The pooled, normalised representation a head would see."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
 @torch.no_grad()
-def features(model: torch.nn.Module, batches: Iterable, device: torch.device,
-             amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Pre-logit features (the pooled, normalised representation a head would see) and labels."""
+def features(model: torch.nn.Module, batches: Iterable, device: torch.device, amp_dtype: torch.dtype | None = None,
+             embed: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = pre_logits) -> tuple[np.ndarray, np.ndarray]:
+    """Features of every batch (`embed`: pre-logits unless another is given) and labels, the model in eval mode."""
     was_training = model.training
     model.eval()
     feats, labels = [], []
@@ -157,7 +162,7 @@ def features(model: torch.nn.Module, batches: Iterable, device: torch.device,
         if len(y) == 0:
             continue
         with amp:
-            f = model.forward_head(model.forward_features(images.to(device, non_blocking=True)), pre_logits=True)
+            f = embed(model, images.to(device, non_blocking=True))
         feats.append(f.float().cpu())
         labels.append(y.cpu())
     model.train(was_training)

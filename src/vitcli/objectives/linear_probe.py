@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
+from vitcli.objectives.fewshot import features
+
 PROTOCOLS = ("dino", "mae")
 LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # per 256 images
 EPOCHS = 100
@@ -51,19 +53,8 @@ def probe_features(model: torch.nn.Module, images: torch.Tensor, protocol: str) 
 def collect(model: torch.nn.Module, batches: Iterable, protocol: str, device: torch.device,
             amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, labels) of every batch, on the CPU."""
-    from contextlib import nullcontext
-
-    was = model.training
-    model.eval()
-    feats, labels = [], []
-    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    for images, y in batches:
-        if len(y):
-            with amp:
-                feats.append(probe_features(model, images.to(device), protocol).float().cpu())
-            labels.append(y.cpu())
-    model.train(was)
-    return torch.cat(feats), torch.cat(labels)
+    feats, labels = features(model, batches, device, amp_dtype, embed=lambda m, x: probe_features(m, x, protocol))
+    return torch.from_numpy(feats), torch.from_numpy(labels)
 
 
 class Heads(torch.nn.Module):
