@@ -259,6 +259,15 @@ def test_vit_eval_knn_reads_a_dino_run(dino_run, capsys):
     assert 0.0 <= json.loads(capsys.readouterr().out)["knn"]["5"] <= 1.0
 
 
+def test_a_dino_encoder_fine_tunes_with_a_new_head(dino_run, tmp_path):
+    out = tmp_path / "ft"
+    assert run_cli("finetune", "--ckpt", str(dino_run), "--out", str(out), "--set", "train.steps=3", "--set", "train.batch_size=8",
+                   "--set", "data.num_workers=0", "--set", "data.train_subset=64", "--set", "data.eval_subset=20") == 0
+    teacher = load_file(str(dino_run / "checkpoints" / "best" / "model.safetensors"))
+    tuned = load_file(str(out / "checkpoints" / "step-00000003" / "model.safetensors"))
+    assert tuned["head.weight"].shape[0] == 10 and set(teacher) < set(tuned)  # the teacher's backbone under a new head
+
+
 def test_dino_refuses_ema_and_fsdp(tmp_path, capsys):
     recipe = recipe_file(tmp_path, "train: {steps: 2}\n")
     for extra in (["--set", "train.ema_decay=0.99"], ["--set", "train.strategy=fsdp"]):
