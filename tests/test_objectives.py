@@ -13,7 +13,7 @@ from vitcli.models import create_model
 from vitcli.objectives import Inputs, MaskedPatchPrediction, build_objective
 from vitcli.objectives.mae import sincos_pos_embed
 from vitcli.objectives.patches import MASK, RANDOM, UNCHANGED, draw_corruption, patchify, random_masking, unpatchify
-from vitcli.recipe import MaeCfg, MppCfg, ObjectiveCfg
+from vitcli.recipe import DinoCfg, MaeCfg, MppCfg, ObjectiveCfg
 
 TINY_DECODER = MaeCfg(decoder_dim=32, decoder_depth=1, decoder_heads=4)
 
@@ -178,10 +178,16 @@ def test_every_objective_is_built_from_the_one_registry_and_keeps_the_base_defau
     from vitcli.objectives import OBJECTIVES, Objective
 
     model = create_model("vit_pico", num_classes=10)
-    assert set(OBJECTIVES) == {"supervised", "multilabel", "distill", "mpp", "mae", "segmentation"}
+    assert set(OBJECTIVES) == {"supervised", "multilabel", "distill", "mpp", "mae", "dino", "segmentation"}
     # distill needs a teacher (tests/test_distill.py builds it), segmentation a Segmenter (below); the others the model
-    built = {name: build_objective(ObjectiveCfg(name=name, mae=TINY_DECODER), model, Inputs(num_classes=10))
+    small_head = DinoCfg(out_dim=64, hidden_dim=32, bottleneck_dim=16)
+    built = {name: build_objective(ObjectiveCfg(name=name, mae=TINY_DECODER, dino=small_head), model, Inputs(num_classes=10))
              for name in OBJECTIVES if name not in ("distill", "segmentation")}
+    # DINO's teacher, heads and centre are its own; its published weights are the teacher's backbone, not the model
+    dino = built["dino"]
+    assert not dino.reads_labels and dino.published() is dino.teacher["backbone"] and dino.published() is not model
+    assert {"centre", "head.mlp.0.weight", "teacher.backbone.cls_token"} <= set(dino.own_state())
+    assert not any(k.startswith("model.") for k in dino.own_state())
     from vitcli.errors import VitError
     from vitcli.models.segmenter import LinearDecoder, Segmenter
 
