@@ -33,6 +33,12 @@ def take_indices(depth: int, indices: Indices) -> list[int]:
     return taken
 
 
+def patch_stride(model: torch.nn.Module) -> tuple[int, int]:
+    """The encoder's stride in pixels per grid cell (the patch size; 16 for the hybrid's ResNet cells)."""
+    embed = model.patch_embed
+    return tuple(s // g for s, g in zip(embed.img_size, embed.grid_size))
+
+
 def forward_intermediates(model: torch.nn.Module, x: torch.Tensor, indices: Indices = None, return_prefix_tokens: bool = False,
                           norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
                           intermediates_only: bool = False):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitcli.models.intermediates import patch_stride
 from vitcli.models.layers import Block, init_linears
 
 DECODERS = ("linear", "mask_transformer")
@@ -89,8 +90,7 @@ class Segmenter(nn.Module):
     def __init__(self, encoder: nn.Module, decoder: nn.Module, num_classes: int):
         super().__init__()
         self.encoder, self.decoder, self.num_classes = encoder, decoder, num_classes
-        embed = encoder.patch_embed
-        self.stride = tuple(s // g for s, g in zip(embed.img_size, embed.grid_size))
+        self.stride = patch_stride(encoder)
 
     @property
     def config(self):

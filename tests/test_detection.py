@@ -1,0 +1,133 @@
+"""Detection with a plain ViT (ViTDet): the simple feature pyramid's strides and shapes, window attention
+against global attention and against attention computed window by window, and the backbone contract of
+torchvision's detection models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.models.detection import FasterRCNN
+
+from vitcli.errors import VitError
+from vitcli.models import create_model
+from vitcli.models.detection_backbone import ViTDetBackbone
+from vitcli.models.eva import Eva
+from vitcli.models.windows import window_partition, window_unpartition, windowed_block
+
+
+def encoder(img_size: int = 224, patch_size: int = 16, **kw):
+    torch.manual_seed(0)
+    return create_model("vit_pico", img_size=img_size, patch_size=patch_size, num_classes=0, **kw).eval()
+
+
+@pytest.mark.parametrize("patch", [14, 16])
+@pytest.mark.parametrize("size", [224, 1024])
+def test_the_pyramid_has_strides_four_to_sixty_four_patches_wide(size, patch):
+    backbone = ViTDetBackbone(encoder(patch_size=patch), window_size=14, global_blocks=[1, 3]).eval()
+    with torch.no_grad():
+        maps = backbone(torch.randn(1, 3, size, size))
+    grid = math.ceil(size / patch)  # the image is padded to the patch size
+    assert list(maps) == ["0", "1", "2", "3", "pool"]
+    sides = [grid * 4, grid * 2, grid, grid // 2, math.ceil(grid // 2 / 2)]
+    assert [tuple(m.shape) for m in maps.values()] == [(1, 256, s, s) for s in sides]
+    assert backbone.out_channels == 256
+    if size == 224:  # the strides in pixels: the patch size times 1/4, 1/2, 1 and 2 (224 / 16: a 14-cell grid)
+        assert [size / m.shape[-1] for m in list(maps.values())[:4]] == pytest.approx([patch / 4, patch / 2, patch, patch * 2])
+
+
+def test_window_partition_round_trips_with_padding():
+    x = torch.randn(2, 9, 11, 8)
+    windows, padded = window_partition(x, 4)
+    assert padded == (12, 12) and windows.shape == (2 * 9, 16, 8)
+    torch.testing.assert_close(window_unpartition(windows, 4, padded, (9, 11)), x)
+    # the first window is the top-left 4x4 square, row by row
+    torch.testing.assert_close(windows[0], x[0, :4, :4].reshape(16, 8))
+
+
+def test_window_attention_equals_global_attention_when_the_window_is_the_grid():
+    vit = encoder()
+    images = torch.randn(2, 3, 224, 224)
+    windowed = ViTDetBackbone(vit, window_size=14).eval()  # 224 / 16 = a 14x14 grid: one window
+    plain = ViTDetBackbone(vit, window_size=0).eval()
+    plain.pyramid.load_state_dict(windowed.pyramid.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(windowed.patch_features(images), plain.patch_features(images))
+        for a, b in zip(windowed(images).values(), plain(images).values()):
+            torch.testing.assert_close(a, b)
+
+
+def test_a_windowed_block_attends_within_each_window_only():
+    block = encoder().blocks[0]
+    x = torch.randn(1, 6, 6, 64)
+    with torch.no_grad():
+        got = windowed_block(block, x, 3)
+        # independently: each 3x3 window's tokens through the attention branch alone, then the MLP branch
+        want = torch.empty_like(x)
+        for top in (0, 3):
+            for left in (0, 3):
+                part = x[:, top:top + 3, left:left + 3].reshape(1, 9, 64)
+                y = part + block.attn(block.norm1(part))
+                want[:, top:top + 3, left:left + 3] = (y + block.mlp(block.norm2(y))).reshape(1, 3, 3, 64)
+    torch.testing.assert_close(got, want)
+
+
+def test_windows_pad_with_zeros_after_the_norm_as_vitdet_does():
+    block = encoder().blocks[0]
+    x = torch.randn(1, 5, 5, 64)
+    with torch.no_grad():
+        got = windowed_block(block, x, 3)
+        # the bottom-right window holds 2x2 real tokens and 5 zero rows among its keys and values
+        normed = torch.zeros(1, 3, 3, 64)
+        normed[:, :2, :2] = block.norm1(x[:, 3:, 3:])
+        attended = block.attn(normed.reshape(1, 9, 64)).reshape(1, 3, 3, 64)[:, :2, :2]
+        y = x[:, 3:, 3:] + attended
+        want = y + block.mlp(block.norm2(y))
+    torch.testing.assert_close(got[:, 3:, 3:], want)
+
+
+def test_global_blocks_attend_across_windows():
+    vit = encoder(img_size=64)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        all_windowed = ViTDetBackbone(vit, window_size=2).patch_features(images)
+        some_global = ViTDetBackbone(vit, window_size=2, global_blocks=[-1]).patch_features(images)
+        changed = images.clone()
+        changed[..., :16, :16] += 1.0  # the top-left window only
+        far = (slice(None), slice(None), slice(2, None), slice(2, None))
+        # without a global block the other windows do not see the change; with one they do
+        assert torch.equal(ViTDetBackbone(vit, window_size=2).patch_features(changed)[far], all_windowed[far])
+        assert not torch.allclose(ViTDetBackbone(vit, window_size=2, global_blocks=[-1]).patch_features(changed)[far],
+                                  some_global[far])
+
+
+def test_rotary_encoders_refuse_windows_and_work_globally():
+    torch.manual_seed(0)
+    eva = Eva(img_size=32, patch_size=4, num_classes=0, embed_dim=32, depth=2, num_heads=2).eval()
+    with pytest.raises(VitError, match="window attention is for ViT encoders"):
+        ViTDetBackbone(eva, window_size=4)
+    backbone = ViTDetBackbone(eva).eval()
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.patch_features(images),
+                                   eva.forward_intermediates(images, indices=1, intermediates_only=True)[0])
+        assert backbone(images)["2"].shape == (1, 256, 8, 8)
+
+
+def test_torchvision_faster_rcnn_trains_and_detects_on_the_backbone():
+    torch.manual_seed(0)
+    backbone = ViTDetBackbone(encoder(img_size=64, patch_size=8), window_size=4, global_blocks=[-1])
+    detector = FasterRCNN(backbone, num_classes=3, min_size=64, max_size=64, size_divisible=16)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 8.0, 50.0, 30.0], [0.0, 0.0, 12.0, 12.0]]), "labels": torch.tensor([2, 1])}]
+    losses = detector.train()(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert backbone.encoder.patch_embed.proj.weight.grad.abs().sum() > 0  # the encoder learns through the pyramid
+    with torch.no_grad():
+        out = detector.eval()(images)
+    assert len(out) == 2 and all(set(o) == {"boxes", "labels", "scores"} for o in out)
