@@ -1,9 +1,10 @@
 """Detection with a plain ViT (ViTDet): the simple feature pyramid's strides and shapes, window attention
-against global attention and against attention computed window by window, and the backbone contract of
-torchvision's detection models."""
+against global attention and against attention computed window by window, the backbone contract of
+torchvision's detection models, and COCO AP against pycocotools reading COCO's files and closed forms."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -15,6 +16,7 @@ from vitcli.models import create_model
 from vitcli.models.detection_backbone import ViTDetBackbone
 from vitcli.models.eva import Eva
 from vitcli.models.windows import window_partition, window_unpartition, windowed_block
+from vitcli.objectives.coco_metrics import STAT_KEYS, CocoBoxAP
 
 
 def encoder(img_size: int = 224, patch_size: int = 16, **kw):
@@ -131,3 +133,77 @@ def test_torchvision_faster_rcnn_trains_and_detects_on_the_backbone():
     with torch.no_grad():
         out = detector.eval()(images)
     assert len(out) == 2 and all(set(o) == {"boxes", "labels", "scores"} for o in out)
+
+
+def _target(boxes, labels, **extra):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels), **extra}
+
+
+def _prediction(boxes, labels, scores):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels, dtype=torch.int64),
+            "scores": torch.tensor(scores, dtype=torch.float32)}
+
+
+def test_coco_ap_of_a_perfect_and_of_a_shifted_prediction():
+    truth = [_target([[0.0, 0.0, 100.0, 100.0]], [1])]
+    perfect = CocoBoxAP()
+    perfect.update([_prediction([[0.0, 0.0, 100.0, 100.0]], [1], [0.9])], truth)
+    assert perfect.results()["ap"] == pytest.approx(1.0)
+    shifted = CocoBoxAP()  # 20 px to the right: IoU 80 / 120 = 0.67, a match at IoU .50, .55, .60 and .65 of ten
+    shifted.update([_prediction([[20.0, 0.0, 120.0, 100.0]], [1], [0.9])], truth)
+    got = shifted.results()
+    assert got["ap"] == pytest.approx(0.4) and got["ap50"] == pytest.approx(1.0) and got["ap75"] == 0.0
+    assert got["ap_large"] == pytest.approx(0.4) and got["ap_small"] is None and got["ap_medium"] is None
+
+
+def test_coco_ap_equals_pycocotools_on_its_own_files(tmp_path):
+    """A hand-made set with misses, false alarms, a crowd region and three sizes, judged by CocoBoxAP and by
+    pycocotools reading the ground truth and results as the JSON files COCO ships."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    truth = [_target([[10, 10, 30, 30], [50, 50, 150, 140], [0, 0, 60, 40]], [1, 2, 1], iscrowd=torch.tensor([0, 0, 1])),
+             _target([[5, 5, 15, 25], [100, 20, 200, 220]], [3, 2]),
+             _target([[30, 30, 90, 80]], [1])]
+    predicted = [_prediction([[11, 9, 31, 30], [48, 55, 150, 150], [0, 0, 50, 40], [200, 200, 220, 220]], [1, 2, 1, 1], [0.9, 0.8, 0.7, 0.6]),
+                 _prediction([[5, 5, 16, 24], [100, 20, 200, 220], [100, 20, 200, 220]], [3, 1, 2], [0.3, 0.95, 0.5]),
+                 _prediction([], [], [])]
+    ours = CocoBoxAP()
+    ours.update(predicted[:2], truth[:2])
+    ours.update(predicted[2:], truth[2:])
+    got = ours.results()
+
+    def xywh(b):
+        return [b[0], b[1], b[2] - b[0], b[3] - b[1]]
+    images, annotations, results = [], [], []
+    for i, (t, p) in enumerate(zip(truth, predicted), start=1):
+        images.append({"id": i, "width": 256, "height": 256, "file_name": f"{i}.png"})
+        crowd = t.get("iscrowd", torch.zeros(len(t["labels"]), dtype=torch.int64))
+        for box, label, c in zip(t["boxes"].tolist(), t["labels"].tolist(), crowd.tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": label, "bbox": xywh(box),
+                                "area": xywh(box)[2] * xywh(box)[3], "iscrowd": c})
+        results += [{"image_id": i, "category_id": label, "bbox": xywh(box), "score": score}
+                    for box, label, score in zip(p["boxes"].tolist(), p["labels"].tolist(), p["scores"].tolist())]
+    (tmp_path / "instances_val.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                             "categories": [{"id": c, "name": str(c)} for c in (1, 2, 3)]}))
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    coco = COCO(str(tmp_path / "instances_val.json"))
+    judge = COCOeval(coco, coco.loadRes(str(tmp_path / "results.json")), "bbox")
+    judge.evaluate()
+    judge.accumulate()
+    judge.summarize()
+    want = [None if v < 0 else v for v in judge.stats[:6]]
+    assert [got[k] for k in STAT_KEYS] == pytest.approx(want)
+    assert 0 < got["ap"] < 1 and got["num_images"] == 3
+
+
+def test_coco_ap_merges_another_process_records():
+    a, b, whole = CocoBoxAP(), CocoBoxAP(), CocoBoxAP()
+    first = ([_prediction([[0, 0, 10, 10]], [1], [0.9])], [_target([[0, 0, 10, 12]], [1])])
+    second = ([_prediction([[5, 5, 40, 40]], [2], [0.8])], [_target([[0, 0, 40, 40]], [2])])
+    a.update(*first)
+    b.update(*second)
+    whole.update(*first)
+    whole.update(*second)
+    a.merge(b.state())
+    assert a.results() == whole.results()
