@@ -9,11 +9,13 @@ import math
 
 import pytest
 import torch
+from timm.optim._param_groups import param_groups_layer_decay
 from torchvision.models.detection import FasterRCNN
 
 from vitcli.errors import VitError
 from vitcli.models import create_model
 from vitcli.models.detection_backbone import ViTDetBackbone
+from vitcli.models.detector import DETECTORS, Detector, DetectorSpec, level_strides
 from vitcli.models.eva import Eva
 from vitcli.models.windows import window_partition, window_unpartition, windowed_block
 from vitcli.objectives.coco_metrics import STAT_KEYS, CocoBoxAP
@@ -207,3 +209,42 @@ def test_coco_ap_merges_another_process_records():
     whole.update(*second)
     a.merge(b.state())
     assert a.results() == whole.results()
+
+
+@pytest.mark.parametrize("kind", DETECTORS)
+def test_each_torchvision_detector_trains_and_detects_on_a_vit(kind):
+    torch.manual_seed(0)
+    vit = encoder(img_size=64, patch_size=8)
+    spec = DetectorSpec(kind=kind, num_classes=4, size=64, window_size=4, global_blocks=(-1,), channels=32)
+    detector = Detector(vit, spec)
+    assert detector.encoder is vit and isinstance(vit.norm, torch.nn.Identity)  # the classifier's final norm is gone
+    assert level_strides(vit, spec.scale_factors) == [2.0, 4.0, 8.0, 16.0, 32.0]
+    images = [torch.rand(3, 64, 64), torch.rand(3, 40, 56)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 8.0, 50.0, 30.0], [0.0, 0.0, 12.0, 12.0]]), "labels": torch.tensor([3, 2])}]
+    losses = detector.train()(images, targets)
+    total = sum(losses.values())
+    assert torch.isfinite(total) and len(losses) >= 2
+    total.backward()
+    unused = [n for n, p in detector.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused  # every parameter learns (DDP needs that)
+    with torch.no_grad():
+        found = detector.eval()(images)
+    for image, out in zip(images, found):  # boxes come back in the image's own coordinates
+        assert out["boxes"].shape[1] == 4 and (out["boxes"][:, 2] <= image.shape[-1] + 1e-3).all()
+        assert (out["boxes"][:, 3] <= image.shape[-2] + 1e-3).all()
+
+
+def test_layer_decay_groups_follow_the_encoder_depth():
+    detector = Detector(encoder(img_size=64, patch_size=8), DetectorSpec(num_classes=3, size=64, channels=32))
+    groups = param_groups_layer_decay(detector, weight_decay=0.05, layer_decay=0.5, no_weight_decay_list=detector.no_weight_decay())
+    scales = {}
+    for group in groups:
+        for p in group["params"]:
+            scales[id(p)] = group["lr_scale"]
+    named = dict(detector.named_parameters())
+    depth = len(detector.blocks)
+    assert scales[id(named["detector.backbone.encoder.patch_embed.proj.weight"])] == pytest.approx(0.5 ** (depth + 1))
+    assert scales[id(named["detector.backbone.encoder.blocks.0.attn.qkv.weight"])] == pytest.approx(0.5 ** depth)
+    assert scales[id(named[f"detector.backbone.encoder.blocks.{depth - 1}.mlp.fc2.weight"])] == pytest.approx(0.5)
+    assert scales[id(named["detector.roi_heads.box_predictor.cls_score.weight"])] == pytest.approx(1.0)

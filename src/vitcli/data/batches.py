@@ -32,9 +32,11 @@ class Deferred(NamedTuple):
 class Batch(NamedTuple):
     # (N, C, H, W): float from the PIL pipeline, uint8 from the tensor pipeline (then only the images not
     # deferred, in batch order); None when there is none. Several views per image (data/views.py): a
-    # tuple of float batches, one per view.
-    images: Optional[torch.Tensor | tuple[torch.Tensor, ...]]
-    labels: Optional[torch.Tensor]  # (N,) int64, for every image of the batch, deferred ones included
+    # tuple of float batches, one per view. Images of different sizes (detection): a list.
+    images: Optional[torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]]
+    # (N,) int64 for every image of the batch, deferred ones included; (N, H, W) masks; a list of
+    # torchvision target dicts (detection)
+    labels: Optional[torch.Tensor | list[dict[str, torch.Tensor]]]
     skipped: list[str]  # one line per dropped image (bad_images="skip")
     error: Optional[str]  # the message to raise in the main process (bad_images="error")
     deferred: tuple[Deferred, ...] = ()
@@ -52,6 +54,28 @@ FIX = (
 )
 
 
+def to_device(value, device: torch.device):
+    """Tensors, and tuples, lists and dicts of them, on `device` (copied without blocking)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
+
+
+def nbytes(value) -> int:
+    """Bytes held by tensors, and by tuples, lists and dicts of them."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(nbytes(v) for v in value)
+    return 0
+
+
 def finish_batch(batch: Batch, transform: Callable, bad_images: BadImages, device: torch.device,
                  name: str = "", split: str = "") -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], list[str]]:
     """The main process's half: (images, labels, newly skipped), delivered on `device`.
@@ -62,11 +86,8 @@ def finish_batch(batch: Batch, transform: Callable, bad_images: BadImages, devic
     """
     if batch.labels is None:  # every image of the batch was unreadable (and skipped)
         return None, None, []
-    if not isinstance(transform, TensorTransform):
-        images = batch.images
-        if isinstance(images, tuple):  # several views per image (multi-crop): one batch per view
-            return tuple(v.to(device, non_blocking=True) for v in images), batch.labels.to(device, non_blocking=True), []
-        return images.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True), []
+    if not isinstance(transform, TensorTransform):  # views (a tuple), sized lists and target dicts move as they are
+        return to_device(batch.images, device), to_device(batch.labels, device), []
     labels, skipped = batch.labels, []
     ready = batch.images.to(device, non_blocking=True) if batch.images is not None else None
     if not batch.deferred:

@@ -84,6 +84,33 @@ DIGITS_SEG_INK = 64  # a pasted pixel at least this bright (of 255) belongs to i
 DIGITS_SEG_TRIES = 50  # positions drawn for a digit before it is left out (digits never overlap)
 
 
+def _pasted_canvases(rng: np.random.Generator, pool: np.ndarray, count: int, canvas: int, max_digits: int,
+                     sides: tuple[int, int]):
+    """`count` grey canvases with 1..max_digits digits of `pool` pasted on each, digits never overlapping:
+    yields (image, [(window, ink, digit label)]) with each digit's window (row and column slices) and its
+    ink (pixels at least DIGITS_SEG_INK bright) within the window."""
+    pixels, labels, _ = _digit_pixels()
+    for _ in range(count):
+        image = np.zeros((canvas, canvas), dtype=np.uint8)
+        taken = np.zeros_like(image, dtype=bool)  # the squares of the digits placed so far
+        placed = []
+        for _ in range(int(rng.integers(1, max_digits + 1))):
+            i = int(rng.choice(pool))
+            side = int(rng.integers(sides[0], sides[1] + 1))
+            digit = np.asarray(Image.fromarray(pixels[i]).resize((side, side), Image.BILINEAR))
+            for _ in range(DIGITS_SEG_TRIES):
+                top, left = (int(v) for v in rng.integers(0, canvas - side + 1, size=2))
+                window = (slice(top, top + side), slice(left, left + side))
+                if not taken[window].any():
+                    break
+            else:
+                continue  # no room left for this one
+            taken[window] = True
+            image[window] = digit
+            placed.append((window, digit >= DIGITS_SEG_INK, int(labels[i])))
+        yield image, placed
+
+
 @lru_cache(maxsize=None)
 def digits_seg_splits() -> dict[str, datasets.Dataset]:
     """`digits-seg`: a semantic segmentation set made of scikit-learn's digits, built in.
@@ -96,31 +123,57 @@ def digits_seg_splits() -> dict[str, datasets.Dataset]:
     (numpy's default_rng(0) for train, (1) for val), so every machine builds the same 2,000 + 500 images.
     Images and masks are grey PNGs.
     """
-    pixels, labels, pools = _digit_pixels()
+    _, _, pools = _digit_pixels()
     features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image()})
     out = {}
     for seed, (split, pool) in enumerate((("train", pools["train"]), ("val", pools["test"]))):
-        rng = np.random.default_rng(seed)
         rows: dict[str, list] = {"image": [], "mask": []}
-        for _ in range(DIGITS_SEG_SIZES[split]):
-            image = np.zeros((DIGITS_SEG_CANVAS, DIGITS_SEG_CANVAS), dtype=np.uint8)
+        canvases = _pasted_canvases(np.random.default_rng(seed), pool, DIGITS_SEG_SIZES[split], DIGITS_SEG_CANVAS, 3, DIGITS_SEG_SIDES)
+        for image, placed in canvases:
             mask = np.zeros_like(image)
-            taken = np.zeros_like(image, dtype=bool)  # the squares of the digits placed so far
-            for _ in range(int(rng.integers(1, 4))):
-                i = int(rng.choice(pool))
-                side = int(rng.integers(DIGITS_SEG_SIDES[0], DIGITS_SEG_SIDES[1] + 1))
-                digit = np.asarray(Image.fromarray(pixels[i]).resize((side, side), Image.BILINEAR))
-                for _ in range(DIGITS_SEG_TRIES):
-                    top, left = (int(v) for v in rng.integers(0, DIGITS_SEG_CANVAS - side + 1, size=2))
-                    window = (slice(top, top + side), slice(left, left + side))
-                    if not taken[window].any():
-                        break
-                else:
-                    continue  # no room left for this one
-                taken[window] = True
-                image[window] = digit
-                mask[window][digit >= DIGITS_SEG_INK] = labels[i] + 1
+            for window, ink, label in placed:
+                mask[window][ink] = label + 1
             rows["image"].append(_encode(image, "PNG"))
             rows["mask"].append(_encode(mask, "PNG"))
+        out[split] = datasets.Dataset.from_dict(rows, features=features, split=split)
+    return out
+
+
+DIGITS_DET_SIZES = {"train": 2000, "val": 500}
+DIGITS_DET_CANVAS = 64
+DIGITS_DET_SIDES = (12, 28)
+DIGITS_DET_MAX = 5
+
+
+@lru_cache(maxsize=None)
+def digits_det_splits() -> dict[str, datasets.Dataset]:
+    """`digits-det`: an object detection set made of scikit-learn's digits, built in, in the Hugging Face
+    detection schema (`image`, and `objects` with COCO `bbox` [x, y, w, h] and `category`, the digit).
+
+    Each 64x64 grey canvas holds one to five digits of the matching digits split, placed as in digits-seg
+    (sides 12-28 px, no overlaps). A digit's box is the tightest box around its ink (pixels at least 64 of
+    255), in pixel edges. Seeded (numpy's default_rng(10) for train, (11) for val): the same 2,000 + 500
+    images on every machine, as grey PNGs.
+    """
+    _, _, pools = _digit_pixels()
+    objects = datasets.Sequence({"bbox": datasets.Sequence(datasets.Value("float32"), length=4),
+                                 "category": datasets.ClassLabel(names=DIGITS_CLASSES), "area": datasets.Value("float32")})
+    features = datasets.Features({"image": datasets.Image(), "objects": objects})
+    out = {}
+    for seed, (split, pool) in zip((10, 11), (("train", pools["train"]), ("val", pools["test"]))):
+        rows: dict[str, list] = {"image": [], "objects": []}
+        canvases = _pasted_canvases(np.random.default_rng(seed), pool, DIGITS_DET_SIZES[split], DIGITS_DET_CANVAS, DIGITS_DET_MAX,
+                                    DIGITS_DET_SIDES)
+        for image, placed in canvases:
+            found: dict[str, list] = {"bbox": [], "category": [], "area": []}
+            for (rows_, cols), ink, label in placed:
+                ys, xs = np.nonzero(ink)
+                x, y = cols.start + int(xs.min()), rows_.start + int(ys.min())
+                w, h = int(xs.max() - xs.min()) + 1, int(ys.max() - ys.min()) + 1
+                found["bbox"].append([float(x), float(y), float(w), float(h)])
+                found["category"].append(label)
+                found["area"].append(float(w * h))
+            rows["image"].append(_encode(image, "PNG"))
+            rows["objects"].append(found)
         out[split] = datasets.Dataset.from_dict(rows, features=features, split=split)
     return out

@@ -12,7 +12,6 @@ import torch
 
 from vitcli.data.batches import FIX, BadImages, Batch, Deferred, unreadable
 from vitcli.data.decode import as_byte_tensor, decode_host, decode_reduced, encoded_bytes, jpeg_size, scalable_jpeg_size
-from vitcli.data.masks import OUTSIDE
 from vitcli.data.tensor_transforms import CropPlan, TensorTransform
 from vitcli.errors import VitError
 from vitcli.rng import preserved_rng, seed_all
@@ -24,9 +23,9 @@ def build_batch(items: list[tuple[tuple[int, ...], int, dict, int]], transform: 
     """One collated Batch from (augmentation key, index for messages, encoded image cell, label) items.
 
     Each image is augmented from (seed, *key), independently of batching, workers and ranks. With
-    `decode_target` the label is an encoded mask: decoded, transformed with the image (a joint
-    transform) and stacked, padded to the batch's largest (images with 0, masks with -1: not the image's;
-    training crops are never padded here, evaluation batches of different sizes are)."""
+    `decode_target` the label is an encoded target (a mask, a detection's objects): decoded, transformed
+    with the image by a joint transform, and batched by that transform's `collate` (masks: stacked, padded
+    to the batch's largest, images with 0 and masks with -1, not the image's; boxes: lists)."""
     decoder = decoder or datasets.Image()
     tensors = isinstance(transform, TensorTransform)
     images, deferred, labels, skipped = [], [], [], []
@@ -59,8 +58,8 @@ def build_batch(items: list[tuple[tuple[int, ...], int, dict, int]], transform: 
             labels.append(label)
     if not labels:
         return Batch(None, None, skipped, None)
-    if decode_target is not None:
-        return Batch(padded_stack(images, 0), padded_stack(labels, OUTSIDE), skipped, None)
+    if decode_target is not None:  # the joint transform batches its own kind of target
+        return Batch(*transform.collate(images, labels), skipped, None)
     stacked = stack_views(images) if images else None
     targets = torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], list) else torch.int64)  # multi-hot or ids
     return Batch(stacked, targets, skipped, None, tuple(deferred))

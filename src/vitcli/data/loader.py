@@ -25,7 +25,7 @@ import datasets
 import torch
 
 from vitcli.data.balance import sample_weights
-from vitcli.data.batches import BadImages, Batch, finish_batch
+from vitcli.data.batches import BadImages, Batch, finish_batch, nbytes
 from vitcli.data.collate import build_batch
 from vitcli.data.multilabel import multi_hot
 from vitcli.data.sources import ImageSet
@@ -241,7 +241,7 @@ class Loader(Delivery):
         size = 0
         for images, labels in self._finished():
             if kept is not None:
-                size += images.nbytes + labels.nbytes
+                size += nbytes(images) + nbytes(labels)
                 if size <= self.cache_bytes:
                     kept.append((images, labels))
                 else:

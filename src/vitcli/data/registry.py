@@ -26,7 +26,8 @@ class DatasetSpec:
         num_classes: number of classes (used when the label column is not a ClassLabel).
         gated: the Hub copy needs an accepted licence and a token.
         note: one line shown by `vit datasets` / error messages.
-        task: "classification", or "segmentation" (then label_column is the mask column, data/masks.py).
+        task: "classification", "segmentation" (then label_column is the mask column, data/masks.py) or
+            "detection" (label_column: the objects column, data/boxes.py).
         reduce_zero_label: segmentation masks whose 0 means "unlabelled" (ADE20K): ignored, classes shift down.
     """
 
@@ -72,6 +73,11 @@ _SPECS = [
     # ADE20K's SceneParsing benchmark (150 classes; 0 is "other", ignored), the Hub's copy of ADEChallengeData2016
     DatasetSpec("ade20k", "zhoubolei/scene_parse_150", eval_split="validation", num_classes=150, task="segmentation",
                 label_column="annotation", reduce_zero_label=True, note="ADE20K SceneParsing, 150 classes"),
+    # object detection (the Hugging Face detection schema: objects with COCO bbox and category)
+    DatasetSpec("digits-det", None, eval_split="val", num_classes=10, task="detection", label_column="objects",
+                note="digits pasted on 64x64 canvases with boxes, 2000 train / 500 val, built in"),
+    DatasetSpec("cppe-5", "rishitdagli/cppe-5", num_classes=5, task="detection", label_column="objects",
+                note="medical personal protective equipment, 1000 train / 29 test, 5 categories"),
 ]
 
 REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in _SPECS}
@@ -100,6 +106,8 @@ ALIASES: dict[str, str] = {
     "svhn-cropped": "svhn",
     "sklearn-digits": "digits",
     "digits-segmentation": "digits-seg",
+    "digits-detection": "digits-det",
+    "cppe5": "cppe-5",
     "scene-parse-150": "ade20k",
     "ade": "ade20k",
     "adechallengedata2016": "ade20k",

@@ -7,7 +7,7 @@ in one of the layouts of data/seg_layouts.py. A folder with a single split gives
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable, Optional
 
 import datasets
 import numpy as np
@@ -19,13 +19,11 @@ from vitcli.data.registry import DatasetSpec
 from vitcli.data.seg_layouts import Layout, class_file, read_layout
 from vitcli.data.shard_index import is_shard_source
 from vitcli.data.shard_sets import read_split, shard_task
-from vitcli.data.sources import CARVE_FRACTION, CARVE_SEED, resolve_source
+from vitcli.data.sources import resolve_source
+from vitcli.data.splits import Role, pick_split
 from vitcli.errors import VitError
 
-Role = Literal["train", "eval"]
 MASK_COLUMNS = ("mask", "annotation", "label", "segmentation", "semantic_map", "seg")
-TRAIN_SPLITS = ("train", "training")
-EVAL_SPLITS = ("val", "validation", "test", "eval")
 
 
 def load_mask_split(dataset: str, split: Optional[str] = None, *, role: Role = "train", data_dir: Optional[str] = None,
@@ -50,7 +48,7 @@ def load_mask_split(dataset: str, split: Optional[str] = None, *, role: Role = "
                        "Use digits-seg, ade20k, or a folder of images and masks (see README: Semantic segmentation).")
     layout = _layout(spec, path, dataset)
     name = spec.name if spec else str(path)
-    ds, split_name = _pick(layout.splits, split or (None if spec is None else (spec.train_split if role == "train" else spec.eval_split)),
+    ds, split_name = pick_split(layout.splits, split or (None if spec is None else (spec.train_split if role == "train" else spec.eval_split)),
                            role, name, carve)
     if len(ds) == 0:
         raise VitError(f"Split '{split_name}' of '{name}' has no images.")
@@ -108,36 +106,6 @@ def _standardised(splits: dict[str, datasets.Dataset], spec: Optional[DatasetSpe
         out[name] = ds
     reduce = bool(spec.reduce_zero_label) if spec is not None else False
     return Layout("hub", out, names, reduce_zero_label=reduce)
-
-
-def _pick(splits: dict[str, datasets.Dataset], split: Optional[str], role: Role, where: str, carve: bool
-          ) -> tuple[datasets.Dataset, str]:
-    if split is not None:
-        parts = split.split("+")
-        missing = [p for p in parts if p not in splits]
-        if missing:
-            raise VitError(f"'{where}' has no split '{missing[0]}'. Its splits: {', '.join(splits)}.")
-        chosen = [splits[p] for p in parts]
-        return (chosen[0] if len(chosen) == 1 else datasets.concatenate_datasets(chosen)), split
-    if len(splits) == 1:
-        (only, ds), = splits.items()
-        if not carve:
-            return ds, only
-        keep = _carved(len(ds), role)
-        return ds.select(keep, keep_in_memory=True), f"{only}[{'90%' if role == 'train' else '10%'}]"
-    for name in (TRAIN_SPLITS if role == "train" else EVAL_SPLITS):
-        if name in splits:
-            return splits[name], name
-    raise VitError(f"'{where}' has no {'training' if role == 'train' else 'evaluation'} split among {', '.join(splits)}. "
-                   f"Pick one with --set data.{'train' if role == 'train' else 'eval'}_split=NAME.")
-
-
-def _carved(n: int, role: Role) -> np.ndarray:
-    if n < 2:
-        raise VitError(f"Only {n} image(s): too few to split off evaluation images. Add images.")
-    order = np.random.default_rng(CARVE_SEED).permutation(n)
-    n_eval = max(1, round(CARVE_FRACTION * n))
-    return np.sort(order[n_eval:] if role == "train" else order[:n_eval])
 
 
 def is_segmentation_source(dataset: str, data_dir: Optional[str] = None) -> bool:

@@ -19,7 +19,8 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from vitcli.data.masks import IGNORE_INDEX
+from vitcli.data.collate import padded_stack
+from vitcli.data.masks import IGNORE_INDEX, OUTSIDE
 from vitcli.errors import VitError
 
 
@@ -73,6 +74,13 @@ class SegTransform:
         else:
             pixels = self.geometry(pixels)
         return self.finish(pixels).as_subclass(torch.Tensor), mask_t.as_subclass(torch.Tensor).long()
+
+
+    @staticmethod
+    def collate(images: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked, padded to the batch's largest: images with 0, masks with -1 (not part of the image;
+        training crops are never padded, evaluation batches of different sizes are)."""
+        return padded_stack(images, 0), padded_stack(masks, OUTSIDE)
 
 
 def resized_size(height: int, width: int, short: int) -> tuple[int, int]:

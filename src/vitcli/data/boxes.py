@@ -1,0 +1,53 @@
+"""Detection sets: each image with its objects (boxes and categories), one split as a `BoxSet`.
+
+Every source ends as a `datasets.Dataset` in the Hugging Face detection schema: an encoded Image()
+column `image` and a column `objects` of {bbox: [[x, y, w, h], ...] (COCO's, in pixels), category: [c,
+...] (0-based), optional iscrowd and area}, as a classification source ends with image and label, so
+loading, subsets and caching take one path (data/det_sources.py builds them).
+
+torchvision's detectors reserve label 0 for the background: category c is label c + 1 in the targets
+(`decode_objects`), and a detector for K categories has K + 1 classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import datasets
+import torch
+
+
+@dataclass
+class BoxSet:
+    """One split of a detection set: `dataset` has columns image (encoded Image()) and objects."""
+
+    dataset: datasets.Dataset
+    num_classes: int  # categories, background not counted
+    class_names: list[str]
+    name: str
+    split: str
+
+    multilabel = False
+    target_column = "objects"  # what the loader reads beside the image
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def target_decoder(self) -> Callable[[dict], dict]:
+        """What turns an objects cell into a torchvision target (picklable: loader workers call it)."""
+        return decode_objects
+
+
+def decode_objects(cell: dict) -> dict[str, torch.Tensor]:
+    """{bbox: [[x, y, w, h]], category: [c], iscrowd?, area?} -> {boxes (M, 4) x0 y0 x1 y1 float32, labels
+    (M,) int64 (category + 1), iscrowd (M,) int64, area (M,) float32 (the given area, else the box's)}.
+    A cell may also be a list of per-object dicts (a list-of-structs column)."""
+    if isinstance(cell, list):
+        cell = {key: [o.get(key) for o in cell] for key in ("bbox", "category", "iscrowd", "area") if all(key in o for o in cell)}
+    xywh = torch.tensor(cell.get("bbox") or [], dtype=torch.float32).reshape(-1, 4)
+    boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+    labels = torch.tensor(cell.get("category") or [], dtype=torch.int64) + 1
+    crowd = torch.tensor(cell.get("iscrowd") or [0] * len(labels), dtype=torch.int64)
+    area = torch.tensor(cell["area"], dtype=torch.float32) if cell.get("area") else xywh[:, 2] * xywh[:, 3]
+    return {"boxes": boxes, "labels": labels, "iscrowd": crowd, "area": area}
