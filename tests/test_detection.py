@@ -13,6 +13,8 @@ from timm.optim._param_groups import param_groups_layer_decay
 from torchvision.models.detection import FasterRCNN
 
 from vitcli.errors import VitError
+from vitcli.io.meta import CheckpointMeta, Preprocessing
+from vitcli.models.adapt import meta_for_model, model_from_checkpoint, save_state_dict
 from vitcli.models import create_model
 from vitcli.models.detection_backbone import ViTDetBackbone
 from vitcli.models.detector import DETECTORS, Detector, DetectorSpec, level_strides
@@ -217,7 +219,7 @@ def test_each_torchvision_detector_trains_and_detects_on_a_vit(kind):
     vit = encoder(img_size=64, patch_size=8)
     spec = DetectorSpec(kind=kind, num_classes=4, size=64, window_size=4, global_blocks=(-1,), channels=32)
     detector = Detector(vit, spec)
-    assert detector.encoder is vit and isinstance(vit.norm, torch.nn.Identity)  # the classifier's final norm is gone
+    assert detector.encoder is vit and not vit.norm.weight.requires_grad  # the classifier's final norm is unused
     assert level_strides(vit, spec.scale_factors) == [2.0, 4.0, 8.0, 16.0, 32.0]
     images = [torch.rand(3, 64, 64), torch.rand(3, 40, 56)]
     targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
@@ -248,3 +250,23 @@ def test_layer_decay_groups_follow_the_encoder_depth():
     assert scales[id(named["detector.backbone.encoder.blocks.0.attn.qkv.weight"])] == pytest.approx(0.5 ** depth)
     assert scales[id(named[f"detector.backbone.encoder.blocks.{depth - 1}.mlp.fc2.weight"])] == pytest.approx(0.5)
     assert scales[id(named["detector.roi_heads.box_predictor.cls_score.weight"])] == pytest.approx(1.0)
+
+
+def test_a_detector_checkpoint_round_trips_and_adapts(tmp_path):
+    torch.manual_seed(0)
+    spec = DetectorSpec(kind="fcos", num_classes=4, size=64, window_size=4, global_blocks=(-1,), channels=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    detector = Detector(encoder(img_size=64, patch_size=8), spec).eval()
+    meta = meta_for_model(detector, CheckpointMeta(model="", model_args={}, class_names=["a", "b", "c"]), step=3)
+    assert (meta.task, meta.num_classes, meta.class_names, meta.detector["kind"]) == ("detection", 4, ["a", "b", "c"], "fcos")
+    save_state_dict(tmp_path / "model.safetensors", detector.state_dict(), meta.replace(preprocess=Preprocessing((0.5,) * 3, (0.25,) * 3)))
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 40)]
+    back, _ = model_from_checkpoint(str(tmp_path / "model.safetensors"))
+    assert isinstance(back, Detector) and back.spec == spec
+    with torch.no_grad():
+        for a, b in zip(detector(images), back(images)):
+            for key in ("boxes", "scores", "labels"):
+                torch.testing.assert_close(a[key], b[key])
+    other, ck = model_from_checkpoint(str(tmp_path / "model.safetensors"), num_classes=7)
+    assert other.num_classes == 7 and any("replaced" in n for n in ck.notes)
+    torch.testing.assert_close(other.detector.backbone.pyramid.state_dict()["stages.0.1.weight"],
+                               detector.detector.backbone.pyramid.state_dict()["stages.0.1.weight"])

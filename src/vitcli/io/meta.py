@@ -59,6 +59,8 @@ class CheckpointMeta:
         task: "multilabel" for a head of independent sigmoids (its threshold in `training`), "segmentation" for
             a Segmenter (the weights: encoder.* and decoder.*), None otherwise (classification).
         decoder: a segmenter's decoder (kind, dim, layers, heads, dropout); model / model_args describe its encoder.
+        detector: a detector's settings (kind, size, window attention, pyramid; models/detector.py), task
+            "detection" (the weights: detector.*, its encoder under detector.backbone.encoder.*).
         training: the rest of what a run records (step, top1, score ...), kept as written.
     """
 
@@ -76,10 +78,11 @@ class CheckpointMeta:
     objective: str | None = None
     task: str | None = None
     decoder: dict[str, Any] | None = None
+    detector: dict[str, Any] | None = None
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     _FIELDS = ("format", "model", "model_args", "num_classes", "img_size", "class_names", "inferred", "pre_logits",
-               "dataset", "data_dir", "objective", "task", "decoder")
+               "dataset", "data_dir", "objective", "task", "decoder", "detector")
     _PREPROCESS = ("mean", "std", "interpolation", "crop_pct")
 
     @classmethod
@@ -103,6 +106,7 @@ class CheckpointMeta:
             objective=d.get("objective"),
             task=d.get("task"),
             decoder=dict(d["decoder"]) if d.get("decoder") else None,
+            detector=dict(d["detector"]) if d.get("detector") else None,
             training={k: v for k, v in d.items() if k not in cls._FIELDS + cls._PREPROCESS},
         )
 
@@ -112,7 +116,7 @@ class CheckpointMeta:
                                "num_classes": self.num_classes, "img_size": self.img_size}
         if self.preprocess is not None:
             out.update(self.preprocess.to_dict())
-        for key in ("class_names", "dataset", "data_dir", "objective", "task", "decoder"):
+        for key in ("class_names", "dataset", "data_dir", "objective", "task", "decoder", "detector"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.inferred:

@@ -36,12 +36,11 @@ def meta_for_model(model: nn.Module, base: CheckpointMeta | Mapping[str, Any] | 
     [...]}); `training` entries (step, top1 ...) are added to what base recorded."""
     if isinstance(base, Mapping):
         base = CheckpointMeta.from_dict(base)
-    from vitcli.models.segmenter import Segmenter
+    from vitcli.models.task_models import task_meta
 
-    if isinstance(model, Segmenter):  # the encoder's description, with the decoder's and the classes
-        from vitcli.models.seg_checkpoint import segmenter_meta
-
-        return segmenter_meta(model, base, **training)
+    dense = task_meta(model, base, **training)  # a Segmenter or Detector: its encoder's description and its head's
+    if dense is not None:
+        return dense
     cfg = getattr(model, "config", None)
     if cfg is None:
         raise VitError("the model has no config; build it with vitcli.models.create_model")
@@ -176,11 +175,11 @@ def model_from_checkpoint(spec: LoadedCheckpoint | str | Path, *, img_size: int 
     ck = spec if isinstance(spec, LoadedCheckpoint) else load_checkpoint(spec)
     from vitcli.models import create_model
 
-    if ck.meta.task == "segmentation":
-        from vitcli.models.seg_checkpoint import segmenter_from_checkpoint
+    from vitcli.models.task_models import TASK_MODELS
 
-        return segmenter_from_checkpoint(ck, num_classes=num_classes, img_size=img_size, patch_size=patch_size,
-                                         interpolation=interpolation, model_args=model_args)
+    if ck.meta.task in TASK_MODELS:  # an encoder with a task's head (segmentation, detection)
+        return TASK_MODELS[ck.meta.task].from_checkpoint(ck, num_classes=num_classes, img_size=img_size, patch_size=patch_size,
+                                                         interpolation=interpolation, model_args=model_args)
 
     new, extra = _split_overrides(img_size, patch_size, num_classes, model_args)
     if is_timm_classifier(ck.meta.model):

@@ -71,7 +71,7 @@ class Detector(nn.Module):
         super().__init__()
         if spec.kind not in DETECTORS:
             raise VitError(f"model.detector must be one of {', '.join(DETECTORS)}; got {spec.kind!r}.")
-        _drop_classifier_parts(encoder)
+        _freeze_classifier_parts(encoder)
         backbone = ViTDetBackbone(encoder, window_size=spec.window_size, global_blocks=spec.global_blocks,
                                   out_channels=spec.channels, scale_factors=spec.scale_factors)
         strides = level_strides(encoder, spec.scale_factors)
@@ -126,12 +126,12 @@ class Detector(nn.Module):
         return {"stem": stem, "blocks": [(prefix + r"blocks\.(\d+)", None)]}
 
 
-def _drop_classifier_parts(encoder: nn.Module) -> None:
-    """A detection backbone reads the last block's tokens: the classifier's final norm, pooling and head would
-    sit unused (and DDP refuses parameters without gradients), so they go, as ViTDet's ViT has none."""
+def _freeze_classifier_parts(encoder: nn.Module) -> None:
+    """A detection backbone reads the last block's tokens, as ViTDet's ViT (which has no final norm): the
+    classifier's head goes, and its final norm and pooling stay in the weights (so a detector's encoder is a
+    whole ViT that any reader takes) but are frozen, since they get no gradient (DDP refuses those)."""
     encoder.reset_classifier(0)
-    for name in ("norm", "fc_norm", "head_drop"):
-        if isinstance(getattr(encoder, name, None), nn.Module):
-            setattr(encoder, name, nn.Identity())
-    if getattr(encoder, "attn_pool", None) is not None:
-        encoder.attn_pool = None
+    for name in ("norm", "fc_norm", "attn_pool"):
+        part = getattr(encoder, name, None)
+        if isinstance(part, nn.Module):
+            part.requires_grad_(False)
