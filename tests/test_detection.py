@@ -20,7 +20,9 @@ from vitcli.models.detection_backbone import ViTDetBackbone
 from vitcli.models.detector import DETECTORS, Detector, DetectorSpec, level_strides
 from vitcli.models.eva import Eva
 from vitcli.models.windows import window_partition, window_unpartition, windowed_block
+from vitcli.objectives import Inputs, build_objective
 from vitcli.objectives.coco_metrics import STAT_KEYS, CocoBoxAP
+from vitcli.recipe import ObjectiveCfg
 
 
 def encoder(img_size: int = 224, patch_size: int = 16, **kw):
@@ -270,3 +272,28 @@ def test_a_detector_checkpoint_round_trips_and_adapts(tmp_path):
     assert other.num_classes == 7 and any("replaced" in n for n in ck.notes)
     torch.testing.assert_close(other.detector.backbone.pyramid.state_dict()["stages.0.1.weight"],
                                detector.detector.backbone.pyramid.state_dict()["stages.0.1.weight"])
+
+
+def test_the_detection_objective_sums_the_detectors_losses_and_scores_by_coco_ap():
+    torch.manual_seed(0)
+    detector = Detector(encoder(img_size=64, patch_size=8), DetectorSpec(num_classes=3, size=64, channels=32))
+    objective = build_objective(ObjectiveCfg(name="detection"), detector, Inputs(num_classes=3))
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 8.0, 50.0, 30.0]]), "labels": torch.tensor([2])}]
+    detector.train()
+    torch.manual_seed(1)  # the RPN and RoI heads sample proposals at random
+    loss, parts = objective((images, targets))
+    torch.manual_seed(1)
+    direct = detector(images, targets)
+    torch.testing.assert_close(loss, sum(direct.values()))
+    assert set(parts) == set(direct)
+    batches = [(images[:1], targets[:1]), (images[1:], targets[1:])]
+    got = objective.evaluate(detector, batches, torch.device("cpu"), None)
+    assert detector.training  # evaluation restores the mode it found
+    judge = CocoBoxAP()
+    with torch.no_grad():
+        judge.update(detector.eval()(images), targets)
+    want = judge.results()
+    assert {k: got[k] for k in STAT_KEYS} == pytest.approx({k: want[k] for k in STAT_KEYS})
+    assert got["num_images"] == 2 and objective.score(got) == (got["ap"] or 0.0)

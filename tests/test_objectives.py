@@ -178,11 +178,12 @@ def test_every_objective_is_built_from_the_one_registry_and_keeps_the_base_defau
     from vitcli.objectives import OBJECTIVES, Objective
 
     model = create_model("vit_pico", num_classes=10)
-    assert set(OBJECTIVES) == {"supervised", "multilabel", "distill", "mpp", "mae", "dino", "segmentation"}
-    # distill needs a teacher (tests/test_distill.py builds it), segmentation a Segmenter (below); the others the model
+    assert set(OBJECTIVES) == {"supervised", "multilabel", "distill", "mpp", "mae", "dino", "segmentation", "detection"}
+    # distill needs a teacher (tests/test_distill.py builds it), segmentation a Segmenter and detection a Detector
+    # (below); the others the model
     small_head = DinoCfg(out_dim=64, hidden_dim=32, bottleneck_dim=16)
     built = {name: build_objective(ObjectiveCfg(name=name, mae=TINY_DECODER, dino=small_head), model, Inputs(num_classes=10))
-             for name in OBJECTIVES if name not in ("distill", "segmentation")}
+             for name in OBJECTIVES if name not in ("distill", "segmentation", "detection")}
     # DINO's teacher, heads and centre are its own; its published weights are the teacher's backbone, not the model
     dino = built["dino"]
     assert not dino.reads_labels and dino.published() is dino.teacher["backbone"] and dino.published() is not model
@@ -197,6 +198,13 @@ def test_every_objective_is_built_from_the_one_registry_and_keeps_the_base_defau
     segmenting = build_objective(ObjectiveCfg(name="segmentation"), Segmenter(encoder, LinearDecoder(64, 3), 3),
                                  Inputs(num_classes=3))
     assert segmenting.own_state() == {} and segmenting.best_metric == "miou" and segmenting.window == 8
+    from vitcli.models.detector import Detector, DetectorSpec
+
+    with pytest.raises(VitError, match="trains a detector"):
+        build_objective(ObjectiveCfg(name="detection"), model, Inputs(num_classes=10))
+    detector = Detector(create_model("vit_pico", num_classes=0), DetectorSpec(num_classes=3, size=8, channels=16))
+    detecting = build_objective(ObjectiveCfg(name="detection"), detector, Inputs(num_classes=3))
+    assert detecting.own_state() == {} and detecting.best_metric == "ap" and detecting.optimized() is detector
     for name, objective in built.items():
         assert isinstance(objective, Objective) and objective.name == name and objective.model is model
     supervised, mae = built["supervised"], built["mae"]

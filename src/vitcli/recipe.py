@@ -151,7 +151,7 @@ class ObjectiveCfg:
     paper's masked patch prediction. mae: masked autoencoder. dino: self-distillation from an EMA teacher over
     multi-crop views. mpp, mae and dino read no labels."""
 
-    name: Literal["supervised", "multilabel", "distill", "mpp", "mae", "dino", "segmentation"] = "supervised"
+    name: Literal["supervised", "multilabel", "distill", "mpp", "mae", "dino", "segmentation", "detection"] = "supervised"
     # Closed-form few-shot accuracy at every evaluation, where the data has labels; None: [10] for
     # objectives that read no labels (watch the representation improve), none otherwise.
     fewshot: Optional[list[int]] = None

@@ -4,6 +4,7 @@ An objective holds the model (and any trainable parts of its own) so the engine 
 DDP/FSDP, and says what its evaluations report (`evaluate`, `eval_metrics`, `score`). The engine knows
 nothing else about it. `supervised` (Classification) is the paper's; `multilabel` its sigmoid-per-class
 form (chosen for multi-label data); `segmentation` a Segmenter's per-pixel one (task: segmentation);
+`detection` a torchvision detector's own losses (task: detection);
 `distill` adds a frozen teacher (DeiT); `mpp` (the paper's masked patch prediction, §4.6), `mae`
 (masked autoencoder) and `dino` (self-distillation from a moving-average teacher) need no labels.
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from vitcli.errors import VitError, did_you_mean
 from vitcli.objectives.base import Inputs, Objective
+from vitcli.objectives.detection import Detection
 from vitcli.objectives.dino import Dino
 from vitcli.objectives.distill import Distillation
 from vitcli.objectives.evaluate import ECE_BINS, EvalAccumulator, evaluate
@@ -29,7 +31,7 @@ from vitcli.objectives.selfsup import SelfSupervised
 from vitcli.objectives.supervised import Classification
 from vitcli.recipe import ObjectiveCfg
 
-__all__ = ["ECE_BINS", "OBJECTIVES", "Classification", "Dino", "Distillation", "EvalAccumulator", "FewshotSet", "Inputs", "MaskedAutoencoder",
+__all__ = ["ECE_BINS", "OBJECTIVES", "Classification", "Detection", "Dino", "Distillation", "EvalAccumulator", "FewshotSet", "Inputs", "MaskedAutoencoder",
            "MaskedPatchPrediction", "MultiLabel", "Objective", "SelfSupervised", "SemanticSegmentation", "build_objective", "evaluate", "objective_class"]
 
 # The one registry of objectives, shared by `vit pretrain` (engine.setup) and `vit bench --objective`.
@@ -41,6 +43,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "mae": MaskedAutoencoder,
     "dino": Dino,
     "segmentation": SemanticSegmentation,
+    "detection": Detection,
 }
 
 
