@@ -239,6 +239,11 @@ def test_each_torchvision_detector_trains_and_detects_on_a_vit(kind):
         assert (out["boxes"][:, 3] <= image.shape[-2] + 1e-3).all()
 
 
+def test_fcos_needs_channels_its_group_norm_divides():
+    with pytest.raises(VitError, match="multiple of 32"):
+        Detector(encoder(img_size=64, patch_size=8), DetectorSpec(kind="fcos", num_classes=3, size=64, channels=16))
+
+
 def test_layer_decay_groups_follow_the_encoder_depth():
     detector = Detector(encoder(img_size=64, patch_size=8), DetectorSpec(num_classes=3, size=64, channels=32))
     groups = param_groups_layer_decay(detector, weight_decay=0.05, layer_decay=0.5, no_weight_decay_list=detector.no_weight_decay())

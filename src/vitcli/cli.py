@@ -127,15 +127,16 @@ def finetune(
     layer_decay: Optional[float] = typer.Option(None, "--layer-decay", help="Layer-wise lr decay, e.g. 0.75."),
     linear_probe: bool = typer.Option(False, "--linear-probe", help="Train only the new head on a frozen backbone."),
     new_head: bool = typer.Option(False, "--new-head", help="A zero-initialised head even when the classes are the checkpoint's own (kept by default)."),
-    task: Optional[str] = typer.Option(None, "--task", help="classification, or segmentation (a decoder on the ViT; masks per pixel). Default: the recipe's, else the checkpoint's."),
+    task: Optional[str] = typer.Option(None, "--task", help="classification, segmentation (a decoder on the ViT; masks per pixel) or detection (ViTDet: boxes). Default: the recipe's, else the checkpoint's."),
     decoder: Optional[str] = typer.Option(None, "--decoder", help="task segmentation: linear (default) or mask_transformer (Segmenter's)."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="task detection: faster_rcnn (default), retinanet or fcos (torchvision's)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Delete the run already in --out and start again."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda."),
     keep: Optional[int] = typer.Option(None, "--keep", min=0, help="Step checkpoints kept besides last and best."),
 ) -> None:
     """Fine-tune a pretrained model on a (smaller) data set, at a higher resolution (paper §3.2); with --task
-    segmentation, under a Segmenter decoder."""
+    segmentation, under a Segmenter decoder; with --task detection, under a detector on ViTDet's pyramid."""
     from vitcli.engine.finetune import build_finetune_recipe, finetune as run_finetune
     from vitcli.io.rundir import default_run_dir
     from vitcli.recipe_files import locate
@@ -143,7 +144,7 @@ def finetune(
     overrides = _overrides(set_, device=device, keep=keep, layer_decay=layer_decay, linear_probe=linear_probe,
                            new_head=new_head)
     plan = build_finetune_recipe(ckpt, res=_parse_res(res), dataset=dataset, recipe_file=locate(recipe) if recipe else None,
-                                 overrides=overrides, task=task, decoder=decoder)
+                                 overrides=overrides, task=task, decoder=decoder, detector=detector)
     for note in plan.init.notes:
         console.print(f"[dim]{note}[/]")
     console.print(f"Fine-tuning with {plan.source}.", highlight=False)

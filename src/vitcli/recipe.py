@@ -55,6 +55,17 @@ class ModelCfg:
     decoder_dim: Optional[int] = None
     decoder_heads: Optional[int] = None
     decoder_dropout: float = 0.1
+    # task: detection. One of torchvision's detectors (faster_rcnn, retinanet, fcos) on ViTDet's simple
+    # feature pyramid (pyramid_channels wide, the patch grid rescaled by pyramid_scales), window attention
+    # in window_size x window_size patches (0: global everywhere) but in global_blocks (ViTDet's ViT-B:
+    # 14 and [2, 5, 8, 11]); score_thresh and detections_per_img filter what it reports
+    detector: Literal["faster_rcnn", "retinanet", "fcos"] = "faster_rcnn"
+    window_size: int = 0
+    global_blocks: list[int] = field(default_factory=list)
+    pyramid_channels: int = 256
+    pyramid_scales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
+    score_thresh: float = 0.05
+    detections_per_img: int = 100
 
 
 @dataclass
@@ -197,6 +208,9 @@ class DataCfg:
     # stream the training split (datasets' streaming=True for a Hub set; any other set streams its table)
     # instead of reading it whole first; tar shards always stream
     streaming: bool = False
+    # task: detection. Training crops of crop_size (null: the model's img_size) after large-scale jitter:
+    # the image resized to fit crop x U(resize_range) (ViTDet's 0.1-2.0), then flipped (hflip); evaluation
+    # resizes the longer side to the crop size (the detector does, and maps its boxes back).
     # task: segmentation. Training crops of crop_size (null: the model's img_size) from images whose shorter
     # side is resized to crop x U(resize_range), flipped (hflip), colour-jittered (photometric); evaluation
     # resizes the shorter side to the crop size and slides crop-size windows every window_stride pixels
@@ -294,7 +308,8 @@ class TrainCfg:
 @dataclass
 class Recipe:
     name: str = "recipe"
-    task: Literal["classification", "segmentation"] = "classification"  # segmentation: a decoder on the ViT, masks per pixel
+    # segmentation: a decoder on the ViT, masks per pixel; detection: a detector on the ViT, boxes per object
+    task: Literal["classification", "segmentation", "detection"] = "classification"
     model: ModelCfg = field(default_factory=ModelCfg)
     objective: ObjectiveCfg = field(default_factory=ObjectiveCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -540,6 +555,12 @@ def validate(r: Recipe) -> None:
     _check(m.decoder_dim is None or m.decoder_heads is None or m.decoder_dim % m.decoder_heads == 0, "model.decoder_dim",
            f"({m.decoder_dim}) must be divisible by model.decoder_heads ({m.decoder_heads}).")
     _check(0.0 <= m.decoder_dropout < 1.0, "model.decoder_dropout", f"must be in [0, 1); got {m.decoder_dropout}.")
+    _check(m.window_size >= 0, "model.window_size", f"must be >= 0 (0: global attention); got {m.window_size}.")
+    _check(m.pyramid_channels > 0, "model.pyramid_channels", f"must be > 0; got {m.pyramid_channels}.")
+    _check(len(m.pyramid_scales) >= 1 and all(v in (4.0, 2.0, 1.0, 0.5) for v in m.pyramid_scales), "model.pyramid_scales",
+           f"must be some of 4, 2, 1, 0.5 (ViTDet's), finest first; got {m.pyramid_scales}.")
+    _check(0.0 <= m.score_thresh < 1.0, "model.score_thresh", f"must be in [0, 1); got {m.score_thresh}.")
+    _check(m.detections_per_img > 0, "model.detections_per_img", f"must be > 0; got {m.detections_per_img}.")
     crop = d.crop_size if isinstance(d.crop_size, list) else [d.crop_size] * 2 if d.crop_size is not None else [1, 1]
     _check(len(crop) == 2 and all(v > 0 for v in crop), "data.crop_size", f"must be one size or [height, width] > 0; got {d.crop_size}.")
     _check(len(d.resize_range) == 2 and 0 < d.resize_range[0] <= d.resize_range[1], "data.resize_range",

@@ -26,6 +26,7 @@ from vitcli.objectives import fewshot as fs
 from vitcli.engine.evalspec import EvalSpec, FewshotSpec
 from vitcli.engine.report import PredictionLog, draw_confusion, figure_path, print_eval, write_predictions
 from vitcli.engine.resolve import load_for_inference, resolve_dataset
+from vitcli.engine.det_eval import detection_eval
 from vitcli.engine.seg_eval import segmentation_eval
 from vitcli.engine.runtime import autocast_dtype, pick_device
 from vitcli.errors import VitError
@@ -36,6 +37,8 @@ from vitcli.objectives import evaluate
 from vitcli.objectives import linear_probe as probe
 from vitcli.objectives.knn import knn_accuracy
 from vitcli.objectives.multilabel import evaluate_multilabel
+
+DENSE_EVALS = {"segmentation": segmentation_eval, "detection": detection_eval}  # a task head's own evaluation
 
 __all__ = ["EvalSpec", "FewshotSpec", "print_eval", "run_eval"]  # print_eval lives in engine.report
 
@@ -65,8 +68,8 @@ def run_eval(spec: EvalSpec, *, progress: Callable[[int, int], None] | None = No
     img_size = input_size(model)
     if ck.meta.task == "multilabel":
         return _multilabel(spec, model, ck, run_dir, dataset, data_dir, dev, amp, say, progress)
-    if ck.meta.task == "segmentation":
-        return segmentation_eval(spec, model, ck, dataset, data_dir, dev, amp, say, progress)
+    if ck.meta.task in DENSE_EVALS:
+        return DENSE_EVALS[ck.meta.task](spec, model, ck, dataset, data_dir, dev, amp, say, progress)
     eval_set = vdata.load_split(dataset, spec.split, role="eval", data_dir=data_dir, img_size=img_size, seed=0,
                                 subset=spec.subset, carve=False, say=say)  # a folder of class folders: every image
     frozen_only = bool(shots or spec.knn or spec.linear_probe)  # evaluations of frozen features: no fitting head needed

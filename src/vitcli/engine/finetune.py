@@ -17,6 +17,7 @@ from rich.console import Console
 
 from vitcli import data as vdata
 from vitcli.data import lookup
+from vitcli.data.det_sources import load_box_split
 from vitcli.data.seg_sources import load_mask_split
 from vitcli.engine.trainer import train
 from vitcli.errors import VitError
@@ -88,13 +89,28 @@ def segmenter_finetune_recipe(num_train: int, dataset: str) -> dict:
             "model": {"drop_path_rate": 0.1}, **fitted}
 
 
+def vitdet_finetune_recipe(num_train: int, dataset: str) -> dict:
+    """ViTDet's fine-tuning settings (Li et al., 2022, §4 and detectron2's projects/ViTDet configs: AdamW lr 1e-4,
+    betas 0.9 / 0.999, weight decay 0.1, layer decay 0.7, drop path 0.1, large-scale jitter 0.1-2.0, flips,
+    250 warmup steps), cosine decay in place of its two step drops, batch and steps fitted to the set as
+    `fitted_schedule` does. Global attention unless the recipe sets model.window_size."""
+    fitted = fitted_schedule(num_train, dataset)
+    fitted["schedule"]["warmup_steps"] = min(250, fitted["schedule"]["warmup_steps"])
+    return {"task": "detection", "optim": {"name": "adamw", "lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.1,
+                                           "layer_decay": 0.7, "clip_grad_norm": None},
+            "model": {"drop_path_rate": 0.1}, "data": {"resize_range": [0.1, 2.0], "hflip": 0.5}, **fitted}
+
+
+RECIPE_PREFIX = {"classification": "finetune_", "segmentation": "segment_", "detection": "detect_"}  # shipped recipes by task
+
+
 def shipped_recipe(dataset: str, task: str = "classification") -> Path | None:
-    """recipes/finetune_*.yaml (task segmentation: segment_*.yaml) whose data.dataset is this set (digits ->
-    finetune_digits.yaml, digits-seg -> segment_digits.yaml), if any."""
+    """recipes/finetune_*.yaml (task segmentation: segment_*.yaml, detection: detect_*.yaml) whose data.dataset is
+    this set (digits -> finetune_digits.yaml, digits-seg -> segment_digits.yaml), if any."""
     spec = lookup(dataset)
     if spec is None:
         return None
-    for path in sorted(shipped_dir().glob("segment_*.yaml" if task == "segmentation" else "finetune_*.yaml")):
+    for path in sorted(shipped_dir().glob(f"{RECIPE_PREFIX[task]}*.yaml")):
         named = (parse_yaml(path.read_text(), str(path)).get("data") or {}).get("dataset")
         if isinstance(named, str) and lookup(named) == spec:
             return path
@@ -110,6 +126,7 @@ def build_finetune_recipe(
     overrides: list[str],
     task: str | None = None,
     decoder: str | None = None,
+    detector: str | None = None,
 ) -> FinetunePlan:
     """The recipe of a fine-tuning run, checkpoint, data set and resolution filled in: `recipe_file`,
     else the shipped recipe for the data set, else the paper's settings (task segmentation: Segmenter's)
@@ -117,13 +134,15 @@ def build_finetune_recipe(
     init = load_checkpoint(ckpt)
     meta = init.meta
     stated = parse_yaml(recipe_file.path.read_text(), str(recipe_file.path)) if recipe_file is not None else {}
-    task = task or stated.get("task") or ("segmentation" if meta.task == "segmentation" else "classification")
+    task = task or stated.get("task") or (meta.task if meta.task in RECIPE_PREFIX else "classification")
     dataset = dataset or (stated.get("data") or {}).get("dataset") or meta.dataset
     if not dataset:
         raise VitError(f"{ckpt} does not say which data set it was trained on. Pass --dataset NAME or PATH.")
     fixed = [f"data.dataset={dataset}", f"model.init_ckpt={init.source}", f"model.name={meta.model}", f"task={task}"]
     if decoder is not None:
         fixed.append(f"model.decoder={decoder}")
+    if detector is not None:
+        fixed.append(f"model.detector={detector}")
     if res is not None:
         fixed.append(f"model.img_size=[{res[0]}, {res[1]}]")
     if dataset == meta.dataset and meta.data_dir:
@@ -133,15 +152,18 @@ def build_finetune_recipe(
     if recipe_file is None and (found := shipped_recipe(dataset, task)) is not None:
         recipe_file = RecipeFile(found, f"the shipped recipe '{found.stem}' for {dataset}")
     recipe_path = recipe_file.path if recipe_file is not None else None
-    fixed += _mae_defaults(meta, recipe_path, overrides)
+    fixed += _mae_defaults(meta, recipe_path, overrides, task)
     if recipe_file is not None:
         return FinetunePlan(load_recipe(recipe_file.path, fixed + overrides), init, _with_mae_note(recipe_file.origin, meta))
-    name = f"{'segment' if task == 'segmentation' else 'finetune'}_{Path(str(dataset)).name}"
+    name = f"{RECIPE_PREFIX[task]}{Path(str(dataset)).name}"
     data_only = recipe_from_dict({"name": name, "train": {"steps": 1}}, fixed + [o for o in overrides if o.startswith("data.")])
+    d = data_only.data
     if task == "segmentation":
-        d = data_only.data
         num_train = len(load_mask_split(d.dataset, d.train_split, data_dir=d.data_dir, subset=d.train_subset))
         defaults = segmenter_finetune_recipe(num_train, dataset)
+    elif task == "detection":
+        num_train = len(load_box_split(d.dataset, d.train_split, data_dir=d.data_dir, subset=d.train_subset))
+        defaults = vitdet_finetune_recipe(num_train, dataset)
     else:
         num_train = len(vdata.build(vdata.SourceSpec.of(data_only.data), "train"))
         defaults = paper_finetune_recipe(num_train, dataset)
@@ -149,8 +171,9 @@ def build_finetune_recipe(
         defaults["train"]["micro_batch_size"] = None  # the user's batch, in one pass unless they say otherwise
     recipe = recipe_from_dict({"name": name, **defaults}, fixed + overrides)
     fit = defaults["train"]
-    settings = "Segmenter's settings (SGD momentum 0.9, poly decay, drop path 0.1)" if task == "segmentation" else \
-        "the paper's settings (SGD momentum 0.9, cosine decay, clip 1)"
+    settings = {"segmentation": "Segmenter's settings (SGD momentum 0.9, poly decay, drop path 0.1)",
+                "detection": "ViTDet's settings (AdamW lr 1e-4, layer decay 0.7, drop path 0.1, large-scale jitter)"}.get(
+        task, "the paper's settings (SGD momentum 0.9, cosine decay, clip 1)")
     source = (f"{settings} fitted to {num_train:,} training images: "
               f"batch {fit['batch_size']}, {fit['steps']:,} steps (the batch halved from {PAPER_BATCH} until the set holds "
               f"{MIN_BATCHES_PER_EPOCH} batches, at most {MAX_EPOCHS} epochs)")
@@ -164,7 +187,7 @@ def mae_layer_decay(depth: int) -> float:
     return MAE_LAYER_DECAY_DEEP if depth >= 24 else MAE_LAYER_DECAY
 
 
-def _mae_defaults(meta: CheckpointMeta, recipe_path: Path | None, overrides: list[str]) -> list[str]:
+def _mae_defaults(meta: CheckpointMeta, recipe_path: Path | None, overrides: list[str], task: str = "classification") -> list[str]:
     """MAE's fine-tuning settings where they differ from the paper's, for an MAE checkpoint: layer-wise lr
     decay and average pooling of the patch tokens, unless the recipe file or --set says otherwise."""
     if meta.objective != "mae":
@@ -172,7 +195,8 @@ def _mae_defaults(meta: CheckpointMeta, recipe_path: Path | None, overrides: lis
     stated = parse_yaml(recipe_path.read_text(), str(recipe_path)) if recipe_path is not None else {}
     given = {o.split("=", 1)[0] for o in overrides}
     out = []
-    if "optim.layer_decay" not in given and "layer_decay" not in (stated.get("optim") or {}):
+    # ViTDet fine-tunes MAE encoders with its own layer decay (0.7 for ViT-B), which its defaults carry
+    if task != "detection" and "optim.layer_decay" not in given and "layer_decay" not in (stated.get("optim") or {}):
         out.append(f"optim.layer_decay={mae_layer_decay(int(meta.model_args.get('depth') or 12))}")
     if "model.global_pool" not in given and "global_pool" not in (stated.get("model") or {}):
         out.append("model.global_pool=avg")

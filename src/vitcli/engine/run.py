@@ -20,6 +20,7 @@ from rich.console import Console
 from vitcli.engine import cluster
 from vitcli.engine.batches import TrainStream, eval_batches, fewshot_set, knn_set
 from vitcli.engine.cluster import DistEnv
+from vitcli.engine.dense_tasks import DENSE_TASKS
 from vitcli.engine.logger import ProgressDisplay, RunLogger
 from vitcli.engine.plan import StepPlan
 from vitcli.engine.rundir import create_run_dir, open_run_dir
@@ -232,12 +233,12 @@ def _start(recipe: Recipe, run_dir: Path, env: DistEnv, console: Console, *, res
             init = load_checkpoint(recipe.model.init_ckpt)
         data = build_data(recipe, init, say)
     keep_head = not resuming and keeps_head(recipe.model, init, recipe.data.dataset, data.class_names)
-    model = build_model(recipe.model, data.num_classes, init, keep_head=keep_head, task=recipe.task)
+    model = build_model(recipe.model, data.num_classes, init, keep_head=keep_head, task=recipe.task, recipe=recipe, crop=data.img_size)
     if keep_head:
         say(f"Keeping the checkpoint's trained head: its {data.num_classes} classes are {data.name}'s own "
             "(--new-head starts a zero-initialised one).")
     if t.linear_probe:  # the paper's linear evaluation: a frozen backbone under a trained head
-        heads = ("decoder.",) if recipe.task == "segmentation" else ("head.", "head_dist.")  # a distilled model has two
+        heads = DENSE_TASKS[recipe.task].head_prefixes if recipe.task in DENSE_TASKS else ("head.", "head_dist.")  # distilled: two
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(heads))
     model.to(env.device)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,35 +21,17 @@ from vitcli.io.meta import CheckpointMeta, Preprocessing
 from vitcli.models.adapt import meta_for_model, model_from_checkpoint
 from vitcli.models.load import LoadedCheckpoint
 from vitcli.models.registry import resolve_config
-from vitcli.models.segmenter import Segmenter, make_decoder
 from vitcli.models.timm_classifier import is_timm_classifier, needs_vit
-from vitcli.data.masks import IGNORE_INDEX
-from vitcli.data.seg_sources import load_mask_split
-from vitcli.data.seg_transforms import SegTransform, SegTransformSpec
 from vitcli.data.views import build_views_transform
+from vitcli.engine.dense_tasks import DENSE_TASKS, HEAD_FIELDS
 from vitcli.engine.plan import StepPlan
+from vitcli.engine.rundata import RunData
 from vitcli import objectives
 from vitcli.objectives import FewshotSet
 from vitcli.objectives.knn import NeighbourSet
 from vitcli.recipe import ModelCfg, Recipe
 
 
-DECODER_FIELDS = ("decoder", "decoder_layers", "decoder_dim", "decoder_heads", "decoder_dropout")  # the Segmenter's, not the ViT's
-
-
-@dataclass
-class RunData:
-    name: str
-    train: vdata.ImageSet
-    eval: vdata.ImageSet
-    num_classes: int
-    class_names: list[str]
-    img_size: tuple[int, int]
-    train_transform: Any
-    eval_transform: Any
-    mixup: Any  # timm.data.Mixup or None
-    criterion: torch.nn.Module
-    multilabel: bool = False  # several classes per image: multi-hot targets, objective multilabel
 
 
 def precheck(recipe: Recipe) -> None:
@@ -90,8 +71,8 @@ def model_img_size(cfg: ModelCfg, init: LoadedCheckpoint | None = None) -> tuple
 
 
 def build_data(recipe: Recipe, init: LoadedCheckpoint | None = None, say=None) -> RunData:
-    if recipe.task == "segmentation":
-        return segmentation_data(recipe, model_img_size(recipe.model, init), say)
+    if recipe.task in DENSE_TASKS:
+        return DENSE_TASKS[recipe.task].data(recipe, model_img_size(recipe.model, init), say)
     d, seed = recipe.data, recipe.train.seed
     source, transform, mixing = vdata.SourceSpec.of(d), vdata.TransformSpec.of(d), vdata.MixSpec.of(d)
     img_size = model_img_size(recipe.model, init)
@@ -135,39 +116,6 @@ def _train_transform(recipe: Recipe, transform: vdata.TransformSpec, img_size: t
     if views is None:
         return vdata.build_transform(transform, img_size, train=True)
     return build_views_transform(transform, views)
-
-
-def segmentation_data(recipe: Recipe, img_size: tuple[int, int], say=None) -> RunData:
-    """A segmentation set's splits (data/seg_sources.py) with joint transforms; crops of data.crop_size, else
-    the model's resolution (which its position table is trained at)."""
-    d, seed = recipe.data, recipe.train.seed
-    for key, bad in (("data.mixup / data.cutmix", d.mixup or d.cutmix), ("data.balance", d.balance != "none"),
-                     ("data.holdout", d.holdout is not None), ("data.streaming", d.streaming),
-                     ("data.imbalance", d.imbalance), ("data.repeated_augment", d.repeated_augment > 1),
-                     ("objective.fewshot", recipe.objective.fewshot)):
-        if bad:
-            raise VitError(f"{key} is for classification; task: segmentation does not use it. Drop it.")
-    crop = d.crop_size if d.crop_size is not None else list(img_size)
-    crop = (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
-    if is_shard_source(d.dataset):  # images with KEY.seg.png masks: the training split streams
-        if d.train_subset:
-            raise VitError("data.train_subset picks images of a map-style set; tar shards stream whole. Drop it.")
-        train = vdata.stream_split(d.dataset, d.train_split, d.num_samples)
-        if train.task != "segmentation":
-            raise VitError(f"The shards at {d.dataset} hold classification samples; task: segmentation needs masks. Write the "
-                           "segmentation set with `vit shards` (each mask as KEY.seg.png).")
-        if not train.num_samples and recipe.train.steps is None:
-            raise VitError(f"The streamed set {train.name} comes without a sample count, so an epoch has no length. "
-                           "Set data.num_samples=N or train.steps=N.")
-    else:
-        train = load_mask_split(d.dataset, d.train_split, role="train", data_dir=d.data_dir, subset=d.train_subset, seed=seed, say=say)
-    evals = load_mask_split(d.dataset, d.eval_split, role="eval", data_dir=d.data_dir, subset=d.eval_subset, seed=0)
-    spec = SegTransformSpec(crop_size=crop, resize_range=tuple(d.resize_range), hflip=d.hflip, photometric=d.photometric,
-                            mean=tuple(d.mean), std=tuple(d.std))
-    num_classes = recipe.model.num_classes or train.num_classes
-    return RunData(name=train.name, train=train, eval=evals, num_classes=num_classes, class_names=list(train.class_names),
-                   img_size=crop, train_transform=SegTransform(spec, train=True), eval_transform=SegTransform(spec, train=False),
-                   mixup=None, criterion=torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX))
 
 
 def _multilabel(train, recipe: Recipe, say) -> bool:
@@ -240,7 +188,7 @@ def _stratify(labels: np.ndarray, fraction: float) -> np.ndarray | None:
 def model_overrides(cfg: ModelCfg, num_classes: int) -> dict[str, Any]:
     """The recipe's model fields as create_model overrides; unset (None) fields keep the model's own."""
     fields = dataclasses.asdict(cfg)
-    for key in ("name", "init_ckpt", "new_head", *DECODER_FIELDS):
+    for key in ("name", "init_ckpt", "new_head", *HEAD_FIELDS):
         fields.pop(key)
     fields["num_classes"] = num_classes
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in fields.items() if v is not None}
@@ -255,53 +203,45 @@ def keeps_head(cfg: ModelCfg, init: LoadedCheckpoint | None, dataset: str, class
 
 
 def build_model(cfg: ModelCfg, num_classes: int, init: LoadedCheckpoint | None = None,
-                keep_head: bool = False, task: str = "classification") -> torch.nn.Module:
+                keep_head: bool = False, task: str = "classification", recipe: Recipe | None = None,
+                crop: tuple[int, int] | None = None) -> torch.nn.Module:
     """A fresh model, or (fine-tuning) the init checkpoint's model resampled to the recipe's
     resolution/patch size with its head replaced by a zero-initialised one (paper §3.2), unless
-    `keep_head` (the same classes: see keeps_head). task segmentation: that model without a head as the
-    encoder of a Segmenter with the recipe's decoder (a segmentation checkpoint keeps its decoder when
-    keep_head, else gets a new one)."""
-    segmenting = init is not None and init.meta.task == "segmentation"
-    if segmenting and task != "segmentation":
-        raise VitError(f"{init.source} is a segmentation model (a ViT with a decoder); fine-tune it with task: segmentation.")
+    `keep_head` (the same classes: see keeps_head). A dense task (segmentation, detection: `recipe` and the
+    training `crop` given): that model's encoder under the task's head (a decoder, a detector), a checkpoint
+    of the same task keeping its own when keep_head."""
+    headed = init is not None and init.meta.task in DENSE_TASKS
+    if headed and task != init.meta.task:
+        raise VitError(f"{init.source} is a {init.meta.task} model (a ViT with a task head); fine-tune it with task: "
+                       f"{init.meta.task}, or from its encoder alone.")
     if init is None:
-        model = create_model(cfg.name, **model_overrides(cfg, 0 if task == "segmentation" else num_classes))
+        model = create_model(cfg.name, **model_overrides(cfg, 0 if task in DENSE_TASKS else num_classes))
     else:
         args = {k: getattr(cfg, k) for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")}
         if cfg.global_pool is not None:  # asked for (e.g. "avg" for MAE's fine-tuning); unset keeps the checkpoint's
             args["global_pool"] = cfg.global_pool
         model, _ = model_from_checkpoint(init, img_size=cfg.img_size and tuple(model_img_size(cfg)), patch_size=cfg.patch_size,
                                          model_args=args)
-    if task == "segmentation":
-        return model if segmenting and keep_head and model.num_classes == num_classes else _new_decoder(model, cfg, num_classes)
+    if task in DENSE_TASKS:
+        if headed and keep_head and model.num_classes == num_classes:
+            return model
+        recipe = recipe or Recipe(task=task, model=cfg)
+        return DENSE_TASKS[task].new_model(model, recipe, num_classes, crop or model_img_size(cfg, init))
     if init is not None and not (keep_head and model.num_classes == num_classes):
         model.reset_classifier(num_classes)
     return model
 
 
-def _new_decoder(model: torch.nn.Module, cfg: ModelCfg, num_classes: int) -> Segmenter:
-    """`model`'s encoder (a ViT, or a Segmenter's) under a new decoder of the recipe's kind."""
-    encoder = model.encoder if isinstance(model, Segmenter) else model
-    if is_timm_classifier(getattr(encoder.config, "name", "")):
-        raise needs_vit("task: segmentation (a decoder on the patch tokens)", encoder.config.name)
-    encoder.reset_classifier(0)  # the class head has no use under a decoder
-    settings = {} if cfg.decoder == "linear" else dict(dim=cfg.decoder_dim, layers=cfg.decoder_layers, heads=cfg.decoder_heads,
-                                                       dropout=cfg.decoder_dropout)
-    ref = next(encoder.parameters())
-    decoder = make_decoder(cfg.decoder, encoder.embed_dim, num_classes, **settings).to(ref.device)
-    return Segmenter(encoder, decoder, num_classes)
-
-
 def objective_name(recipe: Recipe, data: RunData) -> str:
     """The objective trained: the recipe's, with supervised on multi-label data meaning multilabel and on
-    segmentation data (task: segmentation) meaning segmentation."""
+    a dense task's data (task: segmentation, detection) meaning that task's objective."""
     name = recipe.objective.name
-    if recipe.task == "segmentation":
-        if name not in ("supervised", "segmentation"):
-            raise VitError(f"objective {name} does not train task: segmentation; drop objective.name (segmentation is implied).")
-        return "segmentation"
-    if name == "segmentation":
-        raise VitError("objective segmentation needs task: segmentation (a decoder and masks): set task: segmentation.")
+    if recipe.task in DENSE_TASKS:
+        if name not in ("supervised", recipe.task):
+            raise VitError(f"objective {name} does not train task: {recipe.task}; drop objective.name ({recipe.task} is implied).")
+        return recipe.task
+    if name in DENSE_TASKS:
+        raise VitError(f"objective {name} needs task: {name} (a task head and its targets): set task: {name}.")
     if data.multilabel and name == "supervised":
         return "multilabel"
     if data.multilabel and name != "multilabel":

@@ -71,6 +71,8 @@ class Detector(nn.Module):
         super().__init__()
         if spec.kind not in DETECTORS:
             raise VitError(f"model.detector must be one of {', '.join(DETECTORS)}; got {spec.kind!r}.")
+        if spec.kind == "fcos" and spec.channels % 32:
+            raise VitError(f"FCOS's head normalises in 32 groups: model.pyramid_channels must be a multiple of 32; got {spec.channels}.")
         _freeze_classifier_parts(encoder)
         backbone = ViTDetBackbone(encoder, window_size=spec.window_size, global_blocks=spec.global_blocks,
                                   out_channels=spec.channels, scale_factors=spec.scale_factors)

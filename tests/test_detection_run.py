@@ -1,0 +1,104 @@
+"""Detection end to end: `vit finetune --task detection` on a COCO folder the test writes (from digits-det), `vit
+eval --json` against pycocotools reading that folder's own annotation file, and an exact resume after SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+
+from helpers import comparable, offline_env, recipe_file, run_cli, start_training, train_steps
+from vitcli.data import builtin
+from vitcli.data.det_transforms import DetTransform, DetTransformSpec
+from vitcli.models.adapt import model_from_checkpoint
+from vitcli.models.detector import Detector
+from vitcli.models.load import load_checkpoint
+
+SMALL = ["--set", "model.pyramid_scales=[2.0, 1.0, 0.5]", "--set", "model.pyramid_channels=32", "--set", "train.batch_size=4",
+         "--set", "train.epochs=null", "--set", "data.num_workers=0", "--set", "data.resize_range=[0.5, 1.5]"]
+CATEGORY_IDS = [11 + 2 * c for c in range(10)]  # COCO's ids are not 0..K-1: digit c is category 11 + 2c
+
+
+@pytest.fixture(scope="module")
+def coco_digits(tmp_path_factory):
+    """A COCO folder (annotations/instances_{train,val}.json over train/ and val/) of digits-det canvases."""
+    root = tmp_path_factory.mktemp("coco")
+    splits = builtin.digits_det_splits()
+    for split, count in (("train", 32), ("val", 8)):
+        (root / split).mkdir()
+        images, annotations = [], []
+        for i, row in enumerate(splits[split].select(range(count))):
+            name = f"{split}_{i:03d}.png"
+            row["image"].save(root / split / name)
+            images.append({"id": 100 + i, "file_name": name, "width": 64, "height": 64})
+            for box, category in zip(row["objects"]["bbox"], row["objects"]["category"]):
+                annotations.append({"id": len(annotations) + 1, "image_id": 100 + i, "category_id": CATEGORY_IDS[category],
+                                    "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+            {"images": images, "annotations": annotations, "categories": [{"id": c, "name": str(d)} for d, c in enumerate(CATEGORY_IDS)]}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def det_run(trained, coco_digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("det") / "run"
+    with offline_env():
+        assert run_cli("finetune", "--ckpt", str(trained), "--task", "detection", "--dataset", str(coco_digits), "--res", "32",
+                       "--detector", "fcos", "--out", str(out), *SMALL, "--set", "train.steps=6", "--set", "train.eval_every=6",
+                       "--set", "model.score_thresh=0.0") == 0  # keep even an untrained detector's boxes: there is something to judge
+    return out
+
+
+@pytest.mark.slow
+def test_finetune_detects_and_eval_equals_pycocotools_on_the_sets_own_file(det_run, coco_digits, capsys):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    meta = load_checkpoint(det_run).meta
+    assert (meta.task, meta.num_classes, meta.detector["kind"], meta.class_names) == ("detection", 11, "fcos", [str(d) for d in range(10)])
+    assert json.loads((det_run / "summary.json").read_text())["best_metric"] == "ap"
+    assert run_cli("eval", "--ckpt", str(det_run), "--json", "--num-workers", "0", "--batch-size", "3") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["task"] == "detection" and result["num_images"] == 8
+    # by hand: the checkpoint's detections on each val image, back in COCO's category ids, judged by pycocotools
+    model, _ = model_from_checkpoint(det_run)
+    assert isinstance(model, Detector)
+    truth = COCO(str(coco_digits / "annotations" / "instances_val.json"))
+    tf = DetTransform(DetTransformSpec(channels=1), train=False)
+    found = []
+    from PIL import Image
+    with torch.no_grad():
+        for image_id, info in truth.imgs.items():
+            x, _ = tf(Image.open(coco_digits / "val" / info["file_name"]), {})
+            out = model([x])[0]
+            for (x0, y0, x1, y1), score, label in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
+                found.append({"image_id": image_id, "category_id": CATEGORY_IDS[label - 1], "bbox": [x0, y0, x1 - x0, y1 - y0],
+                              "score": score})
+    keys = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
+    assert len(found) >= 8
+    judge = COCOeval(truth, truth.loadRes(found), "bbox")
+    judge.evaluate()
+    judge.accumulate()
+    judge.summarize()
+    assert [result[k] for k in keys] == pytest.approx([None if v < 0 else v for v in judge.stats[:6]], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_detection_resumes_exactly_after_sigterm(coco_digits, tmp_path):
+    recipe = recipe_file(tmp_path, f"task: detection\nmodel: {{name: vit_pico, img_size: 32, patch_size: 4, window_size: 2, "
+                                   f"global_blocks: [-1]}}\ndata: {{dataset: {coco_digits}}}\ntrain: {{steps: 16, eval_every: 8, log_every: 2}}\n")
+    cut = tmp_path / "cut"
+    with offline_env():
+        proc = start_training(recipe, cut, SMALL, until_step=4)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 3, err
+        assert 4 <= train_steps(cut) < 16
+        assert run_cli("pretrain", str(recipe), "--out", str(cut), "--resume", *SMALL) == 0
+        full = tmp_path / "full"
+        assert run_cli("pretrain", str(recipe), "--out", str(full), *SMALL) == 0
+    assert comparable(cut) == comparable(full)
+    assert any(e.get("ap") is not None for e in comparable(full))
