@@ -30,6 +30,13 @@ def test_schedule_warmup_then_cosine_and_linear():
     assert lr_at(50, 110, 1.0, ScheduleCfg(warmup_steps=0, decay="constant")) == 1.0
 
 
+def test_step_decay_drops_by_its_factor_at_each_milestone_as_detectron2():
+    # ViTDet's 100-epoch schedule: 184,375 iterations, x0.1 at iterations 163,889 and 177,546, 250 warmup
+    vitdet = ScheduleCfg(warmup_steps=250, decay="step", step_milestones=[163889 / 184375, 177546 / 184375], step_factor=0.1)
+    got = [lr_at(s, 184375, 1e-4, vitdet) for s in (249, 250, 163888, 163889, 177545, 177546, 184374)]
+    assert got == pytest.approx([1e-4, 1e-4, 1e-4, 1e-5, 1e-5, 1e-6, 1e-6])
+
+
 def test_no_weight_decay_on_norms_biases_pos_embed_and_tokens():
     model = create_model("vit_pico")
     opt = build_optimizer(model, OptimCfg(name="adamw", lr=1e-3, weight_decay=0.1), torch.device("cpu"))

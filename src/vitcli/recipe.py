@@ -276,8 +276,12 @@ class OptimCfg:
 @dataclass
 class ScheduleCfg:
     warmup_steps: int = 10_000
-    decay: Literal["cosine", "linear", "poly", "constant"] = "linear"  # poly: (1 - t)^0.9 (Segmenter, mmseg)
+    decay: Literal["cosine", "linear", "poly", "constant", "step"] = "linear"  # poly: (1 - t)^0.9 (Segmenter, mmseg)
     min_lr: float = 0.0
+    # decay step (detectron2's multi-step schedule): the rate is multiplied by step_factor at each of these
+    # fractions of the run's steps (ViTDet's 100 epochs: [0.889, 0.963], 0.1)
+    step_milestones: list[float] = field(default_factory=lambda: [0.889, 0.963])
+    step_factor: float = 0.1
 
 
 @dataclass
@@ -610,6 +614,9 @@ def validate(r: Recipe) -> None:
 
     _check(s.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0; got {s.warmup_steps}.")
     _check(0 <= s.min_lr <= o.lr, "schedule.min_lr", f"must be in [0, optim.lr]; got {s.min_lr}.")
+    _check(all(0 < m < 1 for m in s.step_milestones) and s.step_milestones == sorted(s.step_milestones), "schedule.step_milestones",
+           f"must be increasing fractions of the run in (0, 1); got {s.step_milestones}.")
+    _check(0 < s.step_factor <= 1, "schedule.step_factor", f"must be in (0, 1]; got {s.step_factor}.")
 
     _check((t.epochs is None) != (t.steps is None), "train.epochs", "and train.steps: set exactly one of them.")
     _check(t.epochs is None or t.epochs > 0, "train.epochs", f"must be > 0; got {t.epochs}.")

@@ -48,7 +48,8 @@ POLY_POWER = 0.9
 
 
 def lr_at(step: int, total_steps: int, peak_lr: float, cfg: ScheduleCfg) -> float:
-    """Linear warmup from 0 to peak_lr over warmup_steps, then cosine/linear/poly decay to min_lr.
+    """Linear warmup from 0 to peak_lr over warmup_steps, then cosine/linear/poly decay to min_lr, or (step)
+    peak_lr times step_factor per milestone passed (milestones: fractions of all steps, as detectron2's).
 
     `step` counts optimizer updates already taken, so step 0 is the first update.
     """
@@ -57,6 +58,8 @@ def lr_at(step: int, total_steps: int, peak_lr: float, cfg: ScheduleCfg) -> floa
         return peak_lr * (step + 1) / warmup
     if cfg.decay == "constant" or total_steps <= warmup:
         return peak_lr
+    if cfg.decay == "step":
+        return peak_lr * cfg.step_factor ** sum(step >= m * total_steps for m in cfg.step_milestones)
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     if cfg.decay == "cosine":
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
