@@ -236,6 +236,7 @@ def test_each_torchvision_detector_trains_and_detects_on_a_vit(kind):
         found = detector.eval()(images)
     for image, out in zip(images, found):  # boxes come back in the image's own coordinates
         assert out["boxes"].shape[1] == 4 and (out["boxes"][:, 2] <= image.shape[-1] + 1e-3).all()
+        assert (out["labels"] > 0).all()  # label 0 is the background, never a detection
         assert (out["boxes"][:, 3] <= image.shape[-2] + 1e-3).all()
 
 

@@ -102,3 +102,27 @@ def test_detection_resumes_exactly_after_sigterm(coco_digits, tmp_path):
         assert run_cli("pretrain", str(recipe), "--out", str(full), *SMALL) == 0
     assert comparable(cut) == comparable(full)
     assert any(e.get("ap") is not None for e in comparable(full))
+
+
+@pytest.mark.slow
+def test_predict_lists_and_draws_each_images_boxes(det_run, coco_digits, tmp_path, capsys):
+    from PIL import Image
+
+    images = [coco_digits / "val" / "val_000.png", coco_digits / "val" / "val_001.png"]
+    drawn = tmp_path / "drawn"
+    assert run_cli("predict", "--ckpt", str(det_run), *map(str, images), "--json", "--score-thresh", "0.05", "--draw", str(drawn)) == 0
+    rows = json.loads(capsys.readouterr().out)
+    model, _ = model_from_checkpoint(det_run)
+    tf = DetTransform(DetTransformSpec(channels=1), train=False)
+    for row, path in zip(rows, images):
+        assert row["path"] == str(path)
+        with torch.no_grad():
+            want = model([tf(Image.open(path), {})[0]])[0]
+        keep = want["scores"] >= 0.05
+        assert [o["score"] for o in row["objects"]] == pytest.approx(want["scores"][keep].tolist(), abs=1e-5)
+        torch.testing.assert_close(torch.tensor([o["box"] for o in row["objects"]]).reshape(-1, 4), want["boxes"][keep], atol=0.01, rtol=0)
+        assert [o["index"] + 1 for o in row["objects"]] == want["labels"][keep].tolist()
+        assert all(o["label"] == str(o["index"]) for o in row["objects"])
+        assert Image.open(row["drawn"]).size == Image.open(path).size
+    assert run_cli("predict", "--ckpt", str(det_run), str(images[0]), "--csv", str(tmp_path / "x.csv")) == 2
+    assert "--json" in capsys.readouterr().err

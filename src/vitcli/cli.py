@@ -244,9 +244,12 @@ def predict_cmd(
     reduced_decode: bool = typer.Option(True, "--reduced-decode/--full-decode", help="Decode a large JPEG at 1/2-1/8 size when its short side is 2-8x the resize target, or every image whole."),
     masks: Optional[Path] = typer.Option(None, "--masks", help="A segmentation checkpoint: write one palette PNG mask per image into this folder."),
     overlay: bool = typer.Option(False, "--overlay", help="With --masks: also write each image with its mask's colours blended in (NAME_overlay.png)."),
+    score_thresh: float = typer.Option(0.5, "--score-thresh", help="A detection checkpoint: report the boxes scoring at least this."),
+    draw: Optional[Path] = typer.Option(None, "--draw", help="A detection checkpoint: write each image with its boxes drawn into this folder."),
 ) -> None:
     """Classify images: each image's top-k classes and probabilities; with a segmentation checkpoint and
-    --masks DIR, each image's mask and class areas (exit code 4 if some could not be read)."""
+    --masks DIR, each image's mask and class areas; with a detection checkpoint, each image's boxes
+    (--draw DIR draws them) (exit code 4 if some could not be read)."""
     from vitcli.predict import PARTIAL_EXIT_CODE, Predictions, predict
     from vitcli.predict.masks import predict_masks
     from vitcli.predict.output import CsvRows, JsonArray, progress_bar, text_line
@@ -262,7 +265,7 @@ def predict_cmd(
         rows = predict_masks(ckpt, inputs, masks, overlay=overlay, device=device, info=info, progress=progress, say=say) \
             if masks is not None else \
             predict(ckpt, inputs, topk=topk, batch_size=batch_size, device=device, num_workers=num_workers,
-                    reduced_decode=reduced_decode, info=info, progress=progress, say=say)
+                    reduced_decode=reduced_decode, info=info, progress=progress, say=say, score_thresh=score_thresh, draw=draw)
         for row in rows:
             json_rows.add(row)
             csv_rows.add(row)

@@ -114,7 +114,12 @@ class Detector(nn.Module):
         return self.encoder.blocks
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
-        return self.detector(images, targets)
+        out = self.detector(images, targets)
+        if self.training:
+            return out
+        # RetinaNet and FCOS score label 0 like any class (it is never a target, so it fades as they train):
+        # it is the background, never a detection
+        return [{k: v[d["labels"] > 0] for k, v in d.items()} for d in out]
 
     def no_weight_decay(self) -> set[str]:
         return {f"detector.backbone.encoder.{n}" for n in self.encoder.no_weight_decay()}

@@ -73,7 +73,7 @@ def predict_masks(ckpt: str | Path | None, inputs: list[str], out_dir: Path, *, 
             scores = segment(model, x[None].to(dev), model.num_classes, window, window).float()
         scores = F.interpolate(scores, size=(image.height, image.width), mode="bilinear", align_corners=False)
         mask = scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
-        stem = _unique(path.stem, used)
+        stem = unique_stem(path.stem, used)
         written = Image.fromarray(mask, mode="P")
         written.putpalette(colours)
         mask_path = out_dir / f"{stem}.png"
@@ -89,7 +89,7 @@ def predict_masks(ckpt: str | Path | None, inputs: list[str], out_dir: Path, *, 
         yield MaskPrediction(str(path), str(mask_path), areas, str(blend) if blend else None)
 
 
-def _unique(stem: str, used: set[str]) -> str:
+def unique_stem(stem: str, used: set[str]) -> str:
     """The image's stem, numbered when another image of the same stem was written already."""
     name, n = stem, 1
     while name in used:

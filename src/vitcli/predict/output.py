@@ -11,18 +11,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Callable
 
-from vitcli.errors import path_error
+from vitcli.errors import VitError, path_error
+from vitcli.predict.boxes import BoxPrediction
 from vitcli.predict.masks import MaskPrediction
 from vitcli.predict.run import Prediction
 
 
-def text_line(row: Prediction | MaskPrediction) -> str:
+def text_line(row: Prediction | MaskPrediction | BoxPrediction) -> str:
+    if isinstance(row, BoxPrediction):  # the objects found, most confident first
+        return f"{row.path}  {len(row.objects)} object(s)  " + "  ".join(
+            f"{o['label']} {o['score']:.2f} [{', '.join(f'{v:.0f}' for v in o['box'])}]" for o in row.objects[:5])
     if isinstance(row, MaskPrediction):  # the mask written and the largest class areas
         return f"{row.path} -> {row.mask}  " + "  ".join(f"{name} {a:.1%}" for name, a in list(row.areas.items())[:5])
     return f"{row.path}  " + "  ".join(f"{label} {p:.4f}" for label, _, p in row.top)
 
 
-def as_dict(row: Prediction | MaskPrediction) -> dict[str, Any]:
+def as_dict(row: Prediction | MaskPrediction | BoxPrediction) -> dict[str, Any]:
+    if isinstance(row, BoxPrediction):
+        return {"path": row.path, "objects": row.objects, **({"drawn": row.drawn} if row.drawn else {})}
     if isinstance(row, MaskPrediction):
         return {"path": row.path, "mask": row.mask, "overlay": row.overlay, "areas": row.areas}
     return {"path": row.path, "top": [{"label": label, "index": i, "probability": p} for label, i, p in row.top]}
@@ -39,7 +45,7 @@ class JsonArray:
             self.stream.write("[")
         return self
 
-    def add(self, row: Prediction | MaskPrediction) -> None:
+    def add(self, row: Prediction | MaskPrediction | BoxPrediction) -> None:
         if self.enabled:
             self.stream.write(("," if self.count else "") + "\n" + json.dumps(as_dict(row)))
             self.stream.flush()
@@ -72,6 +78,8 @@ class CsvRows:
         return self
 
     def add(self, row: Prediction) -> None:
+        if self.writer is not None and isinstance(row, BoxPrediction):
+            raise VitError("--csv lists classes per image; a detector's boxes come as --json.")
         if self.writer is not None:
             self.writer.writerow([row.path] + [v for label, i, p in row.top for v in (label, i, f"{p:.6f}")])
 

@@ -63,8 +63,11 @@ def find_images(inputs: list[str]) -> list[Path]:
 
 def predict(ckpt: str | Path | None, inputs: list[str], *, topk: int = 5, batch_size: int = 64, device: str = "auto",
             num_workers: int = 0, reduced_decode: bool = True, runs_root: Path = Path("runs"), info: Predictions | None = None,
-            progress: Callable[[int, int], Any] | None = None, say: Callable[[str], Any] = print) -> Iterator[Prediction]:
-    """Yield one Prediction per readable image, batch by batch; `info` (when given) is filled in as it goes."""
+            progress: Callable[[int, int], Any] | None = None, say: Callable[[str], Any] = print,
+            score_thresh: float = 0.5, draw: Path | None = None) -> Iterator[Prediction]:
+    """Yield one Prediction per readable image, batch by batch; `info` (when given) is filled in as it goes.
+    A detection checkpoint yields BoxPredictions instead (predict/boxes.py: boxes scoring at least
+    `score_thresh`, drawn into `draw` when given)."""
     if topk < 1:
         raise VitError(f"--topk must be at least 1, got {topk}")
     batching = vdata.LoaderSpec.evaluation(batch_size, num_workers=num_workers, bad_images="skip")  # checked before any work
@@ -73,6 +76,16 @@ def predict(ckpt: str | Path | None, inputs: list[str], *, topk: int = 5, batch_
     model, ck, _ = load_for_inference(ckpt, Path(runs_root), say, needs_head="it cannot predict classes")
     if ck.meta.task == "segmentation":
         raise VitError(f"{ck.source} segments images: pass --masks DIR to write each image's mask (and --overlay to see it).")
+    if draw is not None and ck.meta.task != "detection":
+        raise VitError(f"--draw draws a detector's boxes; {ck.source} classifies. Drop --draw.")
+    if ck.meta.task == "detection":
+        from vitcli.predict.boxes import detect_images
+
+        dev = pick_device(device)
+        info.checkpoint, info.img_size, info.total = str(ck.source), (model.spec.size, model.spec.size), len(paths)
+        yield from detect_images(model, ck, paths, score_thresh=score_thresh, draw=draw, dev=dev, amp=autocast_dtype("auto", dev),
+                                 info=info, progress=progress)
+        return
     names = ck.meta.class_names or [str(i) for i in range(model.num_classes)]
     dev = pick_device(device)
     amp = autocast_dtype("auto", dev)

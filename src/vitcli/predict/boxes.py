@@ -1,0 +1,74 @@
+"""`vit predict` with a detection checkpoint: each image's boxes, categories and scores (those at least
+--score-thresh), in the image's own pixels (x0, y0, x1, y1); with --draw DIR, a copy of each image with its
+boxes drawn (torchvision.utils.draw_bounding_boxes).
+
+Each image is read whole and given to the detector as it is: the detector resizes it (its longer side to
+the checkpoint's size, as `vit eval` does) and maps the boxes back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import draw_bounding_boxes
+
+from vitcli.data.det_transforms import DetTransform, DetTransformSpec
+from vitcli.errors import VitError
+from vitcli.io.paths import writable_dir
+from vitcli.models.config import input_channels
+from vitcli.predict.masks import unique_stem
+
+DRAW_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990"]
+
+
+@dataclass
+class BoxPrediction:
+    path: str
+    objects: list[dict[str, Any]]  # {label, index, score, box: [x0, y0, x1, y1]}, most confident first
+    drawn: str | None = None
+
+
+def detect_images(model: torch.nn.Module, ck, paths: list[Path], *, score_thresh: float, draw: Path | None, dev: torch.device,
+                  amp, info, progress: Callable[[int, int], Any] | None) -> Iterator[BoxPrediction]:
+    """One BoxPrediction per readable image; unreadable ones are listed in `info.skipped`."""
+    if not 0.0 <= score_thresh < 1.0:
+        raise VitError(f"--score-thresh must be in [0, 1); got {score_thresh}.")
+    out_dir = writable_dir(draw, "--draw") if draw is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    names = ck.meta.class_names or [str(i) for i in range(model.num_classes - 1)]
+    tf = DetTransform(DetTransformSpec(size=model.spec.size, channels=input_channels(model)), train=False)
+    model.to(dev).eval()
+    used: set[str] = set()
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except Exception as e:  # noqa: BLE001 -- any decoder failure: skip and name it
+            info.skipped.append(str(path))
+            info.reasons.append(f"{path}: {type(e).__name__}: {e}")
+            continue
+        x, _ = tf(image, {})
+        with torch.no_grad(), (torch.autocast(dev.type, dtype=amp) if amp else nullcontext()):
+            found = model([x.to(dev)])[0]
+        keep = found["scores"].float() >= score_thresh
+        boxes, scores, labels = found["boxes"][keep].float().cpu(), found["scores"][keep].float().cpu(), found["labels"][keep].cpu()
+        objects = [{"label": names[c - 1], "index": c - 1, "score": round(s, 6), "box": [round(v, 2) for v in b]}
+                   for b, s, c in zip(boxes.tolist(), scores.tolist(), labels.tolist())]
+        drawn = None
+        if out_dir is not None:
+            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+            colours = [DRAW_COLOURS[(c - 1) % len(DRAW_COLOURS)] for c in labels.tolist()]
+            picture = draw_bounding_boxes(pixels, boxes, labels=[f"{o['label']} {o['score']:.2f}" for o in objects], colors=colours)
+            drawn = str(out_dir / f"{unique_stem(path.stem, used)}.png")
+            Image.fromarray(picture.permute(1, 2, 0).numpy()).save(drawn)
+        if progress is not None:
+            progress(i + 1, len(paths))
+        yield BoxPrediction(str(path), objects, drawn)
