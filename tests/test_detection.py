@@ -240,6 +240,19 @@ def test_each_torchvision_detector_trains_and_detects_on_a_vit(kind):
         assert (out["boxes"][:, 3] <= image.shape[-2] + 1e-3).all()
 
 
+def test_detector_args_reach_torchvision_and_the_checkpoint_and_unknown_ones_are_refused(tmp_path):
+    spec = DetectorSpec(num_classes=3, size=64, channels=32, extra={"rpn_post_nms_top_n_test": 7, "box_batch_size_per_image": 16})
+    detector = Detector(encoder(img_size=64, patch_size=8), spec).eval()
+    assert detector.detector.rpn._post_nms_top_n["testing"] == 7
+    assert detector.detector.roi_heads.fg_bg_sampler.batch_size_per_image == 16
+    save_state_dict(tmp_path / "m.safetensors", detector.state_dict(), meta_for_model(detector))
+    back, _ = model_from_checkpoint(str(tmp_path / "m.safetensors"))
+    assert back.detector.rpn._post_nms_top_n["testing"] == 7
+    for bad in ({"rpn_post_nms_top_n": 3}, {"min_size": 10}):
+        with pytest.raises(VitError, match="detector_args"):
+            Detector(encoder(img_size=64, patch_size=8), DetectorSpec(num_classes=3, size=64, channels=32, extra=bad))
+
+
 def test_fcos_needs_channels_its_group_norm_divides():
     with pytest.raises(VitError, match="multiple of 32"):
         Detector(encoder(img_size=64, patch_size=8), DetectorSpec(kind="fcos", num_classes=3, size=64, channels=16))

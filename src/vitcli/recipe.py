@@ -66,6 +66,7 @@ class ModelCfg:
     pyramid_scales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
     score_thresh: float = 0.05
     detections_per_img: int = 100
+    detector_args: dict = field(default_factory=dict)  # more torchvision arguments: rpn_post_nms_top_n_train ...
 
 
 @dataclass

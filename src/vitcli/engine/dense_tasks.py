@@ -25,7 +25,7 @@ from vitcli.recipe import Recipe
 
 DECODER_FIELDS = ("decoder", "decoder_layers", "decoder_dim", "decoder_heads", "decoder_dropout")  # the Segmenter's
 DETECTOR_FIELDS = ("detector", "window_size", "global_blocks", "pyramid_channels", "pyramid_scales", "score_thresh",
-                   "detections_per_img")  # the detector's
+                   "detections_per_img", "detector_args")  # the detector's
 HEAD_FIELDS = DECODER_FIELDS + DETECTOR_FIELDS  # model fields that are not the ViT's
 
 
@@ -119,7 +119,8 @@ def new_detector(model: torch.nn.Module, recipe: Recipe, num_classes: int, size:
     m, d = recipe.model, recipe.data
     spec = DetectorSpec(kind=m.detector, num_classes=num_classes, size=max(size), window_size=m.window_size,
                         global_blocks=tuple(m.global_blocks), channels=m.pyramid_channels, scale_factors=tuple(m.pyramid_scales),
-                        mean=tuple(d.mean), std=tuple(d.std), score_thresh=m.score_thresh, detections_per_img=m.detections_per_img)
+                        mean=tuple(d.mean), std=tuple(d.std), score_thresh=m.score_thresh, detections_per_img=m.detections_per_img,
+                        extra=dict(m.detector_args))
     return Detector(encoder, spec).to(next(encoder.parameters()).device)
 
 

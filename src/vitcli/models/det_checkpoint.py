@@ -65,4 +65,5 @@ def _spec_fields(settings: dict) -> dict:
     for key in ("global_blocks", "scale_factors"):
         if key in settings:
             out[key] = tuple(settings[key])
+    out["extra"] = dict(settings.get("args") or {})
     return out

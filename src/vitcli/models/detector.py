@@ -48,12 +48,13 @@ class DetectorSpec:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     score_thresh: float = 0.05
     detections_per_img: int = 100
-    extra: dict = field(default_factory=dict)  # more keyword arguments for the torchvision class
+    # more keyword arguments of the torchvision class (e.g. rpn_post_nms_top_n_train, box_batch_size_per_image)
+    extra: dict = field(default_factory=dict)
 
     def settings(self) -> dict:
         return {"kind": self.kind, "size": self.size, "window_size": self.window_size, "global_blocks": list(self.global_blocks),
                 "channels": self.channels, "scale_factors": list(self.scale_factors), "score_thresh": self.score_thresh,
-                "detections_per_img": self.detections_per_img}
+                "detections_per_img": self.detections_per_img, "args": dict(self.extra)}
 
 
 def level_strides(encoder: nn.Module, scale_factors: Sequence[float]) -> list[float]:
@@ -81,7 +82,8 @@ class Detector(nn.Module):
         # padded so the coarsest level (pooled twice below the patch grid) divides evenly: 64 px for 16-px patches
         divisible = int(round(patch_stride(encoder)[0] * 2 / min(spec.scale_factors)))
         common = dict(min_size=spec.size, max_size=spec.size, image_mean=list(spec.mean), image_std=list(spec.std),
-                      size_divisible=divisible, **spec.extra)
+                      size_divisible=divisible)
+        common.update(_checked_args(spec.kind, spec.extra))
         levels = len(strides)
         if spec.kind == "faster_rcnn":
             anchors = AnchorGenerator(tuple((8 * s,) for s in strides), ((0.5, 1.0, 2.0),) * levels)
@@ -131,6 +133,22 @@ class Detector(nn.Module):
         inner = self.encoder.group_matcher(coarse)
         stem = "|".join(prefix + p.lstrip("^") for p in inner["stem"].split("|"))
         return {"stem": stem, "blocks": [(prefix + r"blocks\.(\d+)", None)]}
+
+
+def _checked_args(kind: str, extra: dict) -> dict:
+    """model.detector_args, refused by name when the torchvision class takes no such argument."""
+    import inspect
+
+    cls = {"faster_rcnn": FasterRCNN, "retinanet": RetinaNet, "fcos": FCOS}[kind]
+    taken = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    owned = {"min_size", "max_size", "image_mean", "image_std", "size_divisible", "num_classes", "backbone", "anchor_generator",
+             "rpn_anchor_generator", "box_roi_pool", "head", "rpn_head", "box_head", "box_predictor", "score_thresh",
+             "box_score_thresh", "detections_per_img", "box_detections_per_img"}  # set from the recipe, or modules
+    bad = sorted(k for k in extra if k not in taken or k in owned)
+    if bad:
+        raise VitError(f"model.detector_args {bad} are not {cls.__name__} arguments vitcli passes through; the size, "
+                       "normalisation and classes come from the recipe. See torchvision's detection models for the others.")
+    return dict(extra)
 
 
 def _freeze_classifier_parts(encoder: nn.Module) -> None:
