@@ -271,3 +271,29 @@ def test_dino_under_ddp_keeps_replicas_teachers_and_centres_identical(recipe, tm
     assert rank0["centre"].abs().sum() > 0  # it moved, by the all-reduced mean of both ranks' teacher outputs
     teacher = {k.removeprefix("teacher.backbone."): v for k, v in rank0.items() if k.startswith("teacher.backbone.")}
     assert max_diff(teacher, weights(run, STEPS)) == 0.0  # model.safetensors holds the teacher's backbone
+
+
+DETECT = ["--set", "task=detection", "--set", "data.dataset=digits-det", "--set", "model.img_size=32", "--set", "model.patch_size=4",
+          "--set", "model.detector=fcos", "--set", "model.pyramid_channels=32", "--set", "model.pyramid_scales=[2.0, 1.0, 0.5]",
+          "--set", "model.score_thresh=0.0", "--set", "data.resize_range=[0.5, 1.5]", "--set", "model.window_size=4",
+          "--set", "model.global_blocks=[1]", "--set", "optim.name=sgd", "--set", "optim.momentum=0.9", "--set", "optim.lr=0.01"]
+
+
+@pytest.mark.slow
+def test_detection_trains_the_same_under_ddp_and_counts_every_image_once(recipe, tmp_path):
+    """FCOS samples nothing at random, so two processes train the weights one does; the COCO records of both
+    processes are gathered, so AP over the split equals one process's. (SGD: Adam's first steps move every
+    weight by +-lr whatever its gradient's size, so summation-order noise in near-zero gradients of the
+    heads would show as lr-sized differences.)"""
+    one = tmp_path / "one"
+    assert run_cli("pretrain", str(recipe), "--out", str(one), *DETECT) == 0
+    ddp = tmp_path / "ddp"
+    script = tmp_path / "dump.py"
+    script.write_text(DUMP_WEIGHTS)
+    torchrun(str(script), str(tmp_path), "pretrain", str(recipe), "--out", str(ddp), *DETECT)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert max_diff(weights(ddp, STEPS), weights(one, STEPS)) < 1e-5
+    last_one, last_ddp = events(one, "eval")[-1], events(ddp, "eval")[-1]
+    assert last_ddp["num_images"] == last_one["num_images"] == 30
+    assert last_ddp["ap50"] == pytest.approx(last_one["ap50"], abs=1e-4) and last_ddp["ap"] == pytest.approx(last_one["ap"], abs=1e-4)
