@@ -316,3 +316,29 @@ def test_the_detection_objective_sums_the_detectors_losses_and_scores_by_coco_ap
     want = judge.results()
     assert {k: got[k] for k in STAT_KEYS} == pytest.approx({k: want[k] for k in STAT_KEYS})
     assert got["num_images"] == 2 and objective.score(got) == (got["ap"] or 0.0)
+
+
+@pytest.mark.parametrize("kind", DETECTORS)
+def test_each_detector_exports_to_onnx_and_matches_in_onnxruntime(kind, tmp_path):
+    from vitcli.export.detector import export_detector
+    from vitcli.models.load import LoadedCheckpoint
+
+    torch.manual_seed(0)
+    spec = DetectorSpec(kind=kind, num_classes=4, size=64, channels=32, window_size=4, global_blocks=(-1,), score_thresh=0.0,
+                        detections_per_img=20)
+    detector = Detector(encoder(img_size=64, patch_size=8), spec).eval()
+    if kind == "retinanet":  # its prior (every class at 0.01) leaves an untrained head's top candidates to the background
+        with torch.no_grad():
+            detector.detector.head.classification_head.cls_logits.bias.view(-1, 4).copy_(torch.tensor([-10.0, 0.0, 0.0, 0.0]))
+    ck = LoadedCheckpoint(state_dict={}, meta=meta_for_model(detector), source="test")
+    report = export_detector(detector, ck, "onnx", tmp_path / f"{kind}.onnx")
+    assert report["verified"] and report["max_abs_diff"] < 1e-3
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / f"{kind}.onnx"), providers=["CPUExecutionProvider"])
+    image = torch.rand(3, 64, 64)
+    boxes, scores, labels = session.run(None, {"image": image.numpy()})
+    assert boxes.shape == (len(scores), 4) and len(labels) == len(scores) > 0 and (labels > 0).all()
+    with torch.no_grad():
+        want = detector([image])[0]
+    torch.testing.assert_close(torch.from_numpy(scores), want["scores"], atol=1e-4, rtol=0)

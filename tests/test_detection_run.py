@@ -67,7 +67,7 @@ def test_finetune_detects_and_eval_equals_pycocotools_on_the_sets_own_file(det_r
     model, _ = model_from_checkpoint(det_run)
     assert isinstance(model, Detector)
     truth = COCO(str(coco_digits / "annotations" / "instances_val.json"))
-    tf = DetTransform(DetTransformSpec(channels=1), train=False)
+    tf = DetTransform(DetTransformSpec(channels=3), train=False)
     found = []
     from PIL import Image
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_predict_lists_and_draws_each_images_boxes(det_run, coco_digits, tmp_pat
     assert run_cli("predict", "--ckpt", str(det_run), *map(str, images), "--json", "--score-thresh", "0.05", "--draw", str(drawn)) == 0
     rows = json.loads(capsys.readouterr().out)
     model, _ = model_from_checkpoint(det_run)
-    tf = DetTransform(DetTransformSpec(channels=1), train=False)
+    tf = DetTransform(DetTransformSpec(channels=3), train=False)
     for row, path in zip(rows, images):
         assert row["path"] == str(path)
         with torch.no_grad():
@@ -126,3 +126,27 @@ def test_predict_lists_and_draws_each_images_boxes(det_run, coco_digits, tmp_pat
         assert Image.open(row["drawn"]).size == Image.open(path).size
     assert run_cli("predict", "--ckpt", str(det_run), str(images[0]), "--csv", str(tmp_path / "x.csv")) == 2
     assert "--json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_onnx_export_of_a_detector_runs_in_onnxruntime(det_run, coco_digits, tmp_path, capsys):
+    import onnxruntime as ort
+    from PIL import Image
+
+    out = tmp_path / "detector.onnx"
+    assert run_cli("export", "--ckpt", str(det_run), "--format", "onnx", "--out", str(out), "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verified"] and report["task"] == "detection" and report["img_size"] == [32, 32]
+    # a real canvas at the detector's size, through onnxruntime and through PyTorch
+    model, _ = model_from_checkpoint(det_run)
+    image = Image.open(coco_digits / "val" / "val_002.png").resize((32, 32))
+    x, _ = DetTransform(DetTransformSpec(channels=3), train=False)(image, {})
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    boxes, scores, labels = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        want = model([x])[0]
+    assert labels.tolist() == want["labels"].tolist() and len(labels) > 0
+    torch.testing.assert_close(torch.from_numpy(boxes), want["boxes"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(scores), want["scores"], atol=1e-4, rtol=0)
+    assert run_cli("export", "--ckpt", str(det_run), "--format", "exported-program", "--out", str(tmp_path / "d.pt2")) == 2
+    assert "onnx or vitcli" in capsys.readouterr().err

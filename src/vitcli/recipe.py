@@ -512,6 +512,9 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             return value
     elif hint is Any:
         return value
+    elif hint is dict:  # free-form settings passed through by name (model.detector_args)
+        if isinstance(value, dict):
+            return dict(value)
     raise VitError(f"'{where}' has the wrong type: {value!r} ({_type_name(value)}); expected {_hint_name(hint)}.")
 
 

@@ -43,6 +43,10 @@ def export(ckpt: str | Path | None, fmt: str, out: str | Path, *, res: tuple[int
         writable_file(out, "--out")
     # an image size the patches do not divide is refused here
     model, ck, _ = load_for_inference(ckpt, Path(runs_root), say, img_size=res, needs_head="there are no class scores to export")
+    if ck.meta.task == "detection":
+        from vitcli.export.detector import export_detector
+
+        return export_detector(model, ck, fmt, out)
     if ck.meta.task == "segmentation" and fmt in ("hf", "timm"):
         raise VitError(f"{fmt} has no model class for a Segmenter (a ViT with a segmentation decoder); export it as onnx, "
                        "exported-program or vitcli (each verified against PyTorch).")
