@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import datasets
-import numpy as np
 
 from vitcli.data import builtin
 from vitcli.data.boxes import BoxSet
@@ -28,7 +27,7 @@ from vitcli.data.hub import load_hub_split
 from vitcli.data.registry import DatasetSpec
 from vitcli.data.seg_layouts import class_file
 from vitcli.data.sources import resolve_source
-from vitcli.data.splits import Role, pick_split
+from vitcli.data.splits import Role, pick_split, seeded_subset
 from vitcli.errors import VitError
 
 OBJECTS = datasets.Sequence({"bbox": datasets.Sequence(datasets.Value("float32"), length=4), "category": datasets.Value("int64"),
@@ -55,9 +54,7 @@ def load_box_split(dataset: str, split: Optional[str] = None, *, role: Role = "t
         names = [str(i) for i in range(top + 1)]
         if say is not None:
             say(f"{name}: no class names given, so {len(names)} categories (ids 0-{top} found in the objects).")
-    if subset and subset < len(ds):
-        ds = ds.select(np.sort(np.random.default_rng(seed).permutation(len(ds))[:subset]), keep_in_memory=True)
-        split_name = f"{split_name}[{subset}]"
+    ds, split_name = seeded_subset(ds, split_name, subset, seed)
     return BoxSet(ds, len(names), list(names), name, split_name)
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import datasets
-import numpy as np
 
 from vitcli.data import builtin
 from vitcli.data.hub import load_hub_split
@@ -20,7 +19,7 @@ from vitcli.data.seg_layouts import Layout, class_file, read_layout
 from vitcli.data.shard_index import is_shard_source
 from vitcli.data.shard_sets import read_split, shard_task
 from vitcli.data.sources import resolve_source
-from vitcli.data.splits import Role, pick_split
+from vitcli.data.splits import Role, pick_split, seeded_subset
 from vitcli.errors import VitError
 
 MASK_COLUMNS = ("mask", "annotation", "label", "segmentation", "semantic_map", "seg")
@@ -37,11 +36,8 @@ def load_mask_split(dataset: str, split: Optional[str] = None, *, role: Role = "
             raise VitError(f"The shards at {dataset} hold classification samples (labels, no masks). Write the segmentation "
                            "set with `vit shards` (it stores each mask as KEY.seg.png).")
         ds, names, split_name = read_split(dataset, split, role)
-        image_set = MaskSet(ds, len(names), names, dataset, split_name, reduce)
-        if subset and subset < len(ds):
-            keep = np.sort(np.random.default_rng(seed).permutation(len(ds))[:subset])
-            image_set = MaskSet(ds.select(keep, keep_in_memory=True), len(names), names, dataset, f"{split_name}[{subset}]", reduce)
-        return image_set
+        ds, split_name = seeded_subset(ds, split_name, subset, seed)
+        return MaskSet(ds, len(names), names, dataset, split_name, reduce)
     spec, path = resolve_source(dataset, data_dir)
     if spec is not None and spec.task != "segmentation" and path is None:
         raise VitError(f"'{spec.name}' is a classification set (a class per image); segmentation needs a mask per image. "
@@ -60,9 +56,7 @@ def load_mask_split(dataset: str, split: Optional[str] = None, *, role: Role = "
         names = [str(i) for i in range(top + 1)]
         if say is not None:
             say(f"{name}: no classes.txt / classes.json, so {len(names)} classes (ids 0-{top} found in the masks).")
-    if subset and subset < len(ds):
-        ds = ds.select(np.sort(np.random.default_rng(seed).permutation(len(ds))[:subset]), keep_in_memory=True)
-        split_name = f"{split_name}[{subset}]"
+    ds, split_name = seeded_subset(ds, split_name, subset, seed)
     return MaskSet(ds, len(names), list(names), name, split_name, layout.reduce_zero_label)
 
 

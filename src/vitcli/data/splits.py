@@ -47,3 +47,11 @@ def carved_indices(n: int, role: Role) -> np.ndarray:
     order = np.random.default_rng(CARVE_SEED).permutation(n)
     n_eval = max(1, round(CARVE_FRACTION * n))
     return np.sort(order[n_eval:] if role == "train" else order[:n_eval])
+
+
+def seeded_subset(ds: datasets.Dataset, split_name: str, subset: Optional[int], seed: int) -> tuple[datasets.Dataset, str]:
+    """`subset` images of the split drawn with `seed` (kept in their order), and the name reports show."""
+    if not subset or subset >= len(ds):
+        return ds, split_name
+    keep = np.sort(np.random.default_rng(seed).permutation(len(ds))[:subset])
+    return ds.select(keep, keep_in_memory=True), f"{split_name}[{subset}]"

@@ -24,6 +24,7 @@ from vitcli.errors import VitError
 from vitcli.io.paths import writable_dir
 from vitcli.models.config import input_channels
 from vitcli.predict.masks import unique_stem
+from vitcli.predict.run import readable_images
 
 DRAW_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990"]
 
@@ -47,14 +48,7 @@ def detect_images(model: torch.nn.Module, ck, paths: list[Path], *, score_thresh
     tf = DetTransform(DetTransformSpec(size=model.spec.size, channels=input_channels(model)), train=False)
     model.to(dev).eval()
     used: set[str] = set()
-    for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except Exception as e:  # noqa: BLE001 -- any decoder failure: skip and name it
-            info.skipped.append(str(path))
-            info.reasons.append(f"{path}: {type(e).__name__}: {e}")
-            continue
+    for i, path, image in readable_images(paths, info):
         x, _ = tf(image, {})
         with torch.no_grad(), (torch.autocast(dev.type, dtype=amp) if amp else nullcontext()):
             found = model([x.to(dev)])[0]

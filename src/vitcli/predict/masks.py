@@ -27,7 +27,7 @@ from vitcli.engine.seg_eval import checkpoint_transform
 from vitcli.errors import VitError
 from vitcli.io.paths import writable_dir
 from vitcli.models.seg_infer import segment
-from vitcli.predict.run import Predictions, find_images
+from vitcli.predict.run import Predictions, find_images, readable_images
 
 OVERLAY_ALPHA = 0.5
 
@@ -60,14 +60,7 @@ def predict_masks(ckpt: str | Path | None, inputs: list[str], out_dir: Path, *, 
     out_dir.mkdir(parents=True, exist_ok=True)
     info.checkpoint, info.img_size, info.total = str(ck.source), (window, window), len(paths)
     used: set[str] = set()
-    for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except Exception as e:  # noqa: BLE001 -- any decoder failure: skip and name it
-            info.skipped.append(str(path))
-            info.reasons.append(f"{path}: {type(e).__name__}: {e}")
-            continue
+    for i, path, image in readable_images(paths, info):
         x, _ = tf(image, np.zeros((image.height, image.width), dtype=np.uint8))
         with torch.no_grad(), (torch.autocast(dev.type, dtype=amp) if amp else nullcontext()):
             scores = segment(model, x[None].to(dev), model.num_classes, window, window).float()

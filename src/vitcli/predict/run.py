@@ -12,6 +12,7 @@ from typing import Any
 
 import datasets
 import torch
+from PIL import Image
 
 from vitcli import data as vdata
 from vitcli.engine.resolve import load_for_inference
@@ -59,6 +60,19 @@ def find_images(inputs: list[str]) -> list[Path]:
     if not found:
         raise VitError(f"no images found in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}).")
     return found
+
+
+def readable_images(paths: list[Path], info: Predictions) -> Iterator[tuple[int, Path, Image.Image]]:
+    """(position, path, RGB image) for each image PIL reads; the others are named in `info` and skipped."""
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except Exception as e:  # noqa: BLE001 -- any decoder failure: skip and name it
+            info.skipped.append(str(path))
+            info.reasons.append(f"{path}: {type(e).__name__}: {e}")
+            continue
+        yield i, path, image
 
 
 def predict(ckpt: str | Path | None, inputs: list[str], *, topk: int = 5, batch_size: int = 64, device: str = "auto",
