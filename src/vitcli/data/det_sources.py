@@ -27,7 +27,7 @@ from vitcli.data.hub import load_hub_split
 from vitcli.data.registry import DatasetSpec
 from vitcli.data.seg_layouts import class_file
 from vitcli.data.sources import resolve_source
-from vitcli.data.splits import Role, pick_split, seeded_subset
+from vitcli.data.splits import Role, pick_split, saved_splits, seeded_subset
 from vitcli.errors import VitError
 
 OBJECTS = datasets.Sequence({"bbox": datasets.Sequence(datasets.Value("float32"), length=4), "category": datasets.Value("int64"),
@@ -66,9 +66,8 @@ def _splits(spec: Optional[DatasetSpec], path: Optional[Path]) -> tuple[dict[str
         return _standardised({s: load_hub_split(spec, s) for s in (spec.train_split, spec.eval_split)}, spec.name, None)
     if not path.is_dir():
         raise VitError(f"'{path}' is a file; pass {FORMAT_HELP}.")
-    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        loaded = datasets.load_from_disk(str(path))
-        splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {str(loaded.split or "train"): loaded}
+    splits = saved_splits(path)
+    if splits is not None:
         return _standardised(splits, str(path), class_file(path))
     coco = read_coco_folder(path)
     if coco is None:
@@ -103,7 +102,7 @@ def _category_names(objects) -> Optional[list[str]]:
 
 def read_coco_folder(path: Path) -> Optional[tuple[dict[str, datasets.Dataset], list[str]]]:
     """The splits and category names of a COCO folder, or None when `path` has no instances_*.json."""
-    files = sorted((path / "annotations").glob("instances_*.json")) or sorted(path.glob("instances_*.json"))
+    files = coco_files(path)
     if not files:
         return None
     splits, names, ids = {}, None, None
@@ -158,8 +157,12 @@ def is_detection_source(dataset: str, data_dir: Optional[str] = None) -> bool:
     spec, path = resolve_source(dataset, data_dir)
     if path is None or not path.is_dir():
         return spec is not None and spec.task == "detection"
-    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        loaded = datasets.load_from_disk(str(path))
-        first = next(iter(loaded.values())) if isinstance(loaded, datasets.DatasetDict) else loaded
-        return "objects" in first.features
-    return bool(list((path / "annotations").glob("instances_*.json")) or list(path.glob("instances_*.json")))
+    splits = saved_splits(path)
+    if splits is not None:
+        return "objects" in next(iter(splits.values())).features
+    return bool(coco_files(path))
+
+
+def coco_files(path: Path) -> list[Path]:
+    """A COCO folder's annotation files: annotations/instances_*.json, else instances_*.json beside the images."""
+    return sorted((path / "annotations").glob("instances_*.json")) or sorted(path.glob("instances_*.json"))

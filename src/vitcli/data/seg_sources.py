@@ -19,7 +19,7 @@ from vitcli.data.seg_layouts import Layout, class_file, read_layout
 from vitcli.data.shard_index import is_shard_source
 from vitcli.data.shard_sets import read_split, shard_task
 from vitcli.data.sources import resolve_source
-from vitcli.data.splits import Role, pick_split, seeded_subset
+from vitcli.data.splits import Role, pick_split, saved_splits, seeded_subset
 from vitcli.errors import VitError
 
 MASK_COLUMNS = ("mask", "annotation", "label", "segmentation", "semantic_map", "seg")
@@ -70,9 +70,8 @@ def _layout(spec: Optional[DatasetSpec], path: Optional[Path], dataset: str) -> 
     if not path.is_dir():
         raise VitError(f"'{path}' is a file; pass a folder of images and masks (img_dir/ + ann_dir/, ADEChallengeData2016, "
                        "VOC2012) or a save_to_disk directory.")
-    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        loaded = datasets.load_from_disk(str(path))
-        splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {str(loaded.split or "train"): loaded}
+    splits = saved_splits(path)
+    if splits is not None:
         return _standardised(splits, spec, str(path), class_file(path))
     layout = read_layout(path)
     if layout is None:
@@ -110,9 +109,8 @@ def is_segmentation_source(dataset: str, data_dir: Optional[str] = None) -> bool
     spec, path = resolve_source(dataset, data_dir)
     if path is None or not path.is_dir():
         return spec is not None and spec.task == "segmentation"
-    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        loaded = datasets.load_from_disk(str(path))
-        first = next(iter(loaded.values())) if isinstance(loaded, datasets.DatasetDict) else loaded
-        images = [c for c, f in first.features.items() if isinstance(f, datasets.Image)]
+    splits = saved_splits(path)
+    if splits is not None:
+        images = [c for c, f in next(iter(splits.values())).features.items() if isinstance(f, datasets.Image)]
         return len(images) >= 2 and any(c in MASK_COLUMNS for c in images)
     return read_layout(path) is not None

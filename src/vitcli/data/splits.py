@@ -4,6 +4,7 @@ single split, 90% of it for training and 10% for evaluation (seed 0), as classif
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Optional
 
 import datasets
@@ -55,3 +56,12 @@ def seeded_subset(ds: datasets.Dataset, split_name: str, subset: Optional[int], 
         return ds, split_name
     keep = np.sort(np.random.default_rng(seed).permutation(len(ds))[:subset])
     return ds.select(keep, keep_in_memory=True), f"{split_name}[{subset}]"
+
+
+def saved_splits(path: Path) -> Optional[dict[str, datasets.Dataset]]:
+    """The splits of a `save_to_disk` folder (a DatasetDict, or one Dataset under its split name); None when
+    `path` is not one."""
+    if not ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        return None
+    loaded = datasets.load_from_disk(str(path))
+    return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {str(loaded.split or "train"): loaded}

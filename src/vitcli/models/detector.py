@@ -14,6 +14,7 @@ image as given. Labels are 1..K (0: background), so a detector for K categories 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -137,8 +138,6 @@ class Detector(nn.Module):
 
 def _checked_args(kind: str, extra: dict) -> dict:
     """model.detector_args, refused by name when the torchvision class takes no such argument."""
-    import inspect
-
     cls = {"faster_rcnn": FasterRCNN, "retinanet": RetinaNet, "fcos": FCOS}[kind]
     taken = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
     owned = {"min_size", "max_size", "image_mean", "image_std", "size_divisible", "num_classes", "backbone", "anchor_generator",
