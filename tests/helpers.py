@@ -156,19 +156,22 @@ def take(batches, n):
     return out
 
 
-def sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, args: list[str]) -> None:
-    """SIGTERM at step 30 of 120 (89 steps an epoch: mid-epoch), resume; the metrics equal a run left alone."""
-    recipe = recipe_file(tmp_path, "train: {steps: 120}\n")
+def sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, args: list[str], recipe: Path | None = None, *,
+                                                    steps: int = 120, cut_at: int = 30) -> list[dict]:
+    """SIGTERM at step `cut_at` of `steps` (30 of 120, 89 steps an epoch: mid-epoch), resume; the metrics equal a
+    run left alone (returned). `recipe`: one that says train.steps = `steps` (default: the tiny one)."""
+    recipe = recipe or recipe_file(tmp_path, f"train: {{steps: {steps}}}\n")
     cut = tmp_path / "cut"
-    proc = start_training(recipe, cut, args, until_step=30)
+    proc = start_training(recipe, cut, args, until_step=cut_at)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err
-    assert 30 <= train_steps(cut) < 120
+    assert cut_at <= train_steps(cut) < steps
     assert run_cli("pretrain", str(recipe), "--out", str(cut), "--resume", *args) == 0
     full = tmp_path / "full"
     assert run_cli("pretrain", str(recipe), "--out", str(full), *args) == 0
     assert comparable(cut) == comparable(full)
+    return comparable(full)
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:

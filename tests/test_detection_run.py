@@ -4,12 +4,11 @@ eval --json` against pycocotools reading that folder's own annotation file, and 
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
 
-from helpers import comparable, offline_env, recipe_file, run_cli, start_training, train_steps
+from helpers import offline_env, recipe_file, run_cli, sigterm_then_resume_matches_an_uninterrupted_run
 from vitcli.data import builtin
 from vitcli.data.det_transforms import DetTransform, DetTransformSpec
 from vitcli.models.adapt import model_from_checkpoint
@@ -90,18 +89,9 @@ def test_finetune_detects_and_eval_equals_pycocotools_on_the_sets_own_file(det_r
 def test_detection_resumes_exactly_after_sigterm(coco_digits, tmp_path):
     recipe = recipe_file(tmp_path, f"task: detection\nmodel: {{name: vit_pico, img_size: 32, patch_size: 4, window_size: 2, "
                                    f"global_blocks: [-1]}}\ndata: {{dataset: {coco_digits}}}\ntrain: {{steps: 16, eval_every: 8, log_every: 2}}\n")
-    cut = tmp_path / "cut"
     with offline_env():
-        proc = start_training(recipe, cut, SMALL, until_step=4)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 3, err
-        assert 4 <= train_steps(cut) < 16
-        assert run_cli("pretrain", str(recipe), "--out", str(cut), "--resume", *SMALL) == 0
-        full = tmp_path / "full"
-        assert run_cli("pretrain", str(recipe), "--out", str(full), *SMALL) == 0
-    assert comparable(cut) == comparable(full)
-    assert any(e.get("ap") is not None for e in comparable(full))
+        full = sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, SMALL, recipe, steps=16, cut_at=4)
+    assert any(e.get("ap") is not None for e in full)
 
 
 @pytest.mark.slow
