@@ -194,6 +194,16 @@ def test_bench_data_gives_a_positive_rate(capsys, pipeline, expected):
     assert f"{expected} pipeline" in console.export_text()
 
 
+@pytest.mark.parametrize("cache", ["decoded", "auto"])
+def test_bench_data_with_the_decoded_cache(capsys, cache):
+    assert run_cli("bench", "--data", "digits", "--res", "8", "--num-workers", "0", "--steps", "3", "--batch-size", "32",
+                   "--cache", cache, "--json") == 0
+    captured = capsys.readouterr()
+    d = json.loads(captured.out)["data"]
+    assert d["cache"] == cache and d["cache_seconds"] >= 0 and d["images_per_second"] > 0
+    assert f"data.cache {cache}: {d['num_images']:,} images decoded once" in captured.err
+
+
 def test_bench_model_and_data_name_the_bottleneck(capsys):
     assert run_cli("bench", "vit_pico", "--data", "digits", "--num-workers", "0", "--json", *FAST) == 0
     r = json.loads(capsys.readouterr().out)

@@ -257,6 +257,11 @@ class DataCfg:
     # output on both sides is decoded at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling), cropped and
     # resized from there; false: always decode at full size
     reduced_decode: bool = True
+    # decode each image once, before its first batch, and read its pixels after (data/decoded_cache.py):
+    # none; decoded (in memory within cache_budget, else memory-mapped under the datasets cache and kept for
+    # later runs); auto (decoded when it fits in memory). Map-style sets only: tar shards and Hub streams stream.
+    cache: Literal["none", "decoded", "auto"] = "none"
+    cache_budget: Optional[int] = None  # bytes; null: a quarter of the machine's RAM
 
 
 @dataclass
@@ -578,6 +583,7 @@ def validate(r: Recipe) -> None:
            f"must be one or more scales > 0 (e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]); got {d.eval_scales}.")
 
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0; got {d.num_workers}.")
+    _check(d.cache_budget is None or d.cache_budget >= 0, "data.cache_budget", f"is bytes >= 0 (null: a quarter of the RAM); got {d.cache_budget}.")
     for key in ("train_subset", "eval_subset"):
         v = getattr(d, key)
         _check(v is None or v > 0, f"data.{key}", f"must be > 0; got {v}.")

@@ -5,7 +5,8 @@ split, or `make_stream_loader` streaming it when DATASET is tar shards, the reci
 at the given resolution: decode, RandomResizedCrop, flip,
 normalise; collate), with the host-to-device copy and, for the tensor pipeline on CUDA, the nvJPEG
 decode and the crops on the GPU (synchronised). No model runs, so the figure is what the loader could
-feed at most. `pipeline` picks data.pipeline (auto | pil | tensor) to compare the two.
+feed at most. `pipeline` picks data.pipeline (auto | pil | tensor) to compare the two; `cache` data.cache
+(the decoding pass it makes before the first batch is reported apart, as cache_seconds).
 """
 
 from __future__ import annotations
@@ -44,12 +45,16 @@ def bench_data(spec: BenchSpec, *, img_size: tuple[int, int], batch_size: int,
     if batch_size > len(image_set) and len(image_set):
         raise VitError(f"--batch-size {batch_size} is larger than the {len(image_set)} training images of {dataset}; lower it.")
     transform = vdata.build_transform(cfg, img_size, train=True)
-    batching = vdata.LoaderSpec.training(batch_size, num_workers=num_workers)
+    batching = vdata.LoaderSpec.training(batch_size, num_workers=num_workers, cache=vdata.CacheSpec(spec.cache))
     if vdata.is_streamed(image_set):  # endless by itself
         loader = vdata.make_stream_loader(image_set, transform, batching, device=dev)
         batches, on_device = iter(loader), loader.stream.decode_on_device
     else:
-        loader = vdata.make_loader(image_set, transform, batching, device=dev)
+        t0 = time.perf_counter()
+        loader = vdata.make_loader(image_set, transform, batching, device=dev)  # with data.cache, the decoding pass
+        cache_seconds = time.perf_counter() - t0
+        if loader.cache_note:
+            say(loader.cache_note)
         batches, on_device = _batches(loader), loader.dataset.decode_on_device
 
     def next_batch() -> int:
@@ -90,5 +95,7 @@ def bench_data(spec: BenchSpec, *, img_size: tuple[int, int], batch_size: int,
         "decode_on_device": on_device,
         "reduced_decode": cfg.tensor_pipeline and spec.reduced_decode and not on_device,
         "streamed": vdata.is_streamed(image_set),
+        "cache": spec.cache if not vdata.is_streamed(image_set) else "none",
+        "cache_seconds": None if vdata.is_streamed(image_set) else round(cache_seconds, 3),
         "transforms": repr(transform),
     }

@@ -88,6 +88,9 @@ def print_data(result: dict[str, Any], console: Console) -> None:
     where = (" (JPEGs decoded on the device)" if d.get("decode_on_device")
              else " (large JPEGs decoded at reduced size where the crop allows)" if d.get("reduced_decode") else "")
     console.print(f"{d['pipeline']} pipeline{where}: {d['transforms']}", style="dim", highlight=False)
+    if d.get("cache") not in (None, "none"):
+        console.print(f"data.cache {d['cache']}: the decoding pass before the first batch took {d['cache_seconds']:.1f} s",
+                      style="dim", highlight=False)
 
 
 def print_bench(result: dict[str, Any], console: Console) -> None:

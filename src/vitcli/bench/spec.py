@@ -14,6 +14,7 @@ from vitcli.objectives import OBJECTIVES
 
 MODES = ("train", "infer")
 DTYPES = ("fp32", "bf16", "auto")
+CACHES = ("none", "decoded", "auto")
 PIPELINES = ("auto", "pil", "tensor")
 
 
@@ -39,6 +40,7 @@ class BenchSpec:
     data_dir: Optional[str] = None
     pipeline: str = "auto"
     reduced_decode: bool = True
+    cache: str = "none"  # data.cache for --data: none | decoded | auto
     peak_tflops: Optional[float] = None
     objective: str = "supervised"
 
@@ -48,7 +50,8 @@ class BenchSpec:
         if self.compare is not None and self.compare != "timm":
             raise VitError(f"--compare {self.compare!r}: the only library to compare with is timm (--compare timm).")
         for flag, value, choices in (("--mode", self.mode, MODES), ("--objective", self.objective, tuple(OBJECTIVES)),
-                                     ("--dtype", self.dtype, DTYPES), ("--pipeline", self.pipeline, PIPELINES)):
+                                     ("--dtype", self.dtype, DTYPES), ("--pipeline", self.pipeline, PIPELINES),
+                                     ("--cache", self.cache, CACHES)):
             if value not in choices:
                 raise VitError(f"{flag} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}.")
         if self.objective != "supervised" and (self.mode != "train" or self.compare is not None):

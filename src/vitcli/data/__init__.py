@@ -13,13 +13,14 @@ from vitcli.data.stream_loader import StreamLoader, first_images, is_streamed, m
 from vitcli.data.shard_sets import ShardSet, stream_split
 from vitcli.data.sources import ImageSet, build, label_array, load_split, take_subset
 from vitcli.data.tensor_transforms import TensorTransform
-from vitcli.data.specs import LoaderSpec, MixSpec, SourceSpec, TransformSpec
+from vitcli.data.specs import CacheSpec, LoaderSpec, MixSpec, SourceSpec, TransformSpec
 from vitcli.data.transforms import build_mixup, build_train_loss, build_transform
 
 __all__ = [
     "ALIASES",
     "REGISTRY",
     "BatchDataset",
+    "CacheSpec",
     "DatasetSpec",
     "EpochBatchSampler",
     "ImageSet",

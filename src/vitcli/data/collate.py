@@ -8,7 +8,9 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import datasets
+import numpy as np
 import torch
+from PIL import Image
 
 from vitcli.data.batches import FIX, BadImages, Batch, Deferred, unreadable
 from vitcli.data.decode import as_byte_tensor, decode_host, decode_reduced, encoded_bytes, jpeg_size, scalable_jpeg_size
@@ -34,7 +36,7 @@ def build_batch(items: list[tuple[tuple[int, ...], int, dict, int]], transform: 
             seed_all(seed, *key)
             try:
                 # PIL pipeline: datasets decodes (bytes or path; calls img.load()); tensor: see _prepare
-                image = _prepare(cell, transform, decode_on_device) if tensors else decoder.decode_example(cell)
+                image = _prepare(cell, transform, decode_on_device) if tensors else _pil_image(cell, decoder)
                 if decode_target is not None:
                     image, label = transform(image, decode_target(label))
             except VitError as e:  # a mask vitcli cannot use: its own message, whatever bad_images says
@@ -78,6 +80,14 @@ def padded_stack(tensors: list[torch.Tensor], fill: float) -> torch.Tensor:
     return torch.stack([torch.nn.functional.pad(t, (0, w - t.shape[-1], 0, h - t.shape[-2]), value=fill) for t in tensors])
 
 
+def _pil_image(cell: dict, decoder: datasets.Image) -> Image.Image:
+    """The PIL pipeline's image: from the decoded cache's (H, W, C) pixels, or decoded by datasets."""
+    pixels = cell.get("decoded")
+    if pixels is None:
+        return decoder.decode_example(cell)
+    return Image.fromarray(np.array(pixels[..., 0] if pixels.shape[2] == 1 else pixels))
+
+
 def _prepare(cell: dict, transform: TensorTransform, decode_on_device: bool
              ) -> tuple[torch.Tensor | bytes, Optional[CropPlan]]:
     """The tensor pipeline's (image, plan): JPEG bytes to decode on the device, or a host-decoded uint8
@@ -85,6 +95,9 @@ def _prepare(cell: dict, transform: TensorTransform, decode_on_device: bool
 
     The plan is drawn from the full size in every case, so an image gets the same crop and flip
     whichever way it is decoded."""
+    if cell.get("decoded") is not None:  # the decoded cache's (C, H, W) pixels
+        image = torch.from_numpy(np.array(cell["decoded"]))
+        return image, transform.plan(image.shape[-1], image.shape[-2])
     data = encoded_bytes(cell)
     size = jpeg_size(data, transform.mode) if decode_on_device else None
     if size:

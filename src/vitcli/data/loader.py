@@ -27,6 +27,7 @@ import torch
 from vitcli.data.balance import sample_weights
 from vitcli.data.batches import BadImages, Batch, finish_batch, nbytes
 from vitcli.data.collate import build_batch
+from vitcli.data.decoded_cache import DecodedImages, decode_for
 from vitcli.data.multilabel import multi_hot
 from vitcli.data.sources import ImageSet
 from vitcli.data.specs import LoaderSpec
@@ -47,7 +48,7 @@ class BatchDataset(torch.utils.data.Dataset):
     """A torch Dataset over an ImageSet that reads, decodes and augments whole batches."""
 
     def __init__(self, image_set: ImageSet, transform: Callable, *, seed: int = 0, bad_images: BadImages = "error",
-                 decode_on_device: bool = False):
+                 decode_on_device: bool = False, decoded: Optional[DecodedImages] = None):
         # decode=False: we decode ourselves, one image at a time, to catch and name unreadable ones.
         self.hf = image_set.dataset.cast_column("image", datasets.Image(decode=False))
         if image_set.target_column == "mask":
@@ -61,6 +62,8 @@ class BatchDataset(torch.utils.data.Dataset):
         self.num_classes = image_set.num_classes if image_set.multilabel else None  # multi-hot targets
         self.target_column, self.decode_target = image_set.target_column, image_set.target_decoder()
         self.epoch = 0  # used only when indexed directly; the loader sends the epoch with each batch
+        self.decoded = decoded  # data.cache: pixels decoded once; then only the other columns are read per batch
+        self.without_images = self.hf.select_columns([c for c in self.hf.column_names if c != "image"])
 
     def __len__(self) -> int:
         return len(self.hf)
@@ -86,14 +89,21 @@ class BatchDataset(torch.utils.data.Dataset):
     def load(self, indices: list[int], epoch: int, copies: Optional[list[int]] = None) -> Batch:
         """Read, decode and transform the images at indices (each augmented from (seed, epoch, index), and
         the copy number for every repeated copy but the first, so each copy is augmented differently)."""
-        rows = self.hf[indices]  # one Arrow read for the whole batch
+        rows = (self.hf if self.decoded is None else self.without_images)[indices]  # one Arrow read for the whole batch
+        cells = rows["image"] if self.decoded is None else [self._cached_cell(index) for index in indices]
         copies = copies or [0] * len(indices)
         labels = rows[self.target_column] if self.num_classes is None else multi_hot(rows["label"], self.num_classes)
         items = [((epoch, index, *((copy,) if copy else ())), index, cell, label)
-                 for index, copy, cell, label in zip(indices, copies, rows["image"], labels)]
+                 for index, copy, cell, label in zip(indices, copies, cells, labels)]
         return build_batch(items, self.transform, self.seed, bad_images=self.bad_images,
                            decode_on_device=self.decode_on_device, name=self.name, split=self.split, decoder=self.decoder,
                            decode_target=self.decode_target)
+
+
+    def _cached_cell(self, index: int) -> dict:
+        """A cell holding the image's decoded pixels; the encoded cell for one the cache could not decode."""
+        pixels = self.decoded[index]
+        return self.hf[index]["image"] if pixels is None else {"path": None, "bytes": None, "decoded": pixels}
 
 
 class EpochBatchSampler:
@@ -217,7 +227,7 @@ class Loader(Delivery):
         self.cached: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
         self.skipped = 0
         self.skipped_examples: list[str] = []  # the first few, for the log
-
+        self.cache_note = ""  # what data.cache did, for the start of a run
     @property
     def epoch(self) -> int:
         return self.sampler.epoch
@@ -285,7 +295,9 @@ def make_loader(
             f"({world_size})."
         )
     on_device = device.type == "cuda" if spec.decode_on_device is None else spec.decode_on_device
-    dataset = BatchDataset(image_set, transform, seed=seed, bad_images=spec.bad_images, decode_on_device=on_device)
+    decoded, cache_note = decode_for(image_set.dataset, transform, spec.cache)
+    dataset = BatchDataset(image_set, transform, seed=seed, bad_images=spec.bad_images, decode_on_device=on_device,
+                           decoded=decoded)
     dataset.set_epoch(epoch)
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=spec.shuffle, drop_last=spec.drop_last, seed=seed,
                                 epoch=epoch, start_batch=start_batch, rank=rank, world_size=world_size, repeats=spec.repeats,
@@ -301,4 +313,6 @@ def make_loader(
         # which would otherwise shift the training RNG at every epoch start (and break exact resume).
         generator=torch.Generator().manual_seed(derive_seed(seed, rank)),
     )
-    return Loader(dataloader, sampler, dataset, device, spec.cache_bytes)
+    loader = Loader(dataloader, sampler, dataset, device, spec.cache_bytes)
+    loader.cache_note = cache_note
+    return loader

@@ -13,6 +13,7 @@ defaults equal the recipe's.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, TypeVar
 
@@ -97,6 +98,26 @@ class MixSpec(_FromFields):
     effective_beta: float = 0.999
 
 
+CacheMode = Literal["none", "decoded", "auto"]
+BUDGET_FRACTION = 4  # the default budget: a quarter of the machine's RAM
+
+
+def default_budget() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // BUDGET_FRACTION
+
+
+@dataclass(frozen=True)
+class CacheSpec(_FromFields):
+    """Decode each image once (data/decoded_cache.py): data.cache and data.cache_budget (bytes; None: a
+    quarter of the RAM)."""
+
+    cache: CacheMode = "none"
+    cache_budget: Optional[int] = None
+
+    def budget_bytes(self) -> int:
+        return default_budget() if self.cache_budget is None else self.cache_budget
+
+
 @dataclass(frozen=True)
 class LoaderSpec:
     """How a loader batches a set; the values users give (batch size, workers, bad images) are checked
@@ -121,6 +142,7 @@ class LoaderSpec:
     cache_bytes: int = 0
     balanced: bool = False  # training: draw images with probability 1 / their class's count (data/balance.py)
     repeats: int = 1  # repeated augmentation (training): each image this many times per epoch, see EpochBatchSampler
+    cache: CacheSpec = CacheSpec()  # decode each image once (data.cache), data/decoded_cache.py
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

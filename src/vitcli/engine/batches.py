@@ -47,7 +47,7 @@ class TrainStream:
         spec = vdata.LoaderSpec.training(plan.micro_batch * world_size, num_workers=recipe.data.num_workers,
                                          seed=recipe.train.seed, bad_images=recipe.data.bad_images,
                                          pin_memory=device.type == "cuda", repeats=recipe.data.repeated_augment,
-                                         balanced=recipe.data.balance == "sampler")
+                                         balanced=recipe.data.balance == "sampler", cache=vdata.CacheSpec.of(recipe.data))
         self.loader = vdata.make_loader(data.train, data.train_transform, spec, epoch=epoch, start_batch=pos * plan.accum,
                                         rank=rank, world_size=world_size, device=device)
         self._batches = self._epochs(epoch, taken=pos * plan.accum)
@@ -101,7 +101,7 @@ def eval_batches(data: RunData, recipe: Recipe, device: torch.device, batch_size
     """
     spec = vdata.LoaderSpec.evaluation(batch_size * world_size, num_workers=recipe.data.num_workers, seed=recipe.train.seed,
                                        bad_images=recipe.data.bad_images, pin_memory=device.type == "cuda",
-                                       cache_bytes=EVAL_CACHE_BYTES)
+                                       cache_bytes=EVAL_CACHE_BYTES, cache=vdata.CacheSpec.of(recipe.data))
     loader = vdata.make_loader(data.eval, data.eval_transform, spec, rank=rank, world_size=world_size, device=device)
     if not lockstep:
         return loader
@@ -153,7 +153,7 @@ def knn_set(data: RunData, recipe: Recipe, device: torch.device, batch_size: int
     train = vdata.first_images(data.train, KNN_STREAMED_PER_CLASS) if vdata.is_streamed(data.train) else data.train.dataset
     images = vdata.ImageSet(train, num_classes, data.class_names, data.train.name, f"{data.train.split}[k-NN]")
     spec = vdata.LoaderSpec.evaluation(batch_size, num_workers=recipe.data.num_workers, bad_images=recipe.data.bad_images,
-                                       cache_bytes=EVAL_CACHE_BYTES)
+                                       cache_bytes=EVAL_CACHE_BYTES, cache=vdata.CacheSpec.of(recipe.data))
     return NeighbourSet(vdata.make_loader(images, data.eval_transform, spec, device=device), k, num_classes)
 
 

@@ -275,6 +275,8 @@ def _start(recipe: Recipe, run_dir: Path, env: DistEnv, console: Console, *, res
         say(objective.start_note())
     train_batches = TrainStream(data, recipe, plan, start_step=state.step, device=env.device, rank=env.rank,
                                 world_size=env.world_size, saved=_stream_state(found, env))
+    if recipe.data.cache != "none":  # a stream has no note: shards are read as they stream, never cached
+        say(getattr(train_batches.loader, "cache_note", None) or "data.cache: a streamed set is read as it streams, not cached.")
     if train_batches.restarted_epoch is not None:
         say(f"The checkpoint's shard stream position was saved with another number of readers (processes x loader "
             f"workers); epoch {train_batches.restarted_epoch} restarts from its first shards.")
