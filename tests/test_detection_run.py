@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import datasets
 import pytest
 import torch
 
@@ -140,3 +141,35 @@ def test_onnx_export_of_a_detector_runs_in_onnxruntime(det_run, coco_digits, tmp
     torch.testing.assert_close(torch.from_numpy(scores), want["scores"], atol=1e-4, rtol=0)
     assert run_cli("export", "--ckpt", str(det_run), "--format", "exported-program", "--out", str(tmp_path / "d.pt2")) == 2
     assert "onnx or vitcli" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tar_shards_of_boxes_hold_the_set_and_train_and_score_alike(det_run, trained, tmp_path, capsys):
+    """`vit shards digits-det` writes KEY.png + KEY.json {"objects": ...}; read back, the split equals the set
+    (image bytes and boxes); `vit eval` scores a checkpoint the same on both; a fine-tune reads the shards."""
+    from vitcli.data.det_sources import load_box_split
+
+    shards = tmp_path / "shards"
+    with offline_env():
+        assert run_cli("shards", "digits-det", str(shards), "--samples-per-shard", "300") == 0
+    index = json.loads((shards / "index.json").read_text())
+    assert index["task"] == "detection" and index["classes"] == builtin.DIGITS_CLASSES and len(index["splits"]["train"]["shards"]) == 7
+    encoded = datasets.Image(decode=False)
+    source = builtin.digits_det_splits()["val"].cast_column("image", encoded)
+    back = load_box_split(str(shards), role="eval").dataset.cast_column("image", encoded)
+    assert len(back) == len(source) == 500
+    for a, b in ((source[i], back[i]) for i in (0, 1, 250, 499)):
+        assert a["image"]["bytes"] == b["image"]["bytes"]
+        assert a["objects"]["bbox"] == b["objects"]["bbox"] and a["objects"]["category"] == b["objects"]["category"]
+    capsys.readouterr()
+    scores = []
+    for dataset in ("digits-det", str(shards)):
+        with offline_env():
+            assert run_cli("eval", "--ckpt", str(det_run), "--dataset", dataset, "--json") == 0
+        scores.append(json.loads(capsys.readouterr().out))
+    assert scores[0]["ap"] == scores[1]["ap"] and scores[0]["ap50"] == scores[1]["ap50"] and scores[0]["num_images"] == 500
+    with offline_env():
+        assert run_cli("finetune", "--ckpt", str(trained), "--task", "detection", "--dataset", str(shards), "--res", "32",
+                       "--detector", "fcos", "--out", str(tmp_path / "run"), *SMALL, "--set", "train.steps=2",
+                       "--set", "train.eval_every=2", "--set", "data.eval_subset=8") == 0
+    assert load_checkpoint(tmp_path / "run").meta.class_names == builtin.DIGITS_CLASSES

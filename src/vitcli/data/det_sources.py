@@ -26,6 +26,8 @@ from vitcli.data.boxes import BoxSet
 from vitcli.data.hub import load_hub_split
 from vitcli.data.registry import DatasetSpec
 from vitcli.data.seg_layouts import class_file
+from vitcli.data.shard_index import is_shard_source
+from vitcli.data.shard_sets import read_split, shard_task
 from vitcli.data.sources import resolve_source
 from vitcli.data.splits import Role, pick_split, saved_splits, seeded_subset
 from vitcli.errors import VitError
@@ -40,6 +42,13 @@ def load_box_split(dataset: str, split: Optional[str] = None, *, role: Role = "t
                    subset: Optional[int] = None, seed: int = 0, carve: bool = True,
                    say: Optional[Callable[[str], object]] = None) -> BoxSet:
     """One split of a detection set (split None: the set's training or evaluation split for `role`)."""
+    if data_dir is None and is_shard_source(dataset):  # read whole into the datasets cache, both splits
+        if shard_task(dataset)[0] != "detection":
+            raise VitError(f"The shards at {dataset} hold {shard_task(dataset)[0]} samples, no boxes. Write the detection "
+                           "set with `vit shards` (it stores each image's boxes as KEY.json).")
+        ds, names, split_name = read_split(dataset, split, role)
+        ds, split_name = seeded_subset(ds, split_name, subset, seed)
+        return BoxSet(ds, len(names), names, dataset, split_name)
     spec, path = resolve_source(dataset, data_dir)
     if spec is not None and spec.task != "detection" and path is None:
         raise VitError(f"'{spec.name}' is a {spec.task} set; detection needs boxes per image. Use {FORMAT_HELP}.")
@@ -152,8 +161,10 @@ def _coco_split(data: dict, root: Path, file: Path, ids: list[int]) -> datasets.
 
 
 def is_detection_source(dataset: str, data_dir: Optional[str] = None) -> bool:
-    """Whether `dataset` names a detection set: a registry set of that task, a COCO folder, or a
-    save_to_disk copy with an objects column."""
+    """Whether `dataset` names a detection set: a registry set of that task, a COCO folder, a
+    save_to_disk copy with an objects column, or tar shards of boxes."""
+    if data_dir is None and is_shard_source(dataset):
+        return shard_task(dataset)[0] == "detection"
     spec, path = resolve_source(dataset, data_dir)
     if path is None or not path.is_dir():
         return spec is not None and spec.task == "detection"

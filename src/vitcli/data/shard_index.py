@@ -58,7 +58,7 @@ class ShardIndex:
     classes: list[str] = field(default_factory=list)
     source: Optional[str] = None
     multilabel: bool = False  # samples carry lists of classes (KEY.json {"labels": [...]})
-    task: str = "classification"  # segmentation: samples carry masks (KEY.seg.png), no labels
+    task: str = "classification"  # segmentation: samples carry masks (KEY.seg.png); detection: boxes (KEY.json)
     reduce_zero_label: bool = False  # segmentation masks whose 0 is ignored (ADE20K)
 
 
@@ -132,12 +132,14 @@ def _ranges(pattern: str) -> list[str]:
 
 
 def write_index(folder: str, source: str, classes: list[str], splits: dict[str, list[dict]], multilabel: bool = False,
-                class_counts: Optional[dict[str, list[int]]] = None, segmentation: Optional[dict] = None) -> str:
+                class_counts: Optional[dict[str, list[int]]] = None, task: Optional[dict] = None) -> str:
     """index.json in folder (written whole, then renamed into place); returns its path. `class_counts`: per
-    split, its samples per class (what class-balanced loss weights of a streamed split are computed from)."""
+    split, its samples per class (what class-balanced loss weights of a streamed split are computed from).
+    `task`: what other than labels the samples hold and its settings, e.g. {"task": "segmentation",
+    "reduce_zero_label": False} or {"task": "detection"} (None: classification)."""
     counts = class_counts or {}
     body = {"format": FORMAT, "version": VERSION, "source": source, "classes": classes, **({"multilabel": True} if multilabel else {}),
-            **({"task": "segmentation", **segmentation} if segmentation is not None else {}),
+            **(task or {}),
             "splits": {name: {"num_samples": sum(s["samples"] for s in shards),
                               **({"class_counts": counts[name]} if name in counts else {}), "shards": shards}
                        for name, shards in splits.items()}}

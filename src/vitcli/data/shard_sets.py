@@ -76,26 +76,26 @@ def check_shards(dataset: str, split: Optional[str]) -> None:
 
 def read_split(dataset: str, split: Optional[str], role: str, labels: bool = True) -> tuple[datasets.Dataset, list[str], str]:
     """(image/label Dataset, class names, split name): a split of the shards read whole into the cache
-    (a segmentation split: image/mask)."""
+    (a segmentation split: image/mask; a detection split: image/objects, the HF detection schema)."""
     index = load_index(dataset)
     if split is not None and (".tar" in split or "{" in split):  # an evaluation split given by its own pattern
         index, split = load_index(split), "train"
     found = shard_split(index, split, role)
     ds = _table(found, index, labels)
-    names = list(index.classes) or [str(i) for i in range(int(max(ds["label"], default=-1)) + 1)]
+    names = list(index.classes) or [str(i) for i in range(int(max(ds["label"], default=-1)) + 1)]  # classification only
     return ds, names, found.name
 
 
 def _table(found: ShardSplit, index: ShardIndex, labels: bool) -> datasets.Dataset:
     keys = [[s.url, s.bytes or 0, s.sha256 or ""] for s in found.shards]  # the cache key: new shards, new table
     label = datasets.Sequence(datasets.ClassLabel(names=index.classes)) if index.multilabel else datasets.Value("int64")
-    masks = index.task == "segmentation"
-    features = datasets.Features({"image": datasets.Image(), **({"mask": datasets.Image()} if masks else {"label": label})})
+    rows, target = {"segmentation": (_mask_rows, {"mask": datasets.Image()}),
+                    "detection": (_object_rows, {"objects": OBJECTS})}.get(index.task, (_rows, {"label": label}))
+    features = datasets.Features({"image": datasets.Image(), **target})
+    kwargs = {"keys": keys, **({"labels": labels, "multilabel": index.multilabel} if rows is _rows else {})}
     try:
         with quiet_bars():
-            return datasets.Dataset.from_generator(_mask_rows if masks else _rows, features=features,
-                                                   gen_kwargs={"keys": keys, **({} if masks else {"labels": labels, "multilabel": index.multilabel})},
-                                                   split=datasets.NamedSplit(found.name))
+            return datasets.Dataset.from_generator(rows, features=features, gen_kwargs=kwargs, split=datasets.NamedSplit(found.name))
     except Exception as e:  # noqa: BLE001 -- datasets wraps the generator's errors; show ours
         cause = e
         while cause.__cause__ is not None and not isinstance(cause, (VitError, ShardError)):
@@ -120,6 +120,21 @@ def _mask_rows(keys: list[list]):
             if s.problem or s.mask is None:
                 raise VitError(f"Sample {s.key} of shard {url} cannot be used: {s.problem or 'it has no mask (KEY.seg.png)'}.")
             yield {"image": {"bytes": s.image, "path": f"{url}:{s.key}"}, "mask": {"bytes": s.mask, "path": f"{url}:{s.key}.seg.png"}}
+
+
+OBJECTS = datasets.Sequence({"bbox": datasets.Sequence(datasets.Value("float32"), length=4), "category": datasets.Value("int64"),
+                             "area": datasets.Value("float32"), "iscrowd": datasets.Value("int64")})
+
+
+def _object_rows(keys: list[list]):
+    for url, _, _ in keys:
+        for s in read_samples(url):
+            if s.problem or s.objects is None:
+                raise VitError(f"Sample {s.key} of shard {url} cannot be used: {s.problem or 'it has no boxes (KEY.json with objects)'}.")
+            o = s.objects
+            area = o.get("area") or [w * h for _, _, w, h in o["bbox"]]
+            yield {"image": {"bytes": s.image, "path": f"{url}:{s.key}"},
+                   "objects": {"bbox": o["bbox"], "category": o["category"], "area": area, "iscrowd": o.get("iscrowd") or [0] * len(area)}}
 
 
 def shard_task(dataset: str) -> tuple[str, bool]:

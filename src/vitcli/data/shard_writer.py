@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ import numpy as np
 from PIL import Image
 
 from vitcli.data.balance import class_counts
+from vitcli.data.boxes import BoxSet
+from vitcli.data.det_sources import is_detection_source, load_box_split
 from vitcli.data.masks import MaskSet
 from vitcli.data.seg_sources import is_segmentation_source, load_mask_split
 from vitcli.data.shard_index import write_index
@@ -65,10 +68,13 @@ def write_shards(src: str, out: Path, plan: ShardPlan, *, splits: Optional[list[
     names = [name for name, _ in chosen]
     written, classes = {}, chosen[0][1].class_names
     counts = {name: class_counts(s).tolist() for name, s in chosen
-              if s.num_classes > 0 and not s.multilabel and not isinstance(s, MaskSet)}
-    masks = isinstance(chosen[0][1], MaskSet)
-    if masks and plan.max_size:
-        raise VitError("--max-size re-encodes images smaller; a segmentation set's masks would no longer fit them. Drop it.")
+              if s.num_classes > 0 and not s.multilabel and not isinstance(s, (MaskSet, BoxSet))}
+    first = chosen[0][1]
+    task = ({"task": "segmentation", "reduce_zero_label": first.reduce_zero_label} if isinstance(first, MaskSet)
+            else {"task": "detection"} if isinstance(first, BoxSet) else None)
+    if task and plan.max_size:
+        raise VitError(f"--max-size re-encodes images smaller; a {task['task']} set's {'masks' if isinstance(first, MaskSet) else 'boxes'} "
+                       "would no longer fit them. Drop it.")
     try:
         for name, image_set in chosen:
             shuffle = plan.shuffle_seed is not None and name == "train"
@@ -76,8 +82,7 @@ def write_shards(src: str, out: Path, plan: ShardPlan, *, splits: Optional[list[
                 written[name] = _write_split(image_set, out, name, plan, shuffle, advance, done=written)
             total = sum(s["bytes"] for s in written[name])
             say(f"{name}: {len(image_set):,} images -> {len(written[name])} shard(s), {total / 1e6:,.1f} MB")
-        index = write_index(str(out), src, list(classes), written, multilabel=chosen[0][1].multilabel, class_counts=counts,
-                            segmentation={"reduce_zero_label": chosen[0][1].reduce_zero_label} if masks else None)
+        index = write_index(str(out), src, list(classes), written, multilabel=first.multilabel, class_counts=counts, task=task)
     except BaseException:  # a full disk, Ctrl-C: shards without their index are no set; leave none behind
         for shard in (s for shards in written.values() for s in shards):
             (out / shard["name"]).unlink(missing_ok=True)
@@ -86,12 +91,15 @@ def write_shards(src: str, out: Path, plan: ShardPlan, *, splits: Optional[list[
                                        for n in names}}
 
 
-def _splits(src: str, wanted: Optional[list[str]], say, label_file: Optional[str] = None) -> list[tuple[str, ImageSet | MaskSet]]:
-    if is_segmentation_source(src):  # images with masks: KEY.seg.png beside each image
-        if wanted:
-            return [(w, load_mask_split(src, w, carve=False, say=say)) for w in wanted]
-        sides = [load_mask_split(src, None, role=role, say=say) for role in ("train", "eval")]
-        return [(SPLIT_NAMES.get(s.split, s.split), s) for s in sides]
+def _splits(src: str, wanted: Optional[list[str]], say, label_file: Optional[str] = None
+            ) -> list[tuple[str, ImageSet | MaskSet | BoxSet]]:
+    # images with masks (KEY.seg.png beside each image) or boxes (KEY.json)
+    for is_kind, load in ((is_segmentation_source, load_mask_split), (is_detection_source, load_box_split)):
+        if is_kind(src):
+            if wanted:
+                return [(w, load(src, w, carve=False, say=say)) for w in wanted]
+            sides = [load(src, None, role=role, say=say) for role in ("train", "eval")]
+            return [(SPLIT_NAMES.get(s.split, s.split), s) for s in sides]
     if wanted:
         return [(w, load_split(src, w, carve=False, labels=False, say=say, label_file=label_file)) for w in wanted]
     train = load_split(src, None, role="train", labels=False, say=say, label_file=label_file)
@@ -126,11 +134,11 @@ def _write_split(image_set: ImageSet, out: Path, split: str, plan: ShardPlan, sh
                  advance: Callable[[], None] = lambda: None, *, done: dict[str, list[dict]]) -> list[dict]:
     """The split's shards; each closed one is also listed in done[split] at once (removed if a later one fails)."""
     ds = image_set.dataset.cast_column("image", datasets.Image(decode=False))
-    masked = isinstance(image_set, MaskSet)
+    masked, boxed = isinstance(image_set, MaskSet), isinstance(image_set, BoxSet)
     if masked:
         ds = ds.cast_column("mask", datasets.Image(decode=False))
     order = np.random.default_rng(plan.shuffle_seed).permutation(len(ds)) if shuffle else np.arange(len(ds))
-    labelled, multilabel = image_set.num_classes > 0 and not masked, image_set.multilabel
+    labelled, multilabel = image_set.num_classes > 0 and not (masked or boxed), image_set.multilabel
     shards: list[dict] = done.setdefault(split, [])
     writer: Optional[ShardWriter] = None
     size = 0
@@ -140,14 +148,16 @@ def _write_split(image_set: ImageSet, out: Path, split: str, plan: ShardPlan, sh
             data, ext = _image_bytes(row["image"], image_set, i, plan.max_size)
             label = (list(row["label"]) if multilabel else int(row["label"])) if labelled else None
             mask = _stored(row["mask"]) if masked else None
-            member = tar_size([len(data)] + ([len(str(label)) + 16] if labelled else []) + ([len(mask)] if masked else []))
+            objects = _objects(row["objects"]) if boxed else None
+            member = tar_size([len(data)] + ([len(str(label)) + 16] if labelled else []) + ([len(mask)] if masked else [])
+                              + ([len(json.dumps({"objects": objects})) + 1] if boxed else []))
             if writer is not None and _full(writer.samples, size + member, plan):
                 shards.append(_close(writer))
                 writer = None
             if writer is None:
                 name = f"{split}-{len(shards):06d}.tar"
                 writer, size = ShardWriter(str(out / name)), 0
-            writer.add(f"{i:09d}", data, ext, label, mask=mask)
+            writer.add(f"{i:09d}", data, ext, label, mask=mask, objects=objects)
             size += member
             advance()
         if writer is not None:
@@ -159,6 +169,13 @@ def _write_split(image_set: ImageSet, out: Path, split: str, plan: ShardPlan, sh
             raise path_error(e, Path(e.filename or out), "the shards") from e
         raise
     return shards
+
+
+def _objects(cell: dict | list) -> dict:
+    """A row's objects in the HF detection schema's column form (a list-of-structs column turned round)."""
+    if isinstance(cell, list):
+        cell = {key: [o[key] for o in cell] for key in (cell[0].keys() if cell else ("bbox", "category"))}
+    return {key: list(value) for key, value in cell.items() if key in ("bbox", "category", "area", "iscrowd")}
 
 
 def _stored(cell: dict) -> bytes:

@@ -4,7 +4,9 @@ A sample is a run of consecutive tar members sharing a key, the member name up t
 base name (WebDataset's rule): `KEY.jpg|jpeg|png|webp|...` holds the image as stored, and `KEY.cls` the
 class index in ASCII (or `KEY.json` with a "label" or "cls" field, or for a multi-label sample a "labels"
 list of class indices); a segmentation sample has its mask as `KEY.seg.png` (or `KEY.mask.png`, or
-`KEY.png` beside a `KEY.jpg|jpeg|webp` image) instead of a label. Shards are opened through fsspec,
+`KEY.png` beside a `KEY.jpg|jpeg|webp` image) instead of a label; a detection sample has `KEY.json` with
+its boxes in the Hugging Face detection schema, {"objects": {"bbox": [[x, y, w, h], ...], "category": [...]}}
+(optionally "area" and "iscrowd"), instead of a label. Shards are opened through fsspec,
 so a local path and `s3://`, `gs://`, `https://` URLs read alike (remote ones by range requests).
 
 Each sample carries the byte offset of its first member's header: a reader that saved it seeks straight
@@ -51,6 +53,7 @@ class Sample:
     problem: Optional[str] = None  # why the sample cannot be used (no image, unreadable label)
     end: int = 0  # byte offset where the next sample (or the end of the archive) starts
     mask: Optional[bytes] = None  # a segmentation sample's mask PNG
+    objects: Optional[dict] = None  # a detection sample's boxes: {"bbox": [[x, y, w, h]], "category": [c], ...}
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -80,9 +83,11 @@ def _finish(key: str, offset: int, members: dict[str, bytes], end: int) -> Sampl
     if mask_ext is None and "png" in members and any(e in members for e in ("jpg", "jpeg", "webp")):
         mask_ext = "png"  # KEY.jpg + KEY.png: the image and its mask
     image_ext = next((e for e in members if e in IMAGE_EXTS and e != mask_ext), None)
-    label, problem = None, None
+    label, problem, objects = None, None, None
     label_ext = "cls" if "cls" in members else "json" if "json" in members else None
-    if label_ext is not None:
+    if label_ext == "json" and b'"objects"' in members["json"]:
+        objects, problem = _objects(key, members["json"])
+    elif label_ext is not None:
         try:
             label = _label(label_ext, members[label_ext])
         except (ValueError, UnicodeDecodeError) as e:
@@ -90,7 +95,19 @@ def _finish(key: str, offset: int, members: dict[str, bytes], end: int) -> Sampl
     if image_ext is None:
         problem = f"it has no image member (found {', '.join(sorted(members)) or 'nothing'}; expected one of .jpg, .png, .webp)"
     return Sample(key, offset, members.get(image_ext) if image_ext else None, image_ext, label, problem, end,
-                  members.get(mask_ext) if mask_ext else None)
+                  members.get(mask_ext) if mask_ext else None, objects)
+
+
+def _objects(key: str, data: bytes) -> tuple[Optional[dict], Optional[str]]:
+    """(a detection sample's objects, or why its KEY.json cannot be used)."""
+    try:
+        objects = json.loads(data)["objects"]
+        boxes, categories = objects["bbox"], objects["category"]
+        if len(boxes) != len(categories) or not all(len(b) == 4 for b in boxes):
+            raise ValueError("'bbox' must hold one [x, y, w, h] per 'category'")
+        return objects, None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        return None, f"its boxes {key}.json are not {{\"objects\": {{\"bbox\": [[x, y, w, h], ...], \"category\": [...]}}}} ({e})"
 
 
 def open_shard(url: str):
@@ -190,10 +207,13 @@ class ShardWriter:
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
         self.samples = 0
 
-    def add(self, key: str, image: bytes, ext: str, label: Optional[int | list[int]], mask: Optional[bytes] = None) -> None:
+    def add(self, key: str, image: bytes, ext: str, label: Optional[int | list[int]], mask: Optional[bytes] = None,
+            objects: Optional[dict] = None) -> None:
         _member(self.tar, f"{key}.{ext}", image)
         if mask is not None:  # segmentation: KEY.seg.png
             _member(self.tar, f"{key}.seg.png", mask)
+        if objects is not None:  # detection: KEY.json {"objects": {...}}
+            _member(self.tar, f"{key}.json", json.dumps({"objects": objects}).encode("ascii"))
         if isinstance(label, list):  # multi-label: KEY.json {"labels": [...]}
             _member(self.tar, f"{key}.json", json.dumps({"labels": label}).encode("ascii"))
         elif label is not None:

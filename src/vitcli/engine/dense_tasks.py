@@ -77,13 +77,11 @@ def segmentation_data(recipe: Recipe, img_size: tuple[int, int], say=None) -> Ru
 
 
 def detection_data(recipe: Recipe, img_size: tuple[int, int], say=None) -> RunData:
-    """A detection set's splits (data/det_sources.py) with joint box transforms: large-scale jitter into
-    square training crops; evaluation images as they are (the detector resizes them)."""
+    """A detection set's splits (data/det_sources.py; tar shards read whole, both splits) with joint box
+    transforms: large-scale jitter into square training crops; evaluation images as they are (the detector
+    resizes them)."""
     d, seed = recipe.data, recipe.train.seed
     _refuse_classification_settings(recipe)
-    if is_shard_source(d.dataset):
-        raise VitError("task: detection reads COCO folders, save_to_disk copies and named sets; tar shards of boxes are not "
-                       "supported yet. Convert the shards to a COCO folder (annotations/instances_SPLIT.json).")
     crop = _crop(recipe, img_size)
     if crop[0] != crop[1]:
         raise VitError(f"task: detection trains on square crops (large-scale jitter); data.crop_size {list(crop)} is not square.")
