@@ -198,3 +198,21 @@ def test_the_dataset_indexed_directly_gives_the_loaders_image(mixed_set, pipelin
     loader.dataset.set_epoch(2)
     image, label = loader.dataset[1]
     assert torch.equal(image, first_batch[1]) and label == int(labels[1])
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_channels_last_resize_gives_the_planar_kernels_pixels(interpolation, channels):
+    """The resize runs channels-last (torch's vectorised uint8 kernels); its pixels equal torchvision's
+    planar resize of the same crop, bit for bit, up and down."""
+    import torchvision.transforms.v2.functional as TF
+
+    from vitcli.data.tensor_transforms import _resized
+
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.integers(0, 256, (channels, 120, 90), dtype=np.uint8))
+    mode = TF.InterpolationMode(interpolation)
+    for top, left, h, w, size in [(0, 0, 120, 90, [32, 32]), (10, 5, 40, 70, [64, 48]), (3, 7, 13, 11, [40, 40])]:
+        crop = image[:, top:top + h, left:left + w]
+        expected = TF.resize(crop.contiguous(), size, interpolation=mode, antialias=True)
+        assert torch.equal(_resized(crop, size, mode), expected)
