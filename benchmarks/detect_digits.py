@@ -20,21 +20,10 @@ import math
 import statistics
 from pathlib import Path
 
-from vit_runs import ROOT, pretrain, vit
+from vit_runs import ROOT, digits_encoders, pretrain, vit
 
 RECIPE = ROOT / "recipes" / "detect_digits.yaml"
 TRAIN_IMAGES, EPOCHS, BATCH = 2000, 12, 16  # the recipe's set, epochs and batch
-
-
-def encoders(root: Path) -> dict[str, Path | None]:
-    """name -> pretrained run (None: random initialisation), pretraining the two once."""
-    made = {}
-    for name, recipe in (("quickstart", "quickstart.yaml"), ("mae_digits", "mae_digits.yaml")):
-        run = root / f"encoder-{name}"
-        if not (run / "summary.json").exists():
-            pretrain(ROOT / "recipes" / recipe, run, [])
-        made[name] = run
-    return {**made, "random init": None}
 
 
 def same_steps_epochs(subset: int) -> int:
@@ -73,7 +62,7 @@ def main() -> None:
     root = Path(args.root)
     rows = []
     for subset in subsets:
-        for name, encoder in encoders(root).items():
+        for name, encoder in digits_encoders(root).items():
             for seed in seeds:
                 out = root / f"{name.split()[0]}-n{subset or TRAIN_IMAGES}-s{seed}"
                 summary = detect(encoder, seed, subset, out)

@@ -19,21 +19,10 @@ import json
 import statistics
 from pathlib import Path
 
-from vit_runs import ROOT, pretrain, vit
+from vit_runs import ROOT, digits_encoders, pretrain, vit
 
 RECIPE = ROOT / "recipes" / "segment_digits.yaml"
 DECODERS = ("linear", "mask_transformer")
-
-
-def encoders(root: Path) -> dict[str, Path | None]:
-    """name -> pretrained run (None: random initialisation), pretraining the two once."""
-    made = {}
-    for name, recipe in (("quickstart", "quickstart.yaml"), ("mae_digits", "mae_digits.yaml")):
-        run = root / f"encoder-{name}"
-        if not (run / "summary.json").exists():
-            pretrain(ROOT / "recipes" / recipe, run, [])
-        made[name] = run
-    return {**made, "random init": None}
 
 
 def segment(encoder: Path | None, decoder: str, seed: int, out: Path) -> dict:
@@ -55,7 +44,7 @@ def main() -> None:
     decoders = [d for d in args.decoders.split(",") if d in DECODERS]
     root = Path(args.root)
     rows = []
-    for name, encoder in encoders(root).items():
+    for name, encoder in digits_encoders(root).items():
         for decoder in decoders:
             for seed in seeds:
                 summary = segment(encoder, decoder, seed, root / f"{name.split()[0]}-{decoder}-s{seed}")

@@ -26,3 +26,15 @@ def pretrain(recipe: str | Path, out: Path, sets: list[str]) -> dict:
     """`vit pretrain RECIPE --out OUT --force --set ...`; the run's summary.json."""
     vit("pretrain", str(recipe), "--out", str(out), "--force", *[x for s in sets for x in ("--set", s)])
     return json.loads((out / "summary.json").read_text())
+
+
+def digits_encoders(root: Path) -> dict[str, Path | None]:
+    """The dense-task demos' encoders: name -> pretrained run under `root` (None: random initialisation), the
+    quickstart's and recipes/mae_digits.yaml's MAE, each pretrained once (seed 0)."""
+    made = {}
+    for name, recipe in (("quickstart", "quickstart.yaml"), ("mae_digits", "mae_digits.yaml")):
+        run = root / f"encoder-{name}"
+        if not (run / "summary.json").exists():
+            pretrain(ROOT / "recipes" / recipe, run, [])
+        made[name] = run
+    return {**made, "random init": None}
