@@ -63,7 +63,8 @@ class BatchDataset(torch.utils.data.Dataset):
         self.target_column, self.decode_target = image_set.target_column, image_set.target_decoder()
         self.epoch = 0  # used only when indexed directly; the loader sends the epoch with each batch
         self.decoded = decoded  # data.cache: pixels decoded once; then only the other columns are read per batch
-        self.without_images = self.hf.select_columns([c for c in self.hf.column_names if c != "image"])
+        if decoded is not None:
+            self.without_images = self.hf.select_columns([c for c in self.hf.column_names if c != "image"])
 
     def __len__(self) -> int:
         return len(self.hf)
@@ -98,7 +99,6 @@ class BatchDataset(torch.utils.data.Dataset):
         return build_batch(items, self.transform, self.seed, bad_images=self.bad_images,
                            decode_on_device=self.decode_on_device, name=self.name, split=self.split, decoder=self.decoder,
                            decode_target=self.decode_target)
-
 
     def _cached_cell(self, index: int) -> dict:
         """A cell holding the image's decoded pixels; the encoded cell for one the cache could not decode."""
@@ -221,13 +221,14 @@ class Loader(Delivery):
     """
 
     def __init__(self, dataloader: torch.utils.data.DataLoader, sampler: EpochBatchSampler, dataset: BatchDataset,
-                 device: torch.device = torch.device("cpu"), cache_bytes: int = 0):
+                 device: torch.device = torch.device("cpu"), cache_bytes: int = 0, cache_note: str = ""):
         self.dataloader, self.sampler, self.dataset, self.device = dataloader, sampler, dataset, device
         self.cache_bytes = cache_bytes
         self.cached: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
         self.skipped = 0
         self.skipped_examples: list[str] = []  # the first few, for the log
-        self.cache_note = ""  # what data.cache did, for the start of a run
+        self.cache_note = cache_note  # what data.cache did, for the start of a run
+
     @property
     def epoch(self) -> int:
         return self.sampler.epoch
@@ -313,6 +314,4 @@ def make_loader(
         # which would otherwise shift the training RNG at every epoch start (and break exact resume).
         generator=torch.Generator().manual_seed(derive_seed(seed, rank)),
     )
-    loader = Loader(dataloader, sampler, dataset, device, spec.cache_bytes)
-    loader.cache_note = cache_note
-    return loader
+    return Loader(dataloader, sampler, dataset, device, spec.cache_bytes, cache_note)
