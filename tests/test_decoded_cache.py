@@ -159,3 +159,28 @@ def test_a_full_disk_while_writing_the_file_is_one_clear_error(tmp_path, monkeyp
     with pytest.raises(VitError, match="disk is full"):
         decode_split(hf, "tensor", "RGB", CacheSpec("decoded", cache_budget=0))
     assert not cache_root().exists() or not any(cache_root().iterdir())  # nothing half-made left behind
+
+
+def test_joint_transforms_get_the_same_batches_from_the_cache():
+    """Segmentation (masks) and detection (boxes): the image comes from the cache, its target as before."""
+    from vitcli.data.det_sources import load_box_split
+    from vitcli.data.det_transforms import DetTransform, DetTransformSpec
+    from vitcli.data.seg_sources import load_mask_split
+    from vitcli.data.seg_transforms import SegTransform, SegTransformSpec
+
+    cases = [(load_mask_split("digits-seg", role="train", subset=24, seed=0),
+              SegTransform(SegTransformSpec(crop_size=(24, 24), resize_range=(0.75, 1.5), mean=(0.5,), std=(0.5,)), train=True)),
+             (load_box_split("digits-det", role="train", subset=24, seed=0),
+              DetTransform(DetTransformSpec(size=48, scale_range=(0.5, 1.5), channels=1), train=True))]
+    for image_set, tf in cases:
+        runs = []
+        for cache in ("none", "decoded"):
+            loader = make_loader(image_set, tf, LoaderSpec.training(8, seed=1, cache=CacheSpec(cache)))
+            runs.append(list(loader))
+        assert loader.dataset.decoded is not None and len(runs[0]) == len(runs[1]) == 3
+        for (x, y), (cx, cy) in zip(*runs):
+            if isinstance(x, list):  # detection: lists of images and of targets
+                assert all(torch.equal(a, b) for a, b in zip(x, cx))
+                assert all(torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"]) for a, b in zip(y, cy))
+            else:
+                assert torch.equal(x, cx) and torch.equal(y, cy)
