@@ -39,12 +39,22 @@ class BoxSet:
         return decode_objects
 
 
-def decode_objects(cell: dict) -> dict[str, torch.Tensor]:
+OBJECT_FIELDS = ("bbox", "category", "iscrowd", "area")  # the HF detection schema's, as vitcli reads them
+
+
+def object_columns(cell: dict | list) -> dict[str, list]:
+    """An objects cell in column form ({bbox: [...], category: [...], ...}); a list of per-object dicts (a
+    list-of-structs column) is turned round. Fields other than OBJECT_FIELDS are dropped."""
+    if isinstance(cell, list):
+        return {key: [o[key] for o in cell] for key in OBJECT_FIELDS if all(key in o for o in cell)}
+    return {key: list(cell[key]) for key in OBJECT_FIELDS if key in cell}
+
+
+def decode_objects(cell: dict | list) -> dict[str, torch.Tensor]:
     """{bbox: [[x, y, w, h]], category: [c], iscrowd?, area?} -> {boxes (M, 4) x0 y0 x1 y1 float32, labels
     (M,) int64 (category + 1), iscrowd (M,) int64, area (M,) float32 (the given area, else the box's)}.
     A cell may also be a list of per-object dicts (a list-of-structs column)."""
-    if isinstance(cell, list):
-        cell = {key: [o.get(key) for o in cell] for key in ("bbox", "category", "iscrowd", "area") if all(key in o for o in cell)}
+    cell = object_columns(cell)
     xywh = torch.tensor(cell.get("bbox") or [], dtype=torch.float32).reshape(-1, 4)
     boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
     labels = torch.tensor(cell.get("category") or [], dtype=torch.int64) + 1

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from vitcli.data.balance import class_counts
-from vitcli.data.boxes import BoxSet
+from vitcli.data.boxes import BoxSet, object_columns
 from vitcli.data.det_sources import is_detection_source, load_box_split
 from vitcli.data.masks import MaskSet
 from vitcli.data.seg_sources import is_segmentation_source, load_mask_split
@@ -148,7 +148,7 @@ def _write_split(image_set: ImageSet, out: Path, split: str, plan: ShardPlan, sh
             data, ext = _image_bytes(row["image"], image_set, i, plan.max_size)
             label = (list(row["label"]) if multilabel else int(row["label"])) if labelled else None
             mask = _stored(row["mask"]) if masked else None
-            objects = _objects(row["objects"]) if boxed else None
+            objects = object_columns(row["objects"]) if boxed else None
             member = tar_size([len(data)] + ([len(str(label)) + 16] if labelled else []) + ([len(mask)] if masked else [])
                               + ([len(json.dumps({"objects": objects})) + 1] if boxed else []))
             if writer is not None and _full(writer.samples, size + member, plan):
@@ -169,13 +169,6 @@ def _write_split(image_set: ImageSet, out: Path, split: str, plan: ShardPlan, sh
             raise path_error(e, Path(e.filename or out), "the shards") from e
         raise
     return shards
-
-
-def _objects(cell: dict | list) -> dict:
-    """A row's objects in the HF detection schema's column form (a list-of-structs column turned round)."""
-    if isinstance(cell, list):
-        cell = {key: [o[key] for o in cell] for key in (cell[0].keys() if cell else ("bbox", "category"))}
-    return {key: list(value) for key, value in cell.items() if key in ("bbox", "category", "area", "iscrowd")}
 
 
 def _stored(cell: dict) -> bytes:
