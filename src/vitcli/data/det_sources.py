@@ -28,7 +28,7 @@ from vitcli.data.registry import DatasetSpec
 from vitcli.data.seg_layouts import class_file
 from vitcli.data.shard_index import is_shard_source
 from vitcli.data.shard_sets import read_split, shard_task
-from vitcli.data.sources import resolve_source
+from vitcli.data.sources import named_task, resolve_source
 from vitcli.data.splits import Role, pick_split, saved_splits, seeded_subset
 from vitcli.errors import VitError
 
@@ -163,11 +163,9 @@ def _coco_split(data: dict, root: Path, file: Path, ids: list[int]) -> datasets.
 def is_detection_source(dataset: str, data_dir: Optional[str] = None) -> bool:
     """Whether `dataset` names a detection set: a registry set of that task, a COCO folder, a
     save_to_disk copy with an objects column, or tar shards of boxes."""
-    if data_dir is None and is_shard_source(dataset):
-        return shard_task(dataset)[0] == "detection"
-    spec, path = resolve_source(dataset, data_dir)
-    if path is None or not path.is_dir():
-        return spec is not None and spec.task == "detection"
+    task, path = named_task(dataset, data_dir)
+    if path is None:
+        return task == "detection"
     splits = saved_splits(path)
     if splits is not None:
         return "objects" in next(iter(splits.values())).features

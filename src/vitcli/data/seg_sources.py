@@ -18,7 +18,7 @@ from vitcli.data.registry import DatasetSpec
 from vitcli.data.seg_layouts import Layout, class_file, read_layout
 from vitcli.data.shard_index import is_shard_source
 from vitcli.data.shard_sets import read_split, shard_task
-from vitcli.data.sources import resolve_source
+from vitcli.data.sources import named_task, resolve_source
 from vitcli.data.splits import Role, pick_split, saved_splits, seeded_subset
 from vitcli.errors import VitError
 
@@ -104,11 +104,9 @@ def _standardised(splits: dict[str, datasets.Dataset], spec: Optional[DatasetSpe
 def is_segmentation_source(dataset: str, data_dir: Optional[str] = None) -> bool:
     """Whether `dataset` names a segmentation set: a registry set of that task, a folder in a segmentation
     layout, a save_to_disk copy with an image and a mask column, or shards whose index says so."""
-    if data_dir is None and is_shard_source(dataset):
-        return shard_task(dataset)[0] == "segmentation"
-    spec, path = resolve_source(dataset, data_dir)
-    if path is None or not path.is_dir():
-        return spec is not None and spec.task == "segmentation"
+    task, path = named_task(dataset, data_dir)
+    if path is None:
+        return task == "segmentation"
     splits = saved_splits(path)
     if splits is not None:
         images = [c for c, f in next(iter(splits.values())).features.items() if isinstance(f, datasets.Image)]

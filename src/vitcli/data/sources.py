@@ -34,7 +34,7 @@ from vitcli.data.indexing import index_folder
 from vitcli.data.registry import DatasetSpec, list_datasets, lookup, unknown_dataset_error
 from vitcli.data.shard_index import is_shard_source
 from vitcli.data.multilabel import is_multilabel, labelled_folder
-from vitcli.data.shard_sets import ShardSet, read_split, stream_split
+from vitcli.data.shard_sets import ShardSet, read_split, shard_task, stream_split
 from vitcli.errors import VitError
 from vitcli.data.specs import SourceSpec
 
@@ -204,6 +204,17 @@ def take_subset(image_set: ImageSet, n: int, seed: int) -> ImageSet:
 
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or (lookup(name) is None and "/" in name)
+
+
+def named_task(dataset: str, data_dir: Optional[str]) -> tuple[Optional[str], Optional[Path]]:
+    """(task, None) when the name decides what `dataset` holds: tar shards (their index), a registry set, a
+    path that is no folder (task None); (None, folder) when only the folder's contents can tell."""
+    if data_dir is None and is_shard_source(dataset):
+        return shard_task(dataset)[0], None
+    spec, path = resolve_source(dataset, data_dir)
+    if path is None or not path.is_dir():
+        return (spec.task if spec is not None else None), None
+    return None, path
 
 
 def resolve_source(dataset: str, data_dir: Optional[str]) -> tuple[Optional[DatasetSpec], Optional[Path]]:
