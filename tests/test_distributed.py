@@ -228,6 +228,20 @@ def test_ranks_stream_disjoint_shards_and_resume_each_at_its_next_sample(recipe,
     assert [e["loss"] for e in events(cut, "train")] == [e["loss"] for e in events(full, "train")]
 
 
+def ddp_trains_what_one_process_does(recipe, tmp_path, args: list[str]):
+    """(one process's run, two processes' run) of `recipe` with `args`: the two replicas end identical, and
+    their weights equal the one process's."""
+    one, ddp = tmp_path / "one", tmp_path / "ddp"
+    assert run_cli("pretrain", str(recipe), "--out", str(one), *args) == 0
+    script = tmp_path / "dump.py"
+    script.write_text(DUMP_WEIGHTS)
+    torchrun(str(script), str(tmp_path), "pretrain", str(recipe), "--out", str(ddp), *args)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert max_diff(weights(ddp, STEPS), weights(one, STEPS)) < 1e-5
+    return one, ddp
+
+
 SEGMENT = ["--set", "task=segmentation", "--set", "data.dataset=digits-seg", "--set", "model.img_size=16",
            "--set", "model.decoder=mask_transformer", "--set", "model.decoder_dim=32", "--set", "model.decoder_heads=2",
            "--set", "model.decoder_dropout=0.0"]
@@ -235,15 +249,7 @@ SEGMENT = ["--set", "task=segmentation", "--set", "data.dataset=digits-seg", "--
 
 @pytest.mark.slow
 def test_segmentation_trains_the_same_under_ddp_and_fsdp(recipe, tmp_path):
-    one = tmp_path / "one"
-    assert run_cli("pretrain", str(recipe), "--out", str(one), *SEGMENT) == 0
-    ddp = tmp_path / "ddp"
-    script = tmp_path / "dump.py"
-    script.write_text(DUMP_WEIGHTS)
-    torchrun(str(script), str(tmp_path), "pretrain", str(recipe), "--out", str(ddp), *SEGMENT)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    assert max_diff(weights(ddp, STEPS), weights(one, STEPS)) < 1e-5  # encoder.* and decoder.* alike
+    one, ddp = ddp_trains_what_one_process_does(recipe, tmp_path, SEGMENT)  # encoder.* and decoder.* alike
     # the evaluation's confusion matrix is all-reduced: each process scores half the images, the sums are the whole
     assert events(ddp, "eval")[-1]["miou"] == pytest.approx(events(one, "eval")[-1]["miou"], abs=1e-4)
     fsdp = tmp_path / "fsdp"
@@ -285,15 +291,7 @@ def test_detection_trains_the_same_under_ddp_and_counts_every_image_once(recipe,
     processes are gathered, so AP over the split equals one process's. (SGD: Adam's first steps move every
     weight by +-lr whatever its gradient's size, so summation-order noise in near-zero gradients of the
     heads would show as lr-sized differences.)"""
-    one = tmp_path / "one"
-    assert run_cli("pretrain", str(recipe), "--out", str(one), *DETECT) == 0
-    ddp = tmp_path / "ddp"
-    script = tmp_path / "dump.py"
-    script.write_text(DUMP_WEIGHTS)
-    torchrun(str(script), str(tmp_path), "pretrain", str(recipe), "--out", str(ddp), *DETECT)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    assert max_diff(weights(ddp, STEPS), weights(one, STEPS)) < 1e-5
+    one, ddp = ddp_trains_what_one_process_does(recipe, tmp_path, DETECT)
     last_one, last_ddp = events(one, "eval")[-1], events(ddp, "eval")[-1]
     assert last_ddp["num_images"] == last_one["num_images"] == 30
     assert last_ddp["ap50"] == pytest.approx(last_one["ap50"], abs=1e-4) and last_ddp["ap"] == pytest.approx(last_one["ap"], abs=1e-4)
