@@ -21,7 +21,7 @@ from vitcli.models.detector import DETECTORS, Detector, DetectorSpec, level_stri
 from vitcli.models.eva import Eva
 from vitcli.models.windows import window_partition, window_unpartition, windowed_block
 from vitcli.objectives import Inputs, build_objective
-from vitcli.objectives.coco_metrics import STAT_KEYS, CocoBoxAP
+from vitcli.objectives.coco_metrics import STAT_KEYS, CocoAP
 from vitcli.recipe import ObjectiveCfg
 
 
@@ -152,10 +152,10 @@ def _prediction(boxes, labels, scores):
 
 def test_coco_ap_of_a_perfect_and_of_a_shifted_prediction():
     truth = [_target([[0.0, 0.0, 100.0, 100.0]], [1])]
-    perfect = CocoBoxAP()
+    perfect = CocoAP()
     perfect.update([_prediction([[0.0, 0.0, 100.0, 100.0]], [1], [0.9])], truth)
     assert perfect.results()["ap"] == pytest.approx(1.0)
-    shifted = CocoBoxAP()  # 20 px to the right: IoU 80 / 120 = 0.67, a match at IoU .50, .55, .60 and .65 of ten
+    shifted = CocoAP()  # 20 px to the right: IoU 80 / 120 = 0.67, a match at IoU .50, .55, .60 and .65 of ten
     shifted.update([_prediction([[20.0, 0.0, 120.0, 100.0]], [1], [0.9])], truth)
     got = shifted.results()
     assert got["ap"] == pytest.approx(0.4) and got["ap50"] == pytest.approx(1.0) and got["ap75"] == 0.0
@@ -163,7 +163,7 @@ def test_coco_ap_of_a_perfect_and_of_a_shifted_prediction():
 
 
 def test_coco_ap_equals_pycocotools_on_its_own_files(tmp_path):
-    """A hand-made set with misses, false alarms, a crowd region and three sizes, judged by CocoBoxAP and by
+    """A hand-made set with misses, false alarms, a crowd region and three sizes, judged by CocoAP and by
     pycocotools reading the ground truth and results as the JSON files COCO ships."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -174,7 +174,7 @@ def test_coco_ap_equals_pycocotools_on_its_own_files(tmp_path):
     predicted = [_prediction([[11, 9, 31, 30], [48, 55, 150, 150], [0, 0, 50, 40], [200, 200, 220, 220]], [1, 2, 1, 1], [0.9, 0.8, 0.7, 0.6]),
                  _prediction([[5, 5, 16, 24], [100, 20, 200, 220], [100, 20, 200, 220]], [3, 1, 2], [0.3, 0.95, 0.5]),
                  _prediction([], [], [])]
-    ours = CocoBoxAP()
+    ours = CocoAP()
     ours.update(predicted[:2], truth[:2])
     ours.update(predicted[2:], truth[2:])
     got = ours.results()
@@ -204,7 +204,7 @@ def test_coco_ap_equals_pycocotools_on_its_own_files(tmp_path):
 
 
 def test_coco_ap_merges_another_process_records():
-    a, b, whole = CocoBoxAP(), CocoBoxAP(), CocoBoxAP()
+    a, b, whole = CocoAP(), CocoAP(), CocoAP()
     first = ([_prediction([[0, 0, 10, 10]], [1], [0.9])], [_target([[0, 0, 10, 12]], [1])])
     second = ([_prediction([[5, 5, 40, 40]], [2], [0.8])], [_target([[0, 0, 40, 40]], [2])])
     a.update(*first)
@@ -226,6 +226,11 @@ def test_each_torchvision_detector_trains_and_detects_on_a_vit(kind):
     images = [torch.rand(3, 64, 64), torch.rand(3, 40, 56)]
     targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
                {"boxes": torch.tensor([[10.0, 8.0, 50.0, 30.0], [0.0, 0.0, 12.0, 12.0]]), "labels": torch.tensor([3, 2])}]
+    if detector.masks:  # Mask R-CNN learns each object's mask too: here, its box filled
+        for image, target in zip(images, targets):
+            target["masks"] = torch.zeros(len(target["boxes"]), *image.shape[-2:], dtype=torch.uint8)
+            for mask, (x0, y0, x1, y1) in zip(target["masks"], target["boxes"].int().tolist()):
+                mask[y0:y1, x0:x1] = 1
     losses = detector.train()(images, targets)
     total = sum(losses.values())
     assert torch.isfinite(total) and len(losses) >= 2
@@ -310,7 +315,7 @@ def test_the_detection_objective_sums_the_detectors_losses_and_scores_by_coco_ap
     batches = [(images[:1], targets[:1]), (images[1:], targets[1:])]
     got = objective.evaluate(detector, batches, torch.device("cpu"), None)
     assert detector.training  # evaluation restores the mode it found
-    judge = CocoBoxAP()
+    judge = CocoAP()
     with torch.no_grad():
         judge.update(detector.eval()(images), targets)
     want = judge.results()
@@ -337,8 +342,10 @@ def test_each_detector_exports_to_onnx_and_matches_in_onnxruntime(kind, tmp_path
 
     session = ort.InferenceSession(str(tmp_path / f"{kind}.onnx"), providers=["CPUExecutionProvider"])
     image = torch.rand(3, 64, 64)
-    boxes, scores, labels = session.run(None, {"image": image.numpy()})
+    boxes, scores, labels, *masks = session.run(None, {"image": image.numpy()})
     assert boxes.shape == (len(scores), 4) and len(labels) == len(scores) > 0 and (labels > 0).all()
     with torch.no_grad():
         want = detector([image])[0]
     torch.testing.assert_close(torch.from_numpy(scores), want["scores"], atol=1e-4, rtol=0)
+    if detector.masks:
+        torch.testing.assert_close(torch.from_numpy(masks[0]), want["masks"], atol=1e-4, rtol=0)

@@ -154,6 +154,7 @@ def test_tar_shards_of_boxes_hold_the_set_and_train_and_score_alike(det_run, tra
         assert run_cli("shards", "digits-det", str(shards), "--samples-per-shard", "300") == 0
     index = json.loads((shards / "index.json").read_text())
     assert index["task"] == "detection" and index["classes"] == builtin.DIGITS_CLASSES and len(index["splits"]["train"]["shards"]) == 7
+    assert index["instance_masks"]  # digits-det's objects carry their masks
     encoded = datasets.Image(decode=False)
     source = builtin.digits_det_splits()["val"].cast_column("image", encoded)
     back = load_box_split(str(shards), role="eval").dataset.cast_column("image", encoded)
@@ -161,6 +162,7 @@ def test_tar_shards_of_boxes_hold_the_set_and_train_and_score_alike(det_run, tra
     for a, b in ((source[i], back[i]) for i in (0, 1, 250, 499)):
         assert a["image"]["bytes"] == b["image"]["bytes"]
         assert a["objects"]["bbox"] == b["objects"]["bbox"] and a["objects"]["category"] == b["objects"]["category"]
+        assert a["objects"]["segmentation"] == b["objects"]["segmentation"]
     capsys.readouterr()
     scores = []
     for dataset in ("digits-det", str(shards)):

@@ -129,7 +129,7 @@ def finetune(
     new_head: bool = typer.Option(False, "--new-head", help="A zero-initialised head even when the classes are the checkpoint's own (kept by default)."),
     task: Optional[str] = typer.Option(None, "--task", help="classification, segmentation (a decoder on the ViT; masks per pixel) or detection (ViTDet: boxes). Default: the recipe's, else the checkpoint's."),
     decoder: Optional[str] = typer.Option(None, "--decoder", help="task segmentation: linear (default) or mask_transformer (Segmenter's)."),
-    detector: Optional[str] = typer.Option(None, "--detector", help="task detection: faster_rcnn (default), retinanet or fcos (torchvision's)."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="task detection: faster_rcnn (default), retinanet, fcos or mask_rcnn (torchvision's; mask_rcnn needs instance masks)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Delete the run already in --out and start again."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda."),

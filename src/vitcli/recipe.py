@@ -55,11 +55,11 @@ class ModelCfg:
     decoder_dim: Optional[int] = None
     decoder_heads: Optional[int] = None
     decoder_dropout: float = 0.1
-    # task: detection. One of torchvision's detectors (faster_rcnn, retinanet, fcos) on ViTDet's simple
+    # task: detection. One of torchvision's detectors (faster_rcnn, retinanet, fcos, mask_rcnn) on ViTDet's simple
     # feature pyramid (pyramid_channels wide, the patch grid rescaled by pyramid_scales), window attention
     # in window_size x window_size patches (0: global everywhere) but in global_blocks (ViTDet's ViT-B:
     # 14 and [2, 5, 8, 11]); score_thresh and detections_per_img filter what it reports
-    detector: Literal["faster_rcnn", "retinanet", "fcos"] = "faster_rcnn"
+    detector: Literal["faster_rcnn", "retinanet", "fcos", "mask_rcnn"] = "faster_rcnn"
     window_size: int = 0
     global_blocks: list[int] = field(default_factory=list)
     pyramid_channels: int = 256

@@ -13,6 +13,9 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from vitcli.data.boxes import objects_feature
+from vitcli.data.instance_masks import encode_masks
+
 DIGITS_CLASSES = [str(i) for i in range(10)]
 SYNTHETIC_SIZES = {"train": 1024, "test": 256}
 
@@ -148,7 +151,8 @@ DIGITS_DET_MAX = 5
 @lru_cache(maxsize=None)
 def digits_det_splits() -> dict[str, datasets.Dataset]:
     """`digits-det`: an object detection set made of scikit-learn's digits, built in, in the Hugging Face
-    detection schema (`image`, and `objects` with COCO `bbox` [x, y, w, h] and `category`, the digit).
+    detection schema (`image`, and `objects` with COCO `bbox` [x, y, w, h], `category`, the digit, and
+    `segmentation`, its ink as an instance mask: COCO compressed RLE counts, data/instance_masks.py).
 
     Each 64x64 grey canvas holds one to five digits of the matching digits split, placed as in digits-seg
     (sides 12-28 px, no overlaps). A digit's box is the tightest box around its ink (pixels at least 64 of
@@ -156,8 +160,7 @@ def digits_det_splits() -> dict[str, datasets.Dataset]:
     images on every machine, as grey PNGs.
     """
     _, _, pools = _digit_pixels()
-    objects = datasets.Sequence({"bbox": datasets.Sequence(datasets.Value("float32"), length=4),
-                                 "category": datasets.ClassLabel(names=DIGITS_CLASSES), "area": datasets.Value("float32")})
+    objects = objects_feature(masks=True, category=datasets.ClassLabel(names=DIGITS_CLASSES))
     features = datasets.Features({"image": datasets.Image(), "objects": objects})
     out = {}
     for seed, (split, pool) in zip((10, 11), (("train", pools["train"]), ("val", pools["test"]))):
@@ -165,8 +168,12 @@ def digits_det_splits() -> dict[str, datasets.Dataset]:
         canvases = _pasted_canvases(np.random.default_rng(seed), pool, DIGITS_DET_SIZES[split], DIGITS_DET_CANVAS, DIGITS_DET_MAX,
                                     DIGITS_DET_SIDES)
         for image, placed in canvases:
-            found: dict[str, list] = {"bbox": [], "category": [], "area": []}
+            found: dict[str, list] = {"bbox": [], "category": [], "iscrowd": [], "area": [], "segmentation": []}
             for (rows_, cols), ink, label in placed:
+                mask = np.zeros_like(image)
+                mask[rows_, cols] = ink
+                found["segmentation"].append(encode_masks(mask[None])[0]["counts"])
+                found["iscrowd"].append(0)
                 ys, xs = np.nonzero(ink)
                 x, y = cols.start + int(xs.min()), rows_.start + int(ys.min())
                 w, h = int(xs.max() - xs.min()) + 1, int(ys.max() - ys.min()) + 1

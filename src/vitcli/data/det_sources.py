@@ -22,7 +22,8 @@ from typing import Callable, Optional
 import datasets
 
 from vitcli.data import builtin
-from vitcli.data.boxes import BoxSet
+from vitcli.data.boxes import BoxSet, objects_feature
+from vitcli.data.instance_masks import rle_counts
 from vitcli.data.hub import load_hub_split
 from vitcli.data.registry import DatasetSpec
 from vitcli.data.seg_layouts import class_file
@@ -32,8 +33,6 @@ from vitcli.data.sources import named_task, resolve_source
 from vitcli.data.splits import Role, pick_split, saved_splits, seeded_subset
 from vitcli.errors import VitError
 
-OBJECTS = datasets.Sequence({"bbox": datasets.Sequence(datasets.Value("float32"), length=4), "category": datasets.Value("int64"),
-                             "iscrowd": datasets.Value("int64"), "area": datasets.Value("float32")})
 FORMAT_HELP = ("a COCO folder (annotations/instances_SPLIT.json over the images), a save_to_disk copy with an image "
                "column and objects {bbox: [x, y, w, h], category}, digits-det, or a named detection set (cppe-5)")
 
@@ -143,8 +142,13 @@ def _image_root(path: Path, split: str, data: dict, file: Path) -> Path:
 
 
 def _coco_split(data: dict, root: Path, file: Path, ids: list[int]) -> datasets.Dataset:
+    """One split of a COCO file; with masks (each object's `segmentation`: polygons or RLE, as compressed RLE
+    counts over its image, data/instance_masks.py) when any annotation has one."""
     index = {cid: i for i, cid in enumerate(ids)}
-    objects: dict[int, dict[str, list]] = {im["id"]: {"bbox": [], "category": [], "iscrowd": [], "area": []} for im in data["images"]}
+    masks = any(ann.get("segmentation") for ann in data.get("annotations", []))
+    images = {im["id"]: im for im in data["images"]}
+    fields = ("bbox", "category", "iscrowd", "area", *(("segmentation",) if masks else ()))
+    objects: dict[int, dict[str, list]] = {im["id"]: {f: [] for f in fields} for im in data["images"]}
     for ann in data.get("annotations", []):
         if ann["image_id"] not in objects or ann["category_id"] not in index:
             raise VitError(f"{file}: annotation {ann.get('id')} names image {ann['image_id']} or category "
@@ -155,9 +159,23 @@ def _coco_split(data: dict, root: Path, file: Path, ids: list[int]) -> datasets.
         o["category"].append(index[ann["category_id"]])
         o["iscrowd"].append(int(ann.get("iscrowd", 0)))
         o["area"].append(float(ann.get("area", w * h)))
+        if masks:
+            o["segmentation"].append(_mask_counts(ann, images[ann["image_id"]], file))
     rows = {"image": [{"path": str(root / im["file_name"]), "bytes": None} for im in data["images"]],
             "objects": [objects[im["id"]] for im in data["images"]]}
-    return datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image(), "objects": OBJECTS}))
+    return datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image(), "objects": objects_feature(masks)}))
+
+
+def _mask_counts(ann: dict, image: dict, file: Path) -> str:
+    """An annotation's mask as compressed RLE counts ("" without one: the object's box stands for it)."""
+    if not ann.get("segmentation"):
+        return ""
+    if "height" not in image or "width" not in image:
+        raise VitError(f"{file}: image {image['id']} has masks but no height and width; COCO lists both for every image.")
+    try:
+        return rle_counts(ann["segmentation"], int(image["height"]), int(image["width"]))
+    except (TypeError, ValueError, KeyError, IndexError) as e:
+        raise VitError(f"{file}: annotation {ann.get('id')}'s segmentation is neither polygons nor RLE ({e}).") from e
 
 
 def is_detection_source(dataset: str, data_dir: Optional[str] = None) -> bool:

@@ -1,10 +1,11 @@
-"""Joint transforms of an image and its boxes (torchvision transforms.v2 with tv_tensors.BoundingBoxes), so
-boxes follow every resize, crop and flip of their image.
+"""Joint transforms of an image and its boxes (torchvision transforms.v2 with tv_tensors.BoundingBoxes), and
+its objects' masks where it has them (tv_tensors.Mask, resized nearest), so boxes and masks follow every
+resize, crop and flip of their image.
 
 Train (ViTDet's large-scale jitter, as detectron2's LSJ config): resize keeping the aspect ratio so the
 image fits size x U(scale_range) (0.1-2.0: v2.ScaleJitter) -> random size x size crop, padded with 0
 where the image is smaller -> horizontal flip -> drop boxes cut to nothing (v2.SanitizeBoundingBoxes).
-Crowd regions are left out of training, as detectron2 does.
+Crowd regions are left out of training, as detectron2 does. Masks leave as uint8 (M, h, w) `masks`.
 Eval: the image as it is; the detector's own transform resizes it (longer side to `size`) and maps its
 boxes back, so predictions are judged against the annotations at the image's own resolution.
 
@@ -20,6 +21,8 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+from vitcli.data.instance_masks import decode_masks
 
 
 @dataclass(frozen=True)
@@ -58,13 +61,18 @@ class DetTransform:
         image = image if image.mode == self.mode else image.convert(self.mode)
         w, h = image.size
         pixels = tv_tensors.Image(torch.from_numpy(np.array(image)).reshape(h, w, -1).permute(2, 0, 1))
+        if "segmentation" in target:  # each object's mask, decoded at the image's size
+            target = {k: v for k, v in target.items() if k != "segmentation"} | {
+                "masks": decode_masks(target["segmentation"], target["boxes"], h, w)}
         if not self.train:
             return self.to_float(pixels).as_subclass(torch.Tensor), target
         keep = target["iscrowd"] == 0
-        boxes = tv_tensors.BoundingBoxes(target["boxes"][keep], format="XYXY", canvas_size=(h, w))
-        pixels, moved = self.geometry(pixels, {"boxes": boxes, "labels": target["labels"][keep]})
-        return self.to_float(pixels).as_subclass(torch.Tensor), {"boxes": moved["boxes"].as_subclass(torch.Tensor),
-                                                                 "labels": moved["labels"]}
+        objects = {"boxes": tv_tensors.BoundingBoxes(target["boxes"][keep], format="XYXY", canvas_size=(h, w)),
+                   "labels": target["labels"][keep]}
+        if "masks" in target:
+            objects["masks"] = tv_tensors.Mask(target["masks"][keep])
+        pixels, moved = self.geometry(pixels, objects)
+        return self.to_float(pixels).as_subclass(torch.Tensor), {k: v.as_subclass(torch.Tensor) for k, v in moved.items()}
 
     @staticmethod
     def collate(images: list[torch.Tensor], targets: list[dict]) -> tuple[list[torch.Tensor], list[dict]]:

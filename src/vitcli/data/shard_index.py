@@ -60,6 +60,7 @@ class ShardIndex:
     multilabel: bool = False  # samples carry lists of classes (KEY.json {"labels": [...]})
     task: str = "classification"  # segmentation: samples carry masks (KEY.seg.png); detection: boxes (KEY.json)
     reduce_zero_label: bool = False  # segmentation masks whose 0 is ignored (ADE20K)
+    instance_masks: bool = False  # detection objects carry masks (segmentation: compressed RLE counts)
 
 
 def is_shard_source(dataset: str) -> bool:
@@ -99,7 +100,8 @@ def load_index(dataset: str) -> ShardIndex:
                   for s in split.get("shards", [])]
         splits[name] = ShardSplit(name, shards, split.get("class_counts"))
     return ShardIndex(index_url, splits, list(raw.get("classes") or []), raw.get("source"), bool(raw.get("multilabel")),
-                      str(raw.get("task") or "classification"), bool(raw.get("reduce_zero_label")))
+                      str(raw.get("task") or "classification"), bool(raw.get("reduce_zero_label")),
+                      bool(raw.get("instance_masks")))
 
 
 def expand(patterns: str) -> list[str]:

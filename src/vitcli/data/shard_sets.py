@@ -15,6 +15,7 @@ from typing import Optional
 
 import datasets
 
+from vitcli.data.boxes import objects_feature
 from vitcli.data.indexing import quiet_bars
 from vitcli.data.masks import decode_mask
 from vitcli.data.sample_stream import StreamedSet
@@ -90,9 +91,10 @@ def _table(found: ShardSplit, index: ShardIndex, labels: bool) -> datasets.Datas
     keys = [[s.url, s.bytes or 0, s.sha256 or ""] for s in found.shards]  # the cache key: new shards, new table
     label = datasets.Sequence(datasets.ClassLabel(names=index.classes)) if index.multilabel else datasets.Value("int64")
     rows, target = {"segmentation": (_mask_rows, {"mask": datasets.Image()}),
-                    "detection": (_object_rows, {"objects": OBJECTS})}.get(index.task, (_rows, {"label": label}))
+                    "detection": (_object_rows, {"objects": objects_feature(index.instance_masks)})}.get(index.task, (_rows, {"label": label}))
     features = datasets.Features({"image": datasets.Image(), **target})
-    kwargs = {"keys": keys, **({"labels": labels, "multilabel": index.multilabel} if rows is _rows else {})}
+    kwargs = {"keys": keys, **({"labels": labels, "multilabel": index.multilabel} if rows is _rows else {}),
+              **({"masks": index.instance_masks} if rows is _object_rows else {})}
     try:
         with quiet_bars():
             return datasets.Dataset.from_generator(rows, features=features, gen_kwargs=kwargs, split=datasets.NamedSplit(found.name))
@@ -122,19 +124,17 @@ def _mask_rows(keys: list[list]):
             yield {"image": {"bytes": s.image, "path": f"{url}:{s.key}"}, "mask": {"bytes": s.mask, "path": f"{url}:{s.key}.seg.png"}}
 
 
-OBJECTS = datasets.Sequence({"bbox": datasets.Sequence(datasets.Value("float32"), length=4), "category": datasets.Value("int64"),
-                             "area": datasets.Value("float32"), "iscrowd": datasets.Value("int64")})
-
-
-def _object_rows(keys: list[list]):
+def _object_rows(keys: list[list], masks: bool):
     for url, _, _ in keys:
         for s in read_samples(url):
             if s.problem or s.objects is None:
                 raise VitError(f"Sample {s.key} of shard {url} cannot be used: {s.problem or 'it has no boxes (KEY.json with objects)'}.")
             o = s.objects
             area = o.get("area") or [w * h for _, _, w, h in o["bbox"]]
-            yield {"image": {"bytes": s.image, "path": f"{url}:{s.key}"},
-                   "objects": {"bbox": o["bbox"], "category": o["category"], "area": area, "iscrowd": o.get("iscrowd") or [0] * len(area)}}
+            objects = {"bbox": o["bbox"], "category": o["category"], "area": area, "iscrowd": o.get("iscrowd") or [0] * len(area)}
+            if masks:
+                objects["segmentation"] = o.get("segmentation") or [""] * len(area)
+            yield {"image": {"bytes": s.image, "path": f"{url}:{s.key}"}, "objects": objects}
 
 
 def shard_task(dataset: str) -> tuple[str, bool]:

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from vitcli.data.balance import class_counts
-from vitcli.data.boxes import BoxSet, object_columns
+from vitcli.data.boxes import BoxSet, has_masks, object_columns
 from vitcli.data.det_sources import is_detection_source, load_box_split
 from vitcli.data.masks import MaskSet
 from vitcli.data.seg_sources import is_segmentation_source, load_mask_split
@@ -71,7 +71,7 @@ def write_shards(src: str, out: Path, plan: ShardPlan, *, splits: Optional[list[
               if s.num_classes > 0 and not s.multilabel and not isinstance(s, (MaskSet, BoxSet))}
     first = chosen[0][1]
     task = ({"task": "segmentation", "reduce_zero_label": first.reduce_zero_label} if isinstance(first, MaskSet)
-            else {"task": "detection"} if isinstance(first, BoxSet) else None)
+            else {"task": "detection", "instance_masks": has_masks(first.dataset)} if isinstance(first, BoxSet) else None)
     if task and plan.max_size:
         raise VitError(f"--max-size re-encodes images smaller; a {task['task']} set's {'masks' if isinstance(first, MaskSet) else 'boxes'} "
                        "would no longer fit them. Drop it.")

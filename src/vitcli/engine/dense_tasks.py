@@ -10,6 +10,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from vitcli import data as vdata
+from vitcli.data.boxes import has_masks
 from vitcli.data.det_sources import load_box_split
 from vitcli.data.det_transforms import DetTransform, DetTransformSpec
 from vitcli.data.masks import IGNORE_INDEX
@@ -87,6 +88,10 @@ def detection_data(recipe: Recipe, img_size: tuple[int, int], say=None) -> RunDa
         raise VitError(f"task: detection trains on square crops (large-scale jitter); data.crop_size {list(crop)} is not square.")
     train = load_box_split(d.dataset, d.train_split, role="train", data_dir=d.data_dir, subset=d.train_subset, seed=seed, say=say)
     evals = load_box_split(d.dataset, d.eval_split, role="eval", data_dir=d.data_dir, subset=d.eval_subset, seed=0)
+    if recipe.model.detector == "mask_rcnn" and not (has_masks(train.dataset) and has_masks(evals.dataset)):
+        raise VitError(f"model.detector mask_rcnn learns instance masks, and {train.name} has boxes only. Give a set whose "
+                       "objects have masks (a COCO file with segmentation, or objects with segmentation), or pick a box "
+                       "detector: --detector faster_rcnn.")
     spec = DetTransformSpec(size=crop[0], scale_range=tuple(d.resize_range), hflip=d.hflip, channels=len(d.mean))
     num_classes = (recipe.model.num_classes or train.num_classes) + 1  # torchvision's detectors: label 0 is the background
     return RunData(name=train.name, train=train, eval=evals, num_classes=num_classes, class_names=list(train.class_names),

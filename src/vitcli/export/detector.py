@@ -2,7 +2,8 @@
 
 - onnx: torch.onnx's TorchScript exporter (torchvision's detection models trace there; the dynamo exporter
   does not take their data-dependent post-processing): one float image (C, size, size) in [0, 1], the
-  checkpoint's size, in; `boxes` (N, 4, x0 y0 x1 y1 in its pixels), `scores` (N,) and `labels` (N,, 1..K) out.
+  checkpoint's size, in; `boxes` (N, 4, x0 y0 x1 y1 in its pixels), `scores` (N,) and `labels` (N,, 1..K) out,
+  and from a Mask R-CNN `masks` (N, 1, size, size) probabilities. All four detectors export and are verified.
   The window partition and the pyramid are traced at that size, so the file takes that size only.
 - vitcli: the checkpoint itself (.safetensors with its metadata).
 exported-program, hf and timm have no detector to write (torch.export stops at the post-processing's
@@ -29,8 +30,12 @@ DETECTOR_FORMATS = ("onnx", "vitcli")
 OUTPUTS = ("boxes", "scores", "labels")
 
 
+def outputs(model: nn.Module) -> tuple[str, ...]:
+    return (*OUTPUTS, "masks") if model.masks else OUTPUTS
+
+
 class _OneImage(nn.Module):
-    """A detector as ONNX sees it: one image in, three tensors out."""
+    """A detector as ONNX sees it: one image in, three tensors (four with masks) out."""
 
     def __init__(self, detector: nn.Module):
         super().__init__()
@@ -38,7 +43,7 @@ class _OneImage(nn.Module):
 
     def forward(self, image: torch.Tensor):
         found = self.detector([image])[0]
-        return found["boxes"], found["scores"], found["labels"]
+        return tuple(found[k] for k in outputs(self.detector))
 
 
 def export_detector(model: nn.Module, ck, fmt: str, out: Path) -> dict[str, Any]:
@@ -62,8 +67,8 @@ def export_detector(model: nn.Module, ck, fmt: str, out: Path) -> dict[str, Any]
 
 
 def _detection_diff(want: dict, got: dict, margin: float = 1e-4) -> float | None:
-    """The largest box or score difference between each detection and its counterpart of the same label in the
-    other list (None: one has no counterpart). Detections scoring within `margin` of the lowest one kept
+    """The largest box, score (or mask probability) difference between each detection and its counterpart of the
+    same label in the other list (None: one has no counterpart). Detections scoring within `margin` of the lowest one kept
     are left out: at the cut (score threshold, detections_per_img) ties fall either way."""
     worst = 0.0
     for a, b in ((want, got), (got, want)):
@@ -78,6 +83,12 @@ def _detection_diff(want: dict, got: dict, margin: float = 1e-4) -> float | None
                 return None
             gaps = torch.maximum((b["boxes"][same].float() - box).abs().amax(dim=1), (b["scores"][same].float() - score).abs())
             worst = max(worst, float(gaps.min()))
+        if "masks" in a:  # the masks of the same detections (matched by box and score above)
+            for i in range(len(a["scores"])):
+                if float(a["scores"][i]) > cut:
+                    same = (b["labels"].long() == a["labels"][i].long()).nonzero()[:, 0]
+                    j = same[(b["boxes"][same].float() - a["boxes"][i].float()).abs().amax(dim=1).argmin()]
+                    worst = max(worst, float((b["masks"][j].float() - a["masks"][i].float()).abs().max()))
     return worst
 
 
@@ -90,7 +101,7 @@ def _write_onnx(model: nn.Module, meta: CheckpointMeta, out: Path, example: torc
         with warnings.catch_warnings():  # the tracer's notes on torchvision's Python-side shape arithmetic
             warnings.simplefilter("ignore")
             torch.onnx.export(wrapped, (example,), str(tmp), dynamo=False, opset_version=17, input_names=["image"],
-                              output_names=list(OUTPUTS))
+                              output_names=list(outputs(model)))
         import onnx
 
         proto = onnx.load(str(tmp))
@@ -100,10 +111,12 @@ def _write_onnx(model: nn.Module, meta: CheckpointMeta, out: Path, example: torc
         onnx.save(proto, str(tmp))
 
     atomic_write(out, save, "--out")
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # Mask R-CNN's paste loop warns of every shape the tracer saw differently
+    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
 
     def run(image: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(v) for k, v in zip(OUTPUTS, session.run(None, {"image": image.numpy()}))}
+        return {k: torch.from_numpy(v) for k, v in zip(outputs(model), session.run(None, {"image": image.numpy()}))}
 
     return run
 

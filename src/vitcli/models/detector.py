@@ -4,7 +4,10 @@ torchvision's own detectors, with their anchor generators, RoI heads, losses and
 - `faster_rcnn`: FasterRCNN (RPN + RoIAlign box head), anchors 8x each level's stride (32-512 px for
   16-px patches, torchvision's and ViTDet's), aspect ratios 0.5 / 1 / 2;
 - `retinanet`: RetinaNet, anchors 4x the stride at three octave scales (torchvision's);
-- `fcos`: FCOS, one anchor point per location, sized as the stride (torchvision's).
+- `fcos`: FCOS, one anchor point per location, sized as the stride (torchvision's);
+- `mask_rcnn`: MaskRCNN, Faster R-CNN's anchors and box head plus its mask head (RoIAlign 14 x 14, four 3 x 3
+  convolutions as wide as the pyramid, torchvision's 256 at 256 channels -> 28 x 28 masks), ViTDet's main
+  detector; it needs objects with instance masks.
 
 Images go in as a list of float (C, H, W) tensors in [0, 1] of any sizes; the detector's transform resizes
 each so its longer side is `size` (torchvision's min_size = max_size), normalises it with the encoder's
@@ -21,8 +24,9 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
 from vitcli.errors import VitError
@@ -30,8 +34,9 @@ from vitcli.models.detection_backbone import ViTDetBackbone
 from vitcli.models.intermediates import patch_stride
 from vitcli.models.pyramid import SCALE_FACTORS
 
-DETECTORS = ("faster_rcnn", "retinanet", "fcos")
-DetectorKind = Literal["faster_rcnn", "retinanet", "fcos"]
+DETECTORS = ("faster_rcnn", "retinanet", "fcos", "mask_rcnn")
+DetectorKind = Literal["faster_rcnn", "retinanet", "fcos", "mask_rcnn"]
+CLASSES = {"faster_rcnn": FasterRCNN, "retinanet": RetinaNet, "fcos": FCOS, "mask_rcnn": MaskRCNN}
 
 
 @dataclass(frozen=True)
@@ -86,11 +91,18 @@ class Detector(nn.Module):
                       size_divisible=divisible)
         common.update(_checked_args(spec.kind, spec.extra))
         levels = len(strides)
-        if spec.kind == "faster_rcnn":
+        if spec.kind in ("faster_rcnn", "mask_rcnn"):
             anchors = AnchorGenerator(tuple((8 * s,) for s in strides), ((0.5, 1.0, 2.0),) * levels)
             pool = MultiScaleRoIAlign(featmap_names=names[:-1], output_size=7, sampling_ratio=2)
-            self.detector = FasterRCNN(backbone, spec.num_classes, rpn_anchor_generator=anchors, box_roi_pool=pool,
-                                       box_score_thresh=spec.score_thresh, box_detections_per_img=spec.detections_per_img, **common)
+            if spec.kind == "mask_rcnn":
+                common["mask_roi_pool"] = MultiScaleRoIAlign(featmap_names=names[:-1], output_size=14, sampling_ratio=2)
+            self.detector = CLASSES[spec.kind](backbone, spec.num_classes, rpn_anchor_generator=anchors, box_roi_pool=pool,
+                                               box_score_thresh=spec.score_thresh, box_detections_per_img=spec.detections_per_img,
+                                               **common)
+            if spec.kind == "mask_rcnn":  # set after: torchvision takes num_classes or a mask predictor, not both
+                heads = self.detector.roi_heads
+                heads.mask_head = MaskRCNNHeads(spec.channels, (spec.channels,) * 4, dilation=1)
+                heads.mask_predictor = MaskRCNNPredictor(spec.channels, spec.channels, spec.num_classes)
         elif spec.kind == "retinanet":
             anchors = AnchorGenerator(tuple(tuple(4 * s * 2 ** (k / 3) for k in range(3)) for s in strides), ((0.5, 1.0, 2.0),) * levels)
             self.detector = RetinaNet(backbone, spec.num_classes, anchor_generator=anchors, score_thresh=spec.score_thresh,
@@ -116,6 +128,11 @@ class Detector(nn.Module):
         """The encoder's blocks: what activation checkpointing and FSDP wrap one by one."""
         return self.encoder.blocks
 
+    @property
+    def masks(self) -> bool:
+        """Whether it predicts instance masks (and needs them to train)."""
+        return self.spec.kind == "mask_rcnn"
+
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
         out = self.detector(images, targets)
         if self.training:
@@ -138,11 +155,12 @@ class Detector(nn.Module):
 
 def _checked_args(kind: str, extra: dict) -> dict:
     """model.detector_args, refused by name when the torchvision class takes no such argument."""
-    cls = {"faster_rcnn": FasterRCNN, "retinanet": RetinaNet, "fcos": FCOS}[kind]
+    cls = CLASSES[kind]
     taken = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
     owned = {"min_size", "max_size", "image_mean", "image_std", "size_divisible", "num_classes", "backbone", "anchor_generator",
              "rpn_anchor_generator", "box_roi_pool", "head", "rpn_head", "box_head", "box_predictor", "score_thresh",
-             "box_score_thresh", "detections_per_img", "box_detections_per_img"}  # set from the recipe, or modules
+             "box_score_thresh", "detections_per_img", "box_detections_per_img",
+             "mask_roi_pool", "mask_head", "mask_predictor"}  # set from the recipe, or modules
     bad = sorted(k for k in extra if k not in taken or k in owned)
     if bad:
         raise VitError(f"model.detector_args {bad} are not {cls.__name__} arguments vitcli passes through; the size, "

@@ -1,7 +1,8 @@
 """Object detection (task: detection): the sum of a torchvision detector's own losses (RPN objectness and
-boxes, RoI classification and boxes for Faster R-CNN; focal loss and boxes for RetinaNet; FCOS's three);
-evaluation runs the detector on the evaluation images as they are and judges its boxes by COCO AP
-(pycocotools, objectives/coco_metrics.py, gathered over processes); AP picks the best checkpoint.
+boxes, RoI classification and boxes for Faster R-CNN, and masks for Mask R-CNN; focal loss and boxes for
+RetinaNet; FCOS's three); evaluation runs the detector on the evaluation images as they are and judges its
+boxes (and masks) by COCO AP (pycocotools, objectives/coco_metrics.py, gathered over processes); box AP
+picks the best checkpoint.
 
     objective = Detection(detector)
     loss, parts = objective((images, targets))          # lists: (C, H, W) tensors, {boxes, labels} dicts
@@ -21,13 +22,16 @@ from torch import nn
 from vitcli.errors import VitError
 from vitcli.models.detector import Detector
 from vitcli.objectives.base import Inputs, Objective
-from vitcli.objectives.coco_metrics import STAT_KEYS, CocoBoxAP
+from vitcli.objectives.coco_metrics import MASK_KEYS, STAT_KEYS, CocoAP
 
 
 class Detection(Objective):
     name = "detection"
     best_metric = "ap"
-    eval_metrics = (*STAT_KEYS, "num_images", "images_per_second")
+
+    @property
+    def eval_metrics(self) -> tuple[str, ...]:
+        return (*STAT_KEYS, *(MASK_KEYS if self.model.masks else ()), "num_images", "images_per_second")
 
     @classmethod
     def from_recipe(cls, cfg, model: nn.Module, given: Inputs) -> Detection:
@@ -45,7 +49,7 @@ class Detection(Objective):
         spec = self.model.spec
         windows = f"{spec.window_size}-patch windows, global blocks {list(spec.global_blocks)}" if spec.window_size else "global attention"
         return (f"Detection: {spec.kind} (torchvision) on a simple feature pyramid ({spec.channels} channels, {windows}); "
-                f"images resized to {spec.size} px on the longer side; judged by COCO box AP.")
+                f"images resized to {spec.size} px on the longer side; judged by COCO box{' and mask' if self.model.masks else ''} AP.")
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable, device: torch.device,
@@ -56,7 +60,8 @@ class Detection(Objective):
         return float(metrics["ap"] or 0.0)
 
     def describe(self, metrics: dict[str, Any]) -> str:
-        return f"AP {metrics['ap'] or 0:.4f}  AP50 {metrics['ap50'] or 0:.4f}  AP75 {metrics['ap75'] or 0:.4f}"
+        boxes = f"AP {metrics['ap'] or 0:.4f}  AP50 {metrics['ap50'] or 0:.4f}  AP75 {metrics['ap75'] or 0:.4f}"
+        return boxes + (f"  mask AP {metrics['mask_ap'] or 0:.4f}" if "mask_ap" in metrics else "")
 
 
 @torch.no_grad()
@@ -66,14 +71,14 @@ def evaluate_detection(model: nn.Module, batches: Iterable, device: torch.device
     images/s. `on_batch(images, detections, targets)` sees every batch."""
     was_training = model.training
     model.eval()
-    judge = CocoBoxAP()
+    judge = CocoAP()
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     start = time.perf_counter()
     for images, targets in batches:
         images = [image.to(device, non_blocking=True) for image in images]
         with amp:
             found = model(images)
-        found = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in f.items()} for f in found]
+        found = [{k: _to_host(k, v) for k, v in f.items()} for f in found]
         targets = [{k: v.cpu() for k, v in t.items()} for t in targets]
         judge.update(found, targets)
         if on_batch is not None:
@@ -81,7 +86,7 @@ def evaluate_detection(model: nn.Module, batches: Iterable, device: torch.device
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         gathered: list = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, judge.state())
-        judge = CocoBoxAP()
+        judge = CocoAP()
         for part in gathered:
             judge.merge(part)
     if device.type == "cuda":
@@ -91,3 +96,10 @@ def evaluate_detection(model: nn.Module, batches: Iterable, device: torch.device
     out = judge.results()
     out.update(seconds=seconds, images_per_second=out["num_images"] / seconds if seconds > 0 else 0.0)
     return out
+
+
+def _to_host(key: str, value: torch.Tensor) -> torch.Tensor:
+    """A detection's field on the CPU; masks cut at 0.5 first (bool, a quarter of the float's copy)."""
+    if key == "masks":
+        return (value > 0.5).cpu()
+    return value.float().cpu() if value.is_floating_point() else value.cpu()

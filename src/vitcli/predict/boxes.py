@@ -1,6 +1,8 @@
 """`vit predict` with a detection checkpoint: each image's boxes, categories and scores (those at least
---score-thresh), in the image's own pixels (x0, y0, x1, y1); with --draw DIR, a copy of each image with its
-boxes drawn (torchvision.utils.draw_bounding_boxes).
+--score-thresh), in the image's own pixels (x0, y0, x1, y1), and from a Mask R-CNN each object's mask (its
+probability cut at 0.5) as COCO compressed RLE, {size: [H, W], counts}, as COCO's results and detectron2's
+JSON hold them (pycocotools.mask.decode reads it); with --draw DIR, a copy of each image with its boxes (and
+masks) drawn (torchvision.utils.draw_bounding_boxes, draw_segmentation_masks).
 
 Each image is read whole and given to the detector as it is: the detector resizes it (its longer side to
 the checkpoint's size, as `vit eval` does) and maps the boxes back.
@@ -17,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import draw_bounding_boxes
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from vitcli.data.det_transforms import DetTransform, DetTransformSpec
+from vitcli.data.instance_masks import encode_masks
 from vitcli.errors import VitError
 from vitcli.io.paths import writable_dir
 from vitcli.models.config import input_channels
@@ -32,7 +35,7 @@ DRAW_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"
 @dataclass
 class BoxPrediction:
     path: str
-    objects: list[dict[str, Any]]  # {label, index, score, box: [x0, y0, x1, y1]}, most confident first
+    objects: list[dict[str, Any]]  # {label, index, score, box: [x0, y0, x1, y1], mask?: RLE}, most confident first
     drawn: str | None = None
 
 
@@ -56,10 +59,17 @@ def detect_images(model: torch.nn.Module, ck, paths: list[Path], *, score_thresh
         boxes, scores, labels = found["boxes"][keep].float().cpu(), found["scores"][keep].float().cpu(), found["labels"][keep].cpu()
         objects = [{"label": names[c - 1], "index": c - 1, "score": round(s, 6), "box": [round(v, 2) for v in b]}
                    for b, s, c in zip(boxes.tolist(), scores.tolist(), labels.tolist())]
+        masks = (found["masks"][keep][:, 0] > 0.5).cpu() if "masks" in found else None
+        if masks is not None:
+            for o, rle in zip(objects, encode_masks(masks)):
+                o["mask"] = rle
         drawn = None
         if out_dir is not None:
-            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+            pixels = torch.from_numpy(np.array(image)).reshape(image.height, image.width, -1).permute(2, 0, 1)
+            pixels = pixels.expand(3, -1, -1) if pixels.shape[0] == 1 else pixels
             colours = [DRAW_COLOURS[(c - 1) % len(DRAW_COLOURS)] for c in labels.tolist()]
+            if masks is not None and len(masks):
+                pixels = draw_segmentation_masks(pixels, masks, alpha=0.5, colors=colours)
             picture = draw_bounding_boxes(pixels, boxes, labels=[f"{o['label']} {o['score']:.2f}" for o in objects], colors=colours)
             drawn = str(out_dir / f"{unique_stem(path.stem, used)}.png")
             Image.fromarray(picture.permute(1, 2, 0).numpy()).save(drawn)
