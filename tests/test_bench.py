@@ -211,7 +211,16 @@ def test_bench_model_and_data_name_the_bottleneck(capsys):
     assert r["data"]["img_size"] == [8, 8] and r["data"]["batch_size"] == 4  # the model's resolution and batch
 
 
+def test_bench_loader_only_times_the_pipeline_at_the_models_size(capsys):
+    assert run_cli("bench", "vit_pico", "--data", "digits", "--loader-only", "--num-workers", "0", "--cache", "decoded",
+                   "--json", *FAST) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert "vitcli" not in r and "bottleneck" not in r  # no model step was timed
+    assert r["data"]["img_size"] == [8, 8] and r["data"]["batch_size"] == 4 and r["data"]["images_per_second"] > 0
+
+
 @pytest.mark.parametrize("args,message", [
+    (("bench", "vit_pico", "--loader-only"), "--loader-only times the input pipeline of --data"),
     (("bench", "vit_s61"), "Did you mean: vit_s16"),
     (("bench", "vit_pico", "--compare", "torchvision"), "only library to compare with is timm"),
     (("bench", "vit_pico", "--mode", "eval"), "--mode must be train or infer"),

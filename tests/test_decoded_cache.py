@@ -121,6 +121,46 @@ def test_an_unreadable_image_is_reported_as_without_the_cache(tmp_path):
     assert str(broken) in loader.skipped_examples[0]
 
 
+def test_cached_training_batches_cross_as_one_buffer_of_crops_resized_on_the_device(tmp_path):
+    """The tensor pipeline's training crops of the cache leave the worker cut, in one flat buffer; the main
+    process resizes and flips them as one batch, and that equals the image-by-image transform of the same
+    plans. An image the cache could not hold is decoded as before and takes its place in the batch."""
+    image_set = folder_set(tmp_path / "imgs", n=10)  # 9 training images
+    tf = build_transform(PIPELINES["tensor"], SIZE, train=True)
+    loader = make_loader(image_set, tf, LoaderSpec.training(8, seed=5, cache=CacheSpec("decoded")))
+    raw = loader.dataset.load(list(range(8)), epoch=0)
+    assert raw.images is None and raw.cuts is not None and raw.cuts.positions == tuple(range(8))
+    assert raw.cuts.pixels.dim() == 1 and raw.cuts.pixels.numel() == sum(h * w * c for h, w, c in raw.cuts.shapes)
+    assert any(p.flip for p in raw.cuts.plans) and not all(p.flip for p in raw.cuts.plans)
+    by_image = []
+    for k, plan in enumerate(raw.cuts.plans):  # the same plans through the per-image path, from the decoded pixels
+        pixels = torch.from_numpy(np.array(loader.dataset.decoded[k]))
+        assert (plan.height, plan.width, 3) == raw.cuts.shapes[k]
+        by_image.append(tf.apply(pixels[:, plan.top:plan.top + plan.height, plan.left:plan.left + plan.width],
+                                 plan._replace(top=0, left=0)))
+    assert torch.equal(tf.resize_cuts(raw.cuts, torch.device("cpu")), torch.stack(by_image))
+    loader.dataset.decoded.shapes[5] = 0  # as if the cache could not decode image 5
+    mixed = loader.dataset.load(list(range(8)), epoch=0)
+    assert mixed.cuts.positions == (0, 1, 2, 3, 4, 6, 7) and mixed.images.shape[0] == 1
+    from vitcli.data.batches import finish_batch
+    whole, _, _ = finish_batch(raw, tf, "error", torch.device("cpu"))
+    assembled, _, _ = finish_batch(mixed, tf, "error", torch.device("cpu"))
+    assert torch.equal(whole, assembled)
+
+
+def test_a_training_loader_normalises_into_two_buffers_in_turn(tmp_path):
+    image_set = folder_set(tmp_path / "imgs")
+    tf = build_transform(PIPELINES["tensor"], SIZE, train=True)
+    fresh = [x.clone() for x, _ in make_loader(image_set, tf, LoaderSpec.training(4, seed=3, cache=CacheSpec("decoded")))]
+    reused = make_loader(image_set, tf, LoaderSpec.training(4, seed=3, cache=CacheSpec("decoded"), reuse_buffers=True))
+    seen, pointers = [], []
+    for x, _ in reused:
+        seen.append(x.clone())
+        pointers.append(x.data_ptr())
+    assert len(seen) == 3 and all(torch.equal(a, b) for a, b in zip(fresh, seen))
+    assert pointers[0] == pointers[2] != pointers[1]
+
+
 def test_resumed_mid_epoch_with_the_cache_equals_the_whole_epoch(tmp_path):
     image_set = folder_set(tmp_path / "imgs")
     whole, _ = batches(image_set, "tensor", CacheSpec("decoded"), epochs=1)

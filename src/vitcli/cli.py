@@ -399,6 +399,7 @@ def bench(
     pipeline: str = typer.Option("auto", "--pipeline", help="For --data: auto | pil (timm PIL transforms) | tensor (uint8 tensors; JPEGs decoded on the GPU on CUDA)."),
     reduced_decode: bool = typer.Option(True, "--reduced-decode/--full-decode", help="For --data, tensor pipeline: decode JPEGs at 1/2-1/8 size when the crop allows (data.reduced_decode), or always at full size."),
     cache: str = typer.Option("none", "--cache", help="For --data: data.cache, none | decoded (decode each image once, before the timing) | auto."),
+    loader_only: bool = typer.Option(False, "--loader-only", help="With --data: time the input pipeline alone (a MODEL then only sets the resolution and batch)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Timed steps per model (default 50 on CUDA, 10 on CPU; 20 batches for --data)."),
     warmup: Optional[int] = typer.Option(None, "--warmup", min=0, help="Untimed steps first (default 10 on CUDA, 2 on CPU)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
@@ -413,7 +414,8 @@ def bench(
     say = lambda message: shown.print(f"[dim]{message}[/]", highlight=False)  # noqa: E731
     spec = BenchSpec(model, data=data, mode=mode, batch_size=batch_size, img_size=_parse_res(res), dtype=dtype,
                      compile=compile_, compare=compare, device=device, steps=steps, warmup=warmup, num_workers=num_workers,
-                     pipeline=pipeline, reduced_decode=reduced_decode, cache=cache, peak_tflops=peak_tflops, objective=objective)
+                     pipeline=pipeline, reduced_decode=reduced_decode, cache=cache, peak_tflops=peak_tflops, objective=objective,
+                     loader_only=loader_only)
     result = run_bench(spec, say=say)
     if as_json:
         print(json.dumps(result))

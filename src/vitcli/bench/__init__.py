@@ -40,9 +40,10 @@ def run_bench(spec: BenchSpec, say: Callable[[str], Any] = lambda message: None)
             size = spec.img_size or resolve_config(spec.model).img_size
             batch = spec.batch_size or defaults(pick_device(spec.device), spec.compile)["batch_size"]
         data_result = bench_data(spec, img_size=size, batch_size=batch, say=say)
-    result: dict[str, Any] = bench_model(spec, say=say) if spec.model is not None else {}
+    timed = spec.model is not None and not spec.loader_only
+    result: dict[str, Any] = bench_model(spec, say=say) if timed else {}
     result["data"] = data_result
-    if spec.model is not None and spec.data is not None:
+    if timed and spec.data is not None:
         loader, step = result["data"]["images_per_second"], result["vitcli"]["images_per_second"]
         result["bottleneck"] = "loader" if loader < step else "model"
         verdict = ("the loader is the bottleneck: add --num-workers, or decode at a lower cost"

@@ -45,7 +45,8 @@ def bench_data(spec: BenchSpec, *, img_size: tuple[int, int], batch_size: int,
     if batch_size > len(image_set) and len(image_set):
         raise VitError(f"--batch-size {batch_size} is larger than the {len(image_set)} training images of {dataset}; lower it.")
     transform = vdata.build_transform(cfg, img_size, train=True)
-    batching = vdata.LoaderSpec.training(batch_size, num_workers=num_workers, cache=vdata.CacheSpec(spec.cache))
+    batching = vdata.LoaderSpec.training(batch_size, num_workers=num_workers, cache=vdata.CacheSpec(spec.cache),
+                                         reuse_buffers=True)  # as the training loop's loader
     if vdata.is_streamed(image_set):  # endless by itself
         loader = vdata.make_stream_loader(image_set, transform, batching, device=dev)
         batches, on_device = iter(loader), loader.stream.decode_on_device

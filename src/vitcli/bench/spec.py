@@ -23,7 +23,8 @@ class BenchSpec:
     """model: a registry name or alias (None: only the input pipeline of `data`). data: also time this data
     set's input pipeline. batch_size / steps / warmup None: the device's defaults (model_bench.defaults).
     compare "timm": also time timm's equivalent, interleaved. objective mpp / mae: their training step on
-    the same encoder. peak_tflops: the GPU's peak for MFU where the built-in table lacks it."""
+    the same encoder. peak_tflops: the GPU's peak for MFU where the built-in table lacks it. loader_only: time
+    the input pipeline of `data` alone, the model (if named) giving only its resolution and batch."""
 
     model: Optional[str] = None
     data: Optional[str] = None
@@ -43,10 +44,13 @@ class BenchSpec:
     cache: str = "none"  # data.cache for --data: none | decoded | auto
     peak_tflops: Optional[float] = None
     objective: str = "supervised"
+    loader_only: bool = False
 
     def __post_init__(self) -> None:
         if self.model is None and self.data is None:
             raise VitError("Name a model to benchmark (e.g. `vit bench vit_s16`), or --data DATASET for the input pipeline.")
+        if self.loader_only and self.data is None:
+            raise VitError("--loader-only times the input pipeline of --data DATASET: give one (e.g. --data runs/jpegs --loader-only).")
         if self.compare is not None and self.compare != "timm":
             raise VitError(f"--compare {self.compare!r}: the only library to compare with is timm (--compare timm).")
         for flag, value, choices in (("--mode", self.mode, MODES), ("--objective", self.objective, tuple(OBJECTIVES)),

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vitcli.data.batches import FIX, BadImages, Batch, Deferred, unreadable
+from vitcli.data.batches import FIX, BadImages, Batch, Cuts, Deferred, unreadable
 from vitcli.data.decode import as_byte_tensor, decode_host, decode_reduced, encoded_bytes, jpeg_size, scalable_jpeg_size
 from vitcli.data.tensor_transforms import CropPlan, TensorTransform
 from vitcli.errors import VitError
@@ -31,6 +31,7 @@ def build_batch(items: list[tuple[tuple[int, ...], int, dict, int]], transform: 
     decoder = decoder or datasets.Image()
     tensors = isinstance(transform, TensorTransform)
     images, deferred, labels, skipped = [], [], [], []
+    to_cut: list[tuple[int, np.ndarray, CropPlan]] = []  # (position, cached (C, H, W) pixels, plan)
     with preserved_rng():
         for key, index, cell, label in items:
             seed_all(seed, *key)
@@ -52,6 +53,8 @@ def build_batch(items: list[tuple[tuple[int, ...], int, dict, int]], transform: 
                 images.append(image)
             elif not tensors:
                 images.append(transform(image))
+            elif isinstance(image[0], np.ndarray):  # cached pixels: cut now, resized on the device with the batch
+                to_cut.append((len(labels), *image))
             elif isinstance(image[0], bytes):  # a JPEG for the device: planned now, decoded there
                 data, plan = image
                 deferred.append(Deferred(len(labels), index, cell.get("path"), as_byte_tensor(data), plan))
@@ -64,7 +67,20 @@ def build_batch(items: list[tuple[tuple[int, ...], int, dict, int]], transform: 
         return Batch(*transform.collate(images, labels), skipped, None)
     stacked = stack_views(images) if images else None
     targets = torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], list) else torch.int64)  # multi-hot or ids
-    return Batch(stacked, targets, skipped, None, tuple(deferred))
+    return Batch(stacked, targets, skipped, None, tuple(deferred), cuts_of(to_cut) if to_cut else None)
+
+
+def cuts_of(to_cut: list[tuple[int, np.ndarray, CropPlan]]) -> Cuts:
+    """Each plan's box of its cached (C, H, W) pixels, copied once into one flat buffer as (h, w, C): the
+    layout the CPU resize runs in, and one buffer for the loader to pin and the device to receive."""
+    shapes = tuple((plan.height, plan.width, pixels.shape[0]) for _, pixels, plan in to_cut)
+    flat = np.empty(sum(h * w * c for h, w, c in shapes), dtype=np.uint8)
+    start = 0
+    for (_, pixels, plan), (h, w, c) in zip(to_cut, shapes):
+        box = pixels[:, plan.top:plan.top + h, plan.left:plan.left + w]
+        flat[start:start + h * w * c].reshape(h, w, c)[...] = box.transpose(1, 2, 0)
+        start += h * w * c
+    return Cuts(tuple(p for p, _, _ in to_cut), torch.from_numpy(flat), shapes, tuple(plan for _, _, plan in to_cut))
 
 
 def stack_views(images: list) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -95,9 +111,10 @@ def _prepare(cell: dict, transform: TensorTransform, decode_on_device: bool
 
     The plan is drawn from the full size in every case, so an image gets the same crop and flip
     whichever way it is decoded."""
-    if cell.get("decoded") is not None:  # the decoded cache's (C, H, W) pixels
-        image = torch.from_numpy(np.array(cell["decoded"]))
-        return image, transform.plan(image.shape[-1], image.shape[-2])
+    if cell.get("decoded") is not None:  # the decoded cache's (C, H, W) pixels: cut later (training) or copied
+        pixels = cell["decoded"]
+        plan = transform.plan(pixels.shape[-1], pixels.shape[-2])
+        return (pixels, plan) if plan is not None else (torch.from_numpy(np.array(pixels)), None)
     data = encoded_bytes(cell)
     size = jpeg_size(data, transform.mode) if decode_on_device else None
     if size:

@@ -9,6 +9,7 @@ a masked set that has no mask ("") takes its box as its mask.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,7 +41,9 @@ def decode_masks(counts: Sequence[str], boxes: torch.Tensor, height: int, width:
     masks = torch.zeros((len(counts), height, width), dtype=torch.uint8)
     for i, counts_i in enumerate(counts):
         if counts_i:
-            masks[i] = torch.from_numpy(coco_mask.decode({"size": [height, width], "counts": counts_i.encode("ascii")}))
+            with warnings.catch_warnings():  # pycocotools' RLE objects predate numpy 2's __array__(copy=...)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                masks[i] = torch.from_numpy(coco_mask.decode({"size": [height, width], "counts": counts_i.encode("ascii")}))
         else:
             x0, y0, x1, y1 = (int(round(float(v))) for v in boxes[i])
             masks[i, max(0, y0):y1, max(0, x0):x1] = 1

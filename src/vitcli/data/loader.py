@@ -25,7 +25,7 @@ import datasets
 import torch
 
 from vitcli.data.balance import sample_weights
-from vitcli.data.batches import BadImages, Batch, finish_batch, nbytes
+from vitcli.data.batches import BadImages, Batch, BatchBuffers, finish_batch, nbytes
 from vitcli.data.collate import build_batch
 from vitcli.data.decoded_cache import DecodedImages, decode_for
 from vitcli.data.multilabel import multi_hot
@@ -176,6 +176,7 @@ class Delivery:
 
     dataloader: torch.utils.data.DataLoader
     device: torch.device
+    buffers: Optional[BatchBuffers] = None  # LoaderSpec.reuse_buffers
     _live = None  # the iterator being consumed
 
     def close(self) -> None:
@@ -200,7 +201,7 @@ class Delivery:
                 self.close()
                 raise VitError(batch.error)
             try:
-                images, labels, skipped = finish_batch(batch, transform, bad_images, self.device, name, split)
+                images, labels, skipped = finish_batch(batch, transform, bad_images, self.device, name, split, self.buffers)
             except VitError:
                 self.close()
                 raise
@@ -314,4 +315,6 @@ def make_loader(
         # which would otherwise shift the training RNG at every epoch start (and break exact resume).
         generator=torch.Generator().manual_seed(derive_seed(seed, rank)),
     )
-    return Loader(dataloader, sampler, dataset, device, spec.cache_bytes, cache_note)
+    loader = Loader(dataloader, sampler, dataset, device, spec.cache_bytes, cache_note)
+    loader.buffers = BatchBuffers() if spec.reuse_buffers and not spec.cache_bytes else None
+    return loader

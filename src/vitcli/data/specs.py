@@ -128,7 +128,9 @@ class LoaderSpec:
     "error" (stop, naming the image) or "skip" (drop it, counted). pin_memory None: when CUDA is
     available. decode_on_device (tensor pipeline): workers send JPEG bytes and the main process decodes
     on the device; None: when the device is CUDA. cache_bytes: replay the first pass from memory when its
-    batches fit (evaluation loaders only: no shuffling, no augmentation).
+    batches fit (evaluation loaders only: no shuffling, no augmentation). reuse_buffers: a consumer done
+    with each batch before it takes the one after next (a training loop) lets the tensor pipeline
+    normalise CPU batches into two buffers used in turn (data/batches.BatchBuffers).
     """
 
     batch_size: int
@@ -143,6 +145,7 @@ class LoaderSpec:
     balanced: bool = False  # training: draw images with probability 1 / their class's count (data/balance.py)
     repeats: int = 1  # repeated augmentation (training): each image this many times per epoch, see EpochBatchSampler
     cache: CacheSpec = CacheSpec()  # decode each image once (data.cache), data/decoded_cache.py
+    reuse_buffers: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -47,7 +47,8 @@ class TrainStream:
         spec = vdata.LoaderSpec.training(plan.micro_batch * world_size, num_workers=recipe.data.num_workers,
                                          seed=recipe.train.seed, bad_images=recipe.data.bad_images,
                                          pin_memory=device.type == "cuda", repeats=recipe.data.repeated_augment,
-                                         balanced=recipe.data.balance == "sampler", cache=vdata.CacheSpec.of(recipe.data))
+                                         balanced=recipe.data.balance == "sampler", cache=vdata.CacheSpec.of(recipe.data),
+                                         reuse_buffers=True)  # train_step is done with a micro-batch before the next
         self.loader = vdata.make_loader(data.train, data.train_transform, spec, epoch=epoch, start_batch=pos * plan.accum,
                                         rank=rank, world_size=world_size, device=device)
         self._batches = self._epochs(epoch, taken=pos * plan.accum)
