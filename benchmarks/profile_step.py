@@ -1,7 +1,16 @@
-"""Where the time of one step goes, ours against timm's: torch.profiler op totals side by side.
+"""Where the time of one step goes, ours against timm's: torch.profiler op totals side by side; or, given a
+recipe, where the time of a whole training run goes (the loop around the step).
 
     .venv/bin/python benchmarks/profile_step.py vit_s16 --batch-size 8
     .venv/bin/python benchmarks/profile_step.py vit_pico --batch-size 64 --steps 20 --mode infer
+    .venv/bin/python benchmarks/profile_step.py recipes/quickstart.yaml --set data.cache=decoded
+    .venv/bin/python benchmarks/profile_step.py recipes/quickstart.yaml --digits-folder runs/bench/digits28
+
+A recipe runs `vit pretrain` in this process with timers around the loop's parts (benchmarks/loop_timers.py):
+setup (data, model, cache decode), batches (loader, augmentation, transfer), forward (with the loss and the
+step's own Python), backward, optimizer, evaluation, checkpoints, logging, and what is left; the table gives
+each in seconds and as a share of the wall time, and the images/s of the step alone against the whole run.
+`--digits-folder DIR` first writes the issue's 28x28 folder (4,000 grey digit PNGs) and trains on it.
 
 Both models are built exactly as `vit bench --compare timm` builds them (same weights, same optimizer),
 warmed up, then profiled for --steps steps each (alternately, so load drift hits both). The table lists
@@ -12,6 +21,7 @@ any gap is in the kernels' time, not in extra work.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import defaultdict
 
 import torch
@@ -22,6 +32,10 @@ from vitcli.models import resolve_config
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1].endswith((".yaml", ".yml")):
+        from loop_timers import main as profile_loop
+
+        return profile_loop(sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--batch-size", type=int, default=8)

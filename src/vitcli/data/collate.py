@@ -31,7 +31,7 @@ def build_batch(items: list[tuple[tuple[int, ...], int, dict, int]], transform: 
     decoder = decoder or datasets.Image()
     tensors = isinstance(transform, TensorTransform)
     images, deferred, labels, skipped = [], [], [], []
-    to_cut: list[tuple[int, np.ndarray, CropPlan]] = []  # (position, cached (C, H, W) pixels, plan)
+    to_cut: list[tuple[int, np.ndarray, CropPlan]] = []  # (position, cached (H, W, C) pixels, plan)
     with preserved_rng():
         for key, index, cell, label in items:
             seed_all(seed, *key)
@@ -71,14 +71,14 @@ def build_batch(items: list[tuple[tuple[int, ...], int, dict, int]], transform: 
 
 
 def cuts_of(to_cut: list[tuple[int, np.ndarray, CropPlan]]) -> Cuts:
-    """Each plan's box of its cached (C, H, W) pixels, copied once into one flat buffer as (h, w, C): the
-    layout the CPU resize runs in, and one buffer for the loader to pin and the device to receive."""
-    shapes = tuple((plan.height, plan.width, pixels.shape[0]) for _, pixels, plan in to_cut)
+    """Each plan's box of its cached (H, W, C) pixels, copied once (row by row) into one flat buffer: one
+    buffer for the loader to pin and the device to receive."""
+    shapes = tuple((plan.height, plan.width, pixels.shape[2]) for _, pixels, plan in to_cut)
     flat = np.empty(sum(h * w * c for h, w, c in shapes), dtype=np.uint8)
     start = 0
     for (_, pixels, plan), (h, w, c) in zip(to_cut, shapes):
-        box = pixels[:, plan.top:plan.top + h, plan.left:plan.left + w]
-        flat[start:start + h * w * c].reshape(h, w, c)[...] = box.transpose(1, 2, 0)
+        box = pixels[plan.top:plan.top + h, plan.left:plan.left + w]
+        flat[start:start + h * w * c].reshape(h, w, c)[...] = box
         start += h * w * c
     return Cuts(tuple(p for p, _, _ in to_cut), torch.from_numpy(flat), shapes, tuple(plan for _, _, plan in to_cut))
 
@@ -111,10 +111,10 @@ def _prepare(cell: dict, transform: TensorTransform, decode_on_device: bool
 
     The plan is drawn from the full size in every case, so an image gets the same crop and flip
     whichever way it is decoded."""
-    if cell.get("decoded") is not None:  # the decoded cache's (C, H, W) pixels: cut later (training) or copied
+    if cell.get("decoded") is not None:  # the decoded cache's (H, W, C) pixels: cut later (training) or copied
         pixels = cell["decoded"]
-        plan = transform.plan(pixels.shape[-1], pixels.shape[-2])
-        return (pixels, plan) if plan is not None else (torch.from_numpy(np.array(pixels)), None)
+        plan = transform.plan(pixels.shape[1], pixels.shape[0])
+        return (pixels, plan) if plan is not None else (torch.from_numpy(np.array(pixels)).permute(2, 0, 1), None)
     data = encoded_bytes(cell)
     size = jpeg_size(data, transform.mode) if decode_on_device else None
     if size:

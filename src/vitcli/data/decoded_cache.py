@@ -3,7 +3,8 @@ batch, into one uint8 buffer that later epochs and evaluations read instead of t
 
 - Pixels are stored at the image's own size, in the mode the transform wants ("RGB" or "L"), by the decoder
   the transform's pipeline uses (TorchCodec for the tensor pipeline, PIL for timm's), so batches equal the
-  uncached ones bit for bit; crops are then planned on those pixels as before. (The tensor pipeline's
+  uncached ones bit for bit; crops are then planned on those pixels as before. Both are stored (H, W, C):
+  a crop's rows are then contiguous runs, copied at memory speed, and the layout the CPU resize runs in. (The tensor pipeline's
   reduced-size JPEG decode, a saving for decoding every epoch, is not used: crops come from full-size pixels.)
 - Storage: in memory when the decoded split fits `budget` bytes (data.cache_budget; default a quarter of the
   RAM), else a memory-mapped file under the datasets cache, kept for later runs (resumes decode nothing).
@@ -41,8 +42,8 @@ CHUNK = 256  # images decoded per round (in threads: the decoders release the GI
 
 
 class DecodedImages:
-    """The decoded pixels of a split: image i starts at `pixels[offsets[i]]`, shaped `shapes[i]` ((C, H, W)
-    from the tensor decoder, (H, W, C) from PIL); None for an image that could not be decoded (shape 0)."""
+    """The decoded pixels of a split: image i starts at `pixels[offsets[i]]`, shaped `shapes[i]` (H, W, C);
+    None for an image that could not be decoded (shape 0)."""
 
     def __init__(self, pixels: np.ndarray, offsets: np.ndarray, shapes: np.ndarray, stored: str):
         self.pixels, self.offsets, self.shapes, self.stored = pixels, offsets, shapes, stored
@@ -63,8 +64,9 @@ class DecodedImages:
 
 
 def tensor_decoder(mode: str) -> Callable[[dict], np.ndarray]:
-    """The tensor pipeline's host decoder: uint8 (C, H, W)."""
-    return lambda cell: decode_host(encoded_bytes(cell), mode).numpy()
+    """The tensor pipeline's host decoder, its (C, H, W) seen as uint8 (H, W, C) (the copy into the store
+    makes it contiguous)."""
+    return lambda cell: decode_host(encoded_bytes(cell), mode).numpy().transpose(1, 2, 0)
 
 
 def pil_decoder(mode: str) -> Callable[[dict], np.ndarray]:
@@ -105,7 +107,7 @@ def decoded_sizes(hf: datasets.Dataset, channels: int) -> np.ndarray:
 def cache_key(hf: datasets.Dataset, kind: str, mode: str) -> str:
     """A hash of where the pixels come from: the split's fingerprint, decoder and mode, and each image file's
     path, size and modification time (cells that hold their bytes are covered by the fingerprint)."""
-    digest = hashlib.sha256(f"{hf._fingerprint}|{len(hf)}|{kind}|{mode}".encode())
+    digest = hashlib.sha256(f"{hf._fingerprint}|{len(hf)}|{kind}|{mode}|hwc".encode())
     column = hf.data.column("image")
     paths = pc.struct_field(column, "path").to_pylist()
     stored = pc.is_valid(pc.struct_field(column, "bytes")).to_pylist()

@@ -127,15 +127,16 @@ class TensorTransform:
         channels = cuts.shapes[0][2] if cuts.shapes else len(self.mean)
         out = torch.empty((len(crops), channels, *self.size), dtype=torch.uint8, device=device)
 
-        def one(k: int) -> None:
-            image = _resized(crops[k], self.size, self.interpolation)
-            out[k].copy_(image.flip(-1) if cuts.plans[k].flip else image)
+        def some(ks: range) -> None:
+            for k in ks:
+                image = _resized(crops[k], self.size, self.interpolation)
+                out[k].copy_(image.flip(-1) if cuts.plans[k].flip else image)
 
-        if device.type == "cpu" and len(crops) > 1:  # torch's kernels release the GIL: one image per thread
-            list(_threads().map(one, range(len(crops))))
+        threads = _threads()._max_workers if device.type == "cpu" else 1
+        if threads > 1 and len(crops) > 1:  # torch's kernels release the GIL: a share of the batch per thread
+            list(_threads().map(some, [range(t, len(crops), threads) for t in range(threads)]))
         else:
-            for k in range(len(crops)):
-                one(k)
+            some(range(len(crops)))
         return out
 
     def normalize(self, batch: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
