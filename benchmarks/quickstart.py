@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-quickstart")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override, repeatable")
     args = ap.parse_args()
-    for i in range(args.repeat):
+    for _ in range(args.repeat):
         print(json.dumps(one_run(args.out, args.overrides)))
         sys.stdout.flush()
 

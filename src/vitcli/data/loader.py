@@ -11,7 +11,9 @@
 - Two pipelines, by the transform's type: timm's PIL transforms (float batches out of the workers), or
   a TensorTransform: workers decode to uint8, plan and apply crops; uint8 batches cross to the device,
   where the main process normalises them. With `decode_on_device`, workers send JPEG bytes and crop
-  plans instead, and the main process decodes (nvJPEG on CUDA) and crops on the device.
+  plans instead, and the main process decodes (nvJPEG on CUDA) and crops on the device. With the decoded
+  cache (data.cache), training images leave the worker as their crop boxes cut from the cached pixels, one
+  flat buffer per batch, which the main process resizes and flips on the device as one batch.
 - Unreadable images: data.bad_images "error" stops with a message naming the image; "skip" drops it
   from its batch and counts it in `Loader.skipped`.
 """

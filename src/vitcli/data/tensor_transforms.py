@@ -8,7 +8,9 @@ and flips a uint8 (C, H, W) tensor on whatever device it is on; `normalize(batch
 into the model's float input on its device. Planning needs only the image size, so a worker can plan
 from a JPEG header and leave decoding and resizing to the GPU, or pick how small a host decode may
 be (`reduction`): a crop of at least twice the output size on both sides loses nothing by being
-decoded at half size, since the resize would average those pixels away.
+decoded at half size, since the resize would average those pixels away. `resize_cuts` does apply's
+resize and flip for a whole batch of crops already cut from decoded pixels (data.cache), on the device, in
+threads on a CPU.
 """
 
 from __future__ import annotations
