@@ -203,6 +203,20 @@ def test_mask_rcnn_learns_masks_on_a_vit_with_a_mask_head_as_wide_as_the_pyramid
     assert found["masks"].shape[1:] == (1, 48, 40) and len(found["masks"]) == len(found["boxes"])  # pasted into the image
 
 
+def test_objects_are_drawn_with_their_masks_under_their_boxes_in_their_labels_colour():
+    from vitcli.data.box_pictures import COLOURS, draw_objects
+
+    black = torch.zeros(1, 40, 40, dtype=torch.uint8)  # grey: drawn as RGB
+    mask = torch.zeros(1, 40, 40, dtype=torch.bool)
+    mask[0, 12:20, 10:30] = True
+    picture = draw_objects(black, torch.tensor([[5.0, 8.0, 35.0, 30.0]]), torch.tensor([3]), ["x"], mask)
+    colour = torch.tensor([int(COLOURS[2][i:i + 2], 16) for i in (1, 3, 5)], dtype=torch.float32)  # label 3: the third
+    assert picture.shape == (3, 40, 40)
+    torch.testing.assert_close(picture[:, 15, 20].float(), (colour * 0.5).floor(), atol=1, rtol=0)  # the mask at alpha 0.5
+    assert torch.equal(picture[:, 20, 35].float(), colour)  # the box's right edge
+    assert picture[:, 35, 20].sum() == 0 and picture[:, 20, 20].sum() == 0  # outside the box; inside it, outside the mask
+
+
 @pytest.fixture(scope="module")
 def coco_instances(tmp_path_factory):
     """A COCO folder of digits-det canvases whose annotations carry each digit's mask as compressed RLE."""
@@ -268,6 +282,11 @@ def test_mask_rcnn_finetunes_and_its_mask_ap_equals_pycocotools(trained, coco_in
     for o, mask in zip(row["objects"], want["masks"][:, 0] > 0.5):
         np.testing.assert_array_equal(coco_mask.decode({**o["mask"], "counts": o["mask"]["counts"].encode()}), mask.numpy())
     assert Image.open(row["drawn"]).size == (64, 64)
+    # inspect: the encoder's figures, then the set's objects beside the detections
+    assert run_cli("inspect", "--ckpt", str(out), "--out", str(tmp_path / "inspect"), "--show", "2") == 0
+    summary = json.loads((tmp_path / "inspect" / "inspect.json").read_text())
+    assert summary["num_images"] == 2 and Image.open(summary["figures"]["detection"]).size[1] > 200
+    assert "detection: annotated and detected objects" in capsys.readouterr().out
     # ONNX: the masks come out too, as onnxruntime computes them
     assert run_cli("export", "--ckpt", str(out), "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--json") == 0
     assert json.loads(capsys.readouterr().out)["verified"]

@@ -222,3 +222,23 @@ def draw_segmentation(path: Path, images: list[np.ndarray], truths: list[np.ndar
     fig.suptitle(title or "segmentation", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def draw_pairs(path: Path, left: list[np.ndarray], right: list[np.ndarray], headings: tuple[str, str], captions: list[str],
+               title: str = "") -> Path:
+    """A row per image: two uint8 (H, W, 3) pictures side by side (e.g. annotated and detected objects)."""
+    n = len(left)
+    fig = new_figure(4.4, 2.2 * n + 0.5)
+    for i in range(n):
+        for col, shown in enumerate((left[i], right[i])):
+            ax = fig.add_subplot(n, 2, 2 * i + col + 1)
+            ax.imshow(shown, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(headings[col], fontsize=9)
+            if col == 1:
+                ax.set_xlabel(captions[i], fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)

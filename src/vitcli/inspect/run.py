@@ -29,6 +29,7 @@ from vitcli.io.paths import writable_dir, write_text
 from vitcli.inspect import features as ft
 from vitcli.inspect import figures as fg
 from vitcli.inspect.reconstruct import load_mae, reconstructions
+from vitcli.inspect.detection import detection_figure
 from vitcli.inspect.segmentation import segmentation_figure
 from vitcli.models import input_channels, input_size
 from vitcli.objectives.evaluate import evaluate
@@ -87,9 +88,9 @@ def run_inspect(
         raise needs_vit("vit inspect (position embeddings, attention maps, patch filters)", ck.meta.model)
     out = writable_dir(Path(out) if out is not None else _default_out(ck.source, run_dir), "--out")
     name = run_dir.name if run_dir is not None else Path(str(ck.source)).name
-    segmenter = model if ck.meta.task == "segmentation" else None
-    if segmenter is not None:  # the encoder's figures, then images with their masks instead of attention
-        model = segmenter.encoder
+    dense = model if ck.meta.task in ("segmentation", "detection") else None
+    if dense is not None:  # the encoder's figures, then images with their masks or objects instead of attention
+        model = dense.encoder
     grid = tuple(model.patch_embed.grid_size)
     result: dict[str, Any] = {
         "checkpoint": str(ck.source), "model": ck.meta.model, "out": str(out),
@@ -120,9 +121,10 @@ def run_inspect(
     if dataset is None and not ck.meta.dataset:
         result["notes"].append("no attention figures: the checkpoint does not say which data set it was trained "
                                "on; pass --dataset to draw them")
-    elif segmenter is not None:
+    elif dense is not None:
         dataset, data_dir = resolve_dataset(dataset, data_dir, ck, run_dir)
-        drawn = segmentation_figure(segmenter, ck, dataset, split, data_dir, out, max(show, 1), pick_device(device), name)
+        figure = segmentation_figure if ck.meta.task == "segmentation" else detection_figure
+        drawn = figure(dense, ck, dataset, split, data_dir, out, max(show, 1), pick_device(device), name)
         result["figures"].update(drawn.pop("figures"))
         result.update(drawn)
     else:
@@ -246,7 +248,8 @@ def print_inspect(result: dict[str, Any], console=None) -> None:
     console = console or Console()
     titles = {"filters": "Fig. 7 left, patch-embedding filters (PCA)", "position": "Fig. 7 centre, position embeddings",
               "distance": "Fig. 7 right, mean attention distance", "rollout": "Fig. 6, attention rollout",
-              "reconstruction": "MAE Fig. 2, reconstruction", "per_class": "per-class accuracy"}
+              "reconstruction": "MAE Fig. 2, reconstruction", "per_class": "per-class accuracy",
+              "segmentation": "segmentation: image, ground truth, prediction", "detection": "detection: annotated and detected objects"}
     for key, title in titles.items():
         if key in result["figures"]:
             console.print(f"{title}: {escape(result['figures'][key])}", highlight=False, soft_wrap=True)

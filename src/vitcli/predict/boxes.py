@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from vitcli.data.box_pictures import draw_objects
 from vitcli.data.det_transforms import DetTransform, DetTransformSpec
 from vitcli.data.instance_masks import encode_masks
 from vitcli.errors import VitError
@@ -28,8 +28,6 @@ from vitcli.io.paths import writable_dir
 from vitcli.models.config import input_channels
 from vitcli.predict.masks import unique_stem
 from vitcli.predict.run import readable_images
-
-DRAW_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990"]
 
 
 @dataclass
@@ -66,11 +64,7 @@ def detect_images(model: torch.nn.Module, ck, paths: list[Path], *, score_thresh
         drawn = None
         if out_dir is not None:
             pixels = torch.from_numpy(np.array(image)).reshape(image.height, image.width, -1).permute(2, 0, 1)
-            pixels = pixels.expand(3, -1, -1) if pixels.shape[0] == 1 else pixels
-            colours = [DRAW_COLOURS[(c - 1) % len(DRAW_COLOURS)] for c in labels.tolist()]
-            if masks is not None and len(masks):
-                pixels = draw_segmentation_masks(pixels, masks, alpha=0.5, colors=colours)
-            picture = draw_bounding_boxes(pixels, boxes, labels=[f"{o['label']} {o['score']:.2f}" for o in objects], colors=colours)
+            picture = draw_objects(pixels, boxes, labels, [f"{o['label']} {o['score']:.2f}" for o in objects], masks)
             drawn = str(out_dir / f"{unique_stem(path.stem, used)}.png")
             Image.fromarray(picture.permute(1, 2, 0).numpy()).save(drawn)
         if progress is not None:
