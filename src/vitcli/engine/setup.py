@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split as sklearn_split
 
 from vitcli import data as vdata
 from vitcli.data.balance import IMBALANCE_SHOWN, imbalance_ratio
@@ -173,7 +172,9 @@ def split_holdout(train: vdata.ImageSet, fraction: float) -> tuple[vdata.ImageSe
     if train.multilabel:
         raise VitError(f"data.holdout counts one class per image; {train.name} has several. Drop it for multi-label data.")
     labels = vdata.label_array(train.dataset)
-    rest, held = sklearn_split(np.arange(len(labels)), test_size=fraction, random_state=0, stratify=_stratify(labels, fraction))
+    from sklearn.model_selection import train_test_split  # here: scikit-learn and scipy cost ~1 s to import
+
+    rest, held = train_test_split(np.arange(len(labels)), test_size=fraction, random_state=0, stratify=_stratify(labels, fraction))
     def part(idx, tag):
         return dataclasses.replace(train, dataset=train.dataset.select(np.sort(idx), keep_in_memory=True), split=f"{train.split}[{tag}]")
     return part(rest, "rest"), part(held, f"holdout {fraction:g}")

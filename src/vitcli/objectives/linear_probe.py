@@ -24,7 +24,6 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
 
 from vitcli.objectives.fewshot import features
 
@@ -112,6 +111,8 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     labels = train_y.numpy()
     counts = np.bincount(labels, minlength=num_classes)
     stratify = labels if counts[counts > 0].min() >= 2 else None
+    from sklearn.model_selection import train_test_split  # here: scikit-learn and scipy cost ~1 s to import
+
     fit, held = train_test_split(np.arange(len(labels)), test_size=HOLDOUT, random_state=seed, stratify=stratify)
     fit, held = torch.as_tensor(fit, device=train_x.device), torch.as_tensor(held, device=train_x.device)
     bn = protocol == "mae"
