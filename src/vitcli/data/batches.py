@@ -124,6 +124,7 @@ def finish_batch(batch: Batch, transform: Callable, bad_images: BadImages, devic
     labels, skipped = batch.labels, []
     ready = batch.images.to(device, non_blocking=True) if batch.images is not None else None
     cut = transform.resize_cuts(batch.cuts, device) if batch.cuts is not None else None
+
     def normalized(images: torch.Tensor) -> torch.Tensor:
         return transform.normalize(images, out=buffers.take(images) if buffers is not None else None)
 

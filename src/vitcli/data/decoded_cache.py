@@ -3,9 +3,10 @@ batch, into one uint8 buffer that later epochs and evaluations read instead of t
 
 - Pixels are stored at the image's own size, in the mode the transform wants ("RGB" or "L"), by the decoder
   the transform's pipeline uses (TorchCodec for the tensor pipeline, PIL for timm's), so batches equal the
-  uncached ones bit for bit; crops are then planned on those pixels as before. Both are stored (H, W, C):
-  a crop's rows are then contiguous runs, copied at memory speed, and the layout the CPU resize runs in. (The tensor pipeline's
-  reduced-size JPEG decode, a saving for decoding every epoch, is not used: crops come from full-size pixels.)
+  uncached ones bit for bit; crops are then planned on those pixels as before. Both are stored (H, W, C): a
+  crop's rows are then contiguous runs, copied at memory speed, and the layout the CPU resize runs in. (The
+  tensor pipeline's reduced-size JPEG decode, a saving for decoding every epoch, is not used: crops come from
+  full-size pixels.)
 - Storage: in memory when the decoded split fits `budget` bytes (data.cache_budget; default a quarter of the
   RAM), else a memory-mapped file under the datasets cache, kept for later runs (resumes decode nothing).
   `auto` caches only what fits in memory. The size is known before decoding, from the image headers.

@@ -126,17 +126,15 @@ class TensorTransform:
         flat = cuts.pixels.to(device, non_blocking=True)
         sizes = [h * w * c for h, w, c in cuts.shapes]
         crops = [part.view(shape).permute(2, 0, 1) for part, shape in zip(flat.split(sizes), cuts.shapes)]
-        channels = cuts.shapes[0][2] if cuts.shapes else len(self.mean)
-        out = torch.empty((len(crops), channels, *self.size), dtype=torch.uint8, device=device)
+        out = torch.empty((len(crops), cuts.shapes[0][2], *self.size), dtype=torch.uint8, device=device)
 
         def some(ks: range) -> None:
-            for k in ks:
-                image = _resized(crops[k], self.size, self.interpolation)
-                out[k].copy_(image.flip(-1) if cuts.plans[k].flip else image)
+            for k in ks:  # the crop is the whole of its plan's box now
+                out[k].copy_(self.apply(crops[k], cuts.plans[k]._replace(top=0, left=0)))
 
-        threads = _threads()._max_workers if device.type == "cpu" else 1
+        threads = max(1, torch.get_num_threads()) if device.type == "cpu" else 1
         if threads > 1 and len(crops) > 1:  # torch's kernels release the GIL: a share of the batch per thread
-            list(_threads().map(some, [range(t, len(crops), threads) for t in range(threads)]))
+            list(_threads(threads).map(some, [range(t, len(crops), threads) for t in range(threads)]))
         else:
             some(range(len(crops)))
         return out
@@ -162,8 +160,8 @@ class TensorTransform:
 
 
 @functools.lru_cache(maxsize=None)
-def _threads() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="vitcli-resize")
+def _threads(n: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="vitcli-resize")
 
 
 def _resized(image: torch.Tensor, size, interpolation: InterpolationMode) -> torch.Tensor:
