@@ -33,12 +33,13 @@ def detection_figure(model: torch.nn.Module, ck, dataset: str, split: str | None
         pixels = x.mul(255).round().to(torch.uint8)
         truths.append(draw_objects(pixels, target["boxes"], target["labels"], [names[c - 1] for c in target["labels"].tolist()],
                                    target.get("masks")))
-        out_ = {k: v.cpu() for k, v in model([x.to(device)])[0].items()}
-        keep = out_["scores"] >= SCORE
-        labels = out_["labels"][keep]
-        masks = out_["masks"][keep][:, 0] > 0.5 if "masks" in out_ else None
-        found.append(draw_objects(pixels, out_["boxes"][keep], labels,
-                                  [f"{names[c - 1]} {s:.2f}" for c, s in zip(labels.tolist(), out_["scores"][keep].tolist())], masks))
+        detected = {k: v.cpu() for k, v in model([x.to(device)])[0].items()}
+        keep = detected["scores"] >= SCORE
+        labels = detected["labels"][keep]
+        masks = detected["masks"][keep][:, 0] > 0.5 if "masks" in detected else None
+        found.append(draw_objects(pixels, detected["boxes"][keep], labels,
+                                  [f"{names[c - 1]} {s:.2f}" for c, s in zip(labels.tolist(), detected["scores"][keep].tolist())],
+                                  masks))
         captions.append(f"{len(target['labels'])} annotated, {int(keep.sum())} detected at >= {SCORE}")
     path = draw_pairs(out / FILE, [t.permute(1, 2, 0).numpy() for t in truths], [f.permute(1, 2, 0).numpy() for f in found],
                       ("annotated", f"detected (score >= {SCORE})"), captions,

@@ -46,7 +46,7 @@ class CocoAP:
         for pred, target in zip(predictions, targets, strict=True):
             image_id = len(self.images) + 1
             masked = "masks" in pred and "masks" in target
-            self.masked = masked if self.masked is None else self.masked and masked
+            self._note_masked(masked)
             height, width = target["masks"].shape[-2:] if masked else (0, 0)
             self.images.append({"id": image_id, "height": int(height), "width": int(width)})
             boxes = _xywh(target["boxes"])
@@ -62,6 +62,9 @@ class CocoAP:
                 self.detections.append({"image_id": image_id, "category_id": int(label), "bbox": box, "score": float(score),
                                         **({"segmentation": mask} if mask else {})})
 
+    def _note_masked(self, masked: bool) -> None:
+        self.masked = masked if self.masked is None else self.masked and masked
+
     def state(self) -> dict:
         """What another process needs to merge this one's records (gathered under DDP)."""
         return {"images": self.images, "annotations": self.annotations, "detections": self.detections, "masked": self.masked}
@@ -70,7 +73,7 @@ class CocoAP:
         """Add another process's records, renumbering its images after this one's."""
         offset, ann_offset = len(self.images), len(self.annotations)
         if other["masked"] is not None:
-            self.masked = other["masked"] if self.masked is None else self.masked and other["masked"]
+            self._note_masked(other["masked"])
         self.images += [{**im, "id": im["id"] + offset} for im in other["images"]]
         self.annotations += [{**a, "id": a["id"] + ann_offset, "image_id": a["image_id"] + offset} for a in other["annotations"]]
         self.detections += [{**d, "image_id": d["image_id"] + offset} for d in other["detections"]]
