@@ -200,3 +200,30 @@ def lay_out_cache(cache, repo: str, files: dict) -> None:
     snap.mkdir(parents=True)
     for name, write in files.items():
         write(snap / name)
+
+
+def write_coco_digits(root: Path, category_ids: list[int], *, masks: bool = False,
+                      counts: tuple[tuple[str, int], ...] = (("train", 32), ("val", 8))) -> Path:
+    """A COCO folder (annotations/instances_{split}.json over SPLIT/SPLIT_NNN.png, image ids 100 + i) of the
+    first digits-det canvases of each split; digit c is category_ids[c]. With `masks`, each annotation carries
+    the digit's ink as compressed RLE."""
+    from vitcli.data import builtin
+
+    splits = builtin.digits_det_splits()
+    for split, count in counts:
+        (root / split).mkdir(parents=True)
+        images, annotations = [], []
+        for i, row in enumerate(splits[split].select(range(count))):
+            name = f"{split}_{i:03d}.png"
+            row["image"].save(root / split / name)
+            images.append({"id": 100 + i, "file_name": name, "width": 64, "height": 64})
+            o = row["objects"]
+            for box, category, rle in zip(o["bbox"], o["category"], o["segmentation"]):
+                annotations.append({"id": len(annotations) + 1, "image_id": 100 + i, "category_id": category_ids[category],
+                                    "bbox": box, "area": box[2] * box[3], "iscrowd": 0,
+                                    **({"segmentation": {"size": [64, 64], "counts": rle}} if masks else {})})
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+            {"images": images, "annotations": annotations,
+             "categories": [{"id": c, "name": str(d)} for d, c in enumerate(category_ids)]}))
+    return root

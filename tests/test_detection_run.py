@@ -9,7 +9,7 @@ import datasets
 import pytest
 import torch
 
-from helpers import offline_env, recipe_file, run_cli, sigterm_then_resume_matches_an_uninterrupted_run
+from helpers import offline_env, recipe_file, run_cli, sigterm_then_resume_matches_an_uninterrupted_run, write_coco_digits
 from vitcli.data import builtin
 from vitcli.data.det_transforms import DetTransform, DetTransformSpec
 from vitcli.models.adapt import model_from_checkpoint
@@ -24,22 +24,7 @@ CATEGORY_IDS = [11 + 2 * c for c in range(10)]  # COCO's ids are not 0..K-1: dig
 @pytest.fixture(scope="module")
 def coco_digits(tmp_path_factory):
     """A COCO folder (annotations/instances_{train,val}.json over train/ and val/) of digits-det canvases."""
-    root = tmp_path_factory.mktemp("coco")
-    splits = builtin.digits_det_splits()
-    for split, count in (("train", 32), ("val", 8)):
-        (root / split).mkdir()
-        images, annotations = [], []
-        for i, row in enumerate(splits[split].select(range(count))):
-            name = f"{split}_{i:03d}.png"
-            row["image"].save(root / split / name)
-            images.append({"id": 100 + i, "file_name": name, "width": 64, "height": 64})
-            for box, category in zip(row["objects"]["bbox"], row["objects"]["category"]):
-                annotations.append({"id": len(annotations) + 1, "image_id": 100 + i, "category_id": CATEGORY_IDS[category],
-                                    "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
-        (root / "annotations").mkdir(exist_ok=True)
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(
-            {"images": images, "annotations": annotations, "categories": [{"id": c, "name": str(d)} for d, c in enumerate(CATEGORY_IDS)]}))
-    return root
+    return write_coco_digits(tmp_path_factory.mktemp("coco"), CATEGORY_IDS)
 
 
 @pytest.fixture(scope="module")

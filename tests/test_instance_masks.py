@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -15,7 +16,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import masks_to_boxes
 
-from helpers import offline_env, run_cli
+from helpers import offline_env, run_cli, write_coco_digits
 from vitcli.data import builtin
 from vitcli.data.boxes import decode_objects, has_masks
 from vitcli.data.det_sources import load_box_split
@@ -70,6 +71,25 @@ def test_coco_polygons_and_rle_become_the_masks_pycocotools_draws(tmp_path):
                 want[2:6, 2:8] = 1  # the box 1.5..7.5 x 2..6, rounded to whole pixels
             np.testing.assert_array_equal(mask.numpy(), want)
     np.testing.assert_array_equal(coco_mask.decode(compressed), blob)  # the file's RLE is what the blob was
+
+
+def test_a_save_to_disk_copy_with_segmentation_reads_its_masks(tmp_path):
+    """The Hugging Face schema with a `segmentation` string per object (compressed RLE over the image)."""
+    blob = np.zeros((16, 24), dtype=np.uint8)
+    blob[3:9, 2:11] = 1
+    counts = coco_mask.encode(np.asfortranarray(blob))["counts"].decode()
+    features = datasets.Features({"image": datasets.Image(), "objects": datasets.Sequence(
+        {"bbox": datasets.Sequence(datasets.Value("float32"), length=4), "category": datasets.Value("int64"),
+         "segmentation": datasets.Value("string")})})
+    image = Image.fromarray(np.zeros((16, 24, 3), dtype=np.uint8))
+    rows = {"image": [image, image], "objects": [{"bbox": [[2, 3, 9, 6]], "category": [0], "segmentation": [counts]},
+                                                 {"bbox": [], "category": [], "segmentation": []}]}
+    split = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "masked"))
+    val = load_box_split(str(tmp_path / "masked"), role="eval")
+    assert has_masks(val.dataset)
+    _, target = DetTransform(DetTransformSpec(channels=3), train=False)(val.dataset[0]["image"], decode_objects(val.dataset[0]["objects"]))
+    np.testing.assert_array_equal(target["masks"][0].numpy(), blob)
 
 
 def test_digits_det_masks_are_each_digits_ink_inside_its_tight_box():
@@ -220,22 +240,7 @@ def test_objects_are_drawn_with_their_masks_under_their_boxes_in_their_labels_co
 @pytest.fixture(scope="module")
 def coco_instances(tmp_path_factory):
     """A COCO folder of digits-det canvases whose annotations carry each digit's mask as compressed RLE."""
-    root = tmp_path_factory.mktemp("coco_masks")
-    splits = builtin.digits_det_splits()
-    for split, count in (("train", 32), ("val", 8)):
-        (root / split).mkdir()
-        images, annotations = [], []
-        for i, row in enumerate(splits[split].select(range(count))):
-            row["image"].save(root / split / f"{i}.png")
-            images.append({"id": i + 1, "file_name": f"{i}.png", "width": 64, "height": 64})
-            o = row["objects"]
-            for box, category, counts in zip(o["bbox"], o["category"], o["segmentation"]):
-                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": category + 1, "bbox": box,
-                                    "area": box[2] * box[3], "iscrowd": 0, "segmentation": {"size": [64, 64], "counts": counts}})
-        (root / "annotations").mkdir(exist_ok=True)
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(
-            {"images": images, "annotations": annotations, "categories": [{"id": c + 1, "name": str(c)} for c in range(10)]}))
-    return root
+    return write_coco_digits(tmp_path_factory.mktemp("coco_masks"), [c + 1 for c in range(10)], masks=True)
 
 
 SMALL = ["--res", "32", "--set", "model.pyramid_scales=[1.0, 0.5]", "--set", "model.pyramid_channels=32", "--set", "train.batch_size=4",
@@ -260,8 +265,8 @@ def test_mask_rcnn_finetunes_and_its_mask_ap_equals_pycocotools(trained, coco_in
     with torch.no_grad():
         for image_id, info in truth.imgs.items():
             x, _ = tf(Image.open(coco_instances / "val" / info["file_name"]), {})
-            out_ = model([x])[0]
-            for mask, score, label in zip(out_["masks"][:, 0] > 0.5, out_["scores"].tolist(), out_["labels"].tolist()):
+            detected = model([x])[0]
+            for mask, score, label in zip(detected["masks"][:, 0] > 0.5, detected["scores"].tolist(), detected["labels"].tolist()):
                 rle = coco_mask.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
                 found.append({"image_id": image_id, "category_id": label, "score": score,
                               "segmentation": {"size": [64, 64], "counts": rle["counts"].decode()}})
@@ -272,7 +277,7 @@ def test_mask_rcnn_finetunes_and_its_mask_ap_equals_pycocotools(trained, coco_in
     judge.summarize()
     assert [result[k] for k in MASK_KEYS] == pytest.approx([None if v < 0 else v for v in judge.stats[:6]], abs=1e-6)
     # predict: each object's mask as COCO RLE that pycocotools decodes to the image's size; --draw paints them
-    path = coco_instances / "val" / "0.png"
+    path = coco_instances / "val" / "val_000.png"
     capsys.readouterr()  # pycocotools' prints
     assert run_cli("predict", "--ckpt", str(out), str(path), "--json", "--score-thresh", "0.0", "--draw", str(tmp_path / "drawn")) == 0
     row = json.loads(capsys.readouterr().out)[0]
