@@ -11,6 +11,7 @@ import torch
 
 from helpers import offline_env, recipe_file, run_cli, sigterm_then_resume_matches_an_uninterrupted_run, write_coco_digits
 from vitcli.data import builtin
+from vitcli.data.boxes import decode_objects
 from vitcli.data.det_transforms import DetTransform, DetTransformSpec
 from vitcli.models.adapt import model_from_checkpoint
 from vitcli.models.detector import Detector
@@ -131,7 +132,7 @@ def test_onnx_export_of_a_detector_runs_in_onnxruntime(det_run, coco_digits, tmp
 @pytest.mark.slow
 def test_tar_shards_of_boxes_hold_the_set_and_train_and_score_alike(det_run, trained, tmp_path, capsys):
     """`vit shards digits-det` writes KEY.png + KEY.json {"objects": ...}; read back, the split equals the set
-    (image bytes and boxes); `vit eval` scores a checkpoint the same on both; a fine-tune reads the shards."""
+    (image bytes and boxes); `vit eval` scores a checkpoint the same on both; a fine-tune streams the shards."""
     from vitcli.data.det_sources import load_box_split
 
     shards = tmp_path / "shards"
@@ -160,3 +161,58 @@ def test_tar_shards_of_boxes_hold_the_set_and_train_and_score_alike(det_run, tra
                        "--detector", "fcos", "--out", str(tmp_path / "run"), *SMALL, "--set", "train.steps=2",
                        "--set", "train.eval_every=2", "--set", "data.eval_subset=8") == 0
     assert load_checkpoint(tmp_path / "run").meta.class_names == builtin.DIGITS_CLASSES
+    state = torch.load(next((tmp_path / "run" / "checkpoints").glob("step-*/state.pt")), weights_only=False)
+    assert state["data_per_rank"][0]["readers"] == 1  # the training split streamed: its position is saved
+
+
+def test_a_detection_stream_holds_the_shards_objects_and_resumes_exactly(tmp_path):
+    """The training split of detection shards streams: one epoch's boxes (deterministic transform, buffer 1:
+    all but the one sample still in the buffer) are the set's own, masks included; a restored stream gives the
+    same images and targets as one that ran on."""
+    from collections import Counter
+
+    from vitcli.data.det_sources import load_box_split
+    from vitcli.data.shard_sets import stream_split
+    from vitcli.data.specs import LoaderSpec
+    from vitcli.data.stream_loader import make_stream_loader
+
+    shards = tmp_path / "shards"
+    with offline_env():
+        assert run_cli("shards", "digits-det", str(shards), "--samples-per-shard", "400") == 0
+    train = stream_split(str(shards), None)
+    assert (train.task, train.instance_masks, len(train)) == ("detection", True, 2000)
+
+    def objects(target):  # the boxes, labels and masks of one image, as a sortable record
+        return (target["boxes"].round(decimals=3).tolist(), target["labels"].tolist(), [m.sum().item() for m in target["masks"]])
+
+    fixed = DetTransform(DetTransformSpec(size=64, channels=1), train=False)
+    streamed = []
+    for _, targets in make_stream_loader(train, fixed, LoaderSpec.training(100, seed=0), buffer=1):
+        streamed += [objects(t) for t in targets]
+        if len(streamed) >= len(train) - 1:
+            break
+    source = load_box_split("digits-det", role="train").dataset
+    want = Counter(repr(objects(fixed(row["image"], decode_objects(row["objects"]))[1])) for row in source)
+    left = want - Counter(repr(o) for o in streamed[:len(train) - 1])
+    assert sum(left.values()) == 1 and sum(want.values()) == 2000
+
+    jittered = DetTransform(DetTransformSpec(size=32, scale_range=(0.5, 1.5), hflip=0.5, channels=1), train=True)
+
+    def loader():
+        return make_stream_loader(train, jittered, LoaderSpec.training(4, seed=1), buffer=16)
+
+    def batches(stream, n):
+        out = []
+        for images, targets in stream:
+            out.append((images, targets))
+            if len(out) == n:
+                return out
+
+    straight = batches(loader(), 5)
+    first = loader()
+    batches(first, 2)
+    resumed = loader()
+    assert resumed.load_state_dict(first.state_dict())
+    for (x, t), (u, v) in zip(straight[2:], batches(resumed, 3)):
+        assert all(torch.equal(a, b) for a, b in zip(x, u))
+        assert all(torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"]) for a, b in zip(t, v))

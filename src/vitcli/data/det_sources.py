@@ -41,7 +41,7 @@ def load_box_split(dataset: str, split: Optional[str] = None, *, role: Role = "t
                    subset: Optional[int] = None, seed: int = 0, carve: bool = True,
                    say: Optional[Callable[[str], object]] = None) -> BoxSet:
     """One split of a detection set (split None: the set's training or evaluation split for `role`)."""
-    if data_dir is None and is_shard_source(dataset):  # read whole into the datasets cache, both splits
+    if data_dir is None and is_shard_source(dataset):  # read whole into the datasets cache (training streams them)
         if shard_task(dataset)[0] != "detection":
             raise VitError(f"The shards at {dataset} hold {shard_task(dataset)[0]} samples, no boxes. Write the detection "
                            "set with `vit shards` (it stores each image's boxes as KEY.json).")

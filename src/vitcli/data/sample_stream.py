@@ -49,6 +49,17 @@ class StreamedSet:
         return self.num_samples or 0
 
 
+@dataclass(frozen=True)
+class SampleTarget:
+    """What a dense task's sample carries beside its image (a mask, a detection's objects): its encoded cell
+    from a Sample (None: the sample lacks it), how the cell decodes, and why a sample without it cannot be
+    used. Module-level functions only: loader workers pickle it."""
+
+    cell: Callable[[Sample, str], Any]  # (sample, where it came from) -> the encoded target, or None
+    decode: Callable[[Any], Any]
+    missing: str
+
+
 @dataclass
 class Waiting:
     """A sample in the shuffle buffer, with what is needed to get it back after a resume."""
@@ -98,7 +109,7 @@ class BufferedStream(torch.utils.data.IterableDataset):
     def __init__(self, transform: Callable, batch_size: int, *, seed: int = 0, epoch: int = 0, buffer: int = 1000,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, bad_images: BadImages = "error",
                  decode_on_device: bool = False, name: str = "", split: str = "train", labels: bool = True,
-                 multi_hot: Optional[int] = None, balanced: bool = False, decode_target: Optional[Callable] = None):
+                 multi_hot: Optional[int] = None, balanced: bool = False, target: Optional[SampleTarget] = None):
         self.transform, self.batch_size = transform, batch_size
         self.seed, self.start_epoch, self.buffer_size = seed, epoch, max(1, buffer)
         self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
@@ -106,7 +117,7 @@ class BufferedStream(torch.utils.data.IterableDataset):
         self.labels = labels  # False: samples without a label are fine (self-supervised objectives)
         self.multi_hot = multi_hot  # multi-label samples: their class lists become multi-hot rows this wide
         self.balanced = balanced  # class-balanced draws from the buffer (see the module docstring)
-        self.decode_target = decode_target  # segmentation: samples' masks, decoded and transformed with their images
+        self.target = target  # dense tasks: samples' masks or objects, decoded and transformed with their images
         self.decoder = datasets.Image()
         self._state: dict[str, Any] | None = None  # the running reader's, after its last batch
         self._restored: dict[str, Any] | None = None
@@ -146,8 +157,8 @@ class BufferedStream(torch.utils.data.IterableDataset):
         """The sample, or why it cannot be used (no image, a broken label, no label where labels are needed)."""
         if sample.problem or (sample.label is None and self.labels):
             return Unusable(f"Sample {where} cannot be used: {sample.problem or 'it has no label'}.")
-        if self.decode_target is not None and sample.mask is None:
-            return Unusable(f"Sample {where} cannot be used: it has no mask (KEY.seg.png).")
+        if self.target is not None and self.target.cell(sample, where) is None:
+            return Unusable(f"Sample {where} cannot be used: {self.target.missing}.")
         return waiting
 
     def _saved(self, state: dict, buffer: list[Waiting]) -> dict[str, Any]:
@@ -177,13 +188,13 @@ class BufferedStream(torch.utils.data.IterableDataset):
         labels = [w.sample.label if w.sample.label is not None else ([] if self.multi_hot else 0) for w in waiting]
         if self.multi_hot:
             labels = multi_hot(labels, self.multi_hot)
-        if self.decode_target is not None:  # the mask cells, decoded in build_batch
-            labels = [{"bytes": w.sample.mask, "path": self._where(w) + " (mask)"} for w in waiting]
+        if self.target is not None:  # the targets' cells, decoded in build_batch
+            labels = [self.target.cell(w.sample, self._where(w)) for w in waiting]
         items = [(w.key(), w.place, {"bytes": w.sample.image, "path": self._where(w)}, label)
                  for w, label in zip(waiting, labels)]
         batch = build_batch(items, self.transform, self.seed, bad_images=self.bad_images,
                             decode_on_device=self.decode_on_device, name=self.name, split=self.split, decoder=self.decoder,
-                            decode_target=self.decode_target)
+                            decode_target=self.target.decode if self.target is not None else None)
         return batch._replace(skipped=skipped + batch.skipped)
 
     def _shuffled(self, reader: int, state: dict, buffer: list[Waiting]) -> Iterator[tuple[Any, list[str]]]:

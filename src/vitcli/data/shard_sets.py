@@ -1,4 +1,5 @@
-"""Data sets in tar shards: the training split streams (a ShardSet); any other split is read whole.
+"""Data sets in tar shards: the training split streams (a ShardSet: labels, masks or boxes); any other split
+is read whole.
 
 Evaluation stays map-style: an evaluation split (and any split `vit eval` or `vit shards` asks for) is
 read once from its shards into an Arrow table in the datasets cache, keyed by the shards' URLs, sizes and
@@ -15,12 +16,12 @@ from typing import Optional
 
 import datasets
 
-from vitcli.data.boxes import objects_feature
+from vitcli.data.boxes import decode_objects, objects_feature
 from vitcli.data.indexing import quiet_bars
 from vitcli.data.masks import decode_mask
-from vitcli.data.sample_stream import StreamedSet
+from vitcli.data.sample_stream import SampleTarget, StreamedSet
 from vitcli.data.shard_index import ShardIndex, ShardSplit, load_index
-from vitcli.data.tarshards import ShardError, open_shard, read_samples
+from vitcli.data.tarshards import Sample, ShardError, open_shard, read_samples
 from vitcli.errors import VitError
 
 EVAL_SPLITS = ("test", "validation", "val", "valid", "eval")
@@ -32,12 +33,36 @@ class ShardSet(StreamedSet):
 
     urls: list[str] = field(kw_only=True)
     multilabel: bool = field(default=False, kw_only=True)  # samples carry lists of classes: multi-hot targets
-    task: str = field(default="classification", kw_only=True)  # segmentation: samples carry masks
+    task: str = field(default="classification", kw_only=True)  # segmentation: samples carry masks; detection: objects
     reduce_zero_label: bool = field(default=False, kw_only=True)
+    instance_masks: bool = field(default=False, kw_only=True)  # detection: objects carry masks
 
-    def target_decoder(self):
-        """A segmentation stream's mask decoder (None: labels need none)."""
-        return functools.partial(decode_mask, reduce_zero_label=self.reduce_zero_label) if self.task == "segmentation" else None
+    def sample_target(self) -> Optional[SampleTarget]:
+        """What a dense task's samples carry beside their images (None: a label)."""
+        if self.task == "segmentation":
+            return SampleTarget(_mask_cell, functools.partial(decode_mask, reduce_zero_label=self.reduce_zero_label),
+                                "it has no mask (KEY.seg.png)")
+        if self.task == "detection":
+            return SampleTarget(functools.partial(_objects_cell, masks=self.instance_masks), decode_objects,
+                                "it has no boxes (KEY.json with objects)")
+        return None
+
+
+def _mask_cell(sample: Sample, where: str) -> Optional[dict]:
+    return None if sample.mask is None else {"bytes": sample.mask, "path": f"{where} (mask)"}
+
+
+def _objects_cell(sample: Sample, where: str, masks: bool) -> Optional[dict]:
+    """A sample's KEY.json objects in the schema's column form: areas (the boxes') and crowd flags (0) where
+    the file leaves them out, and with `masks` a counts string per object ("" where it has none)."""
+    o = sample.objects
+    if o is None:
+        return None
+    area = o.get("area") or [w * h for _, _, w, h in o["bbox"]]
+    objects = {"bbox": o["bbox"], "category": o["category"], "area": area, "iscrowd": o.get("iscrowd") or [0] * len(area)}
+    if masks:
+        objects["segmentation"] = o.get("segmentation") or [""] * len(area)
+    return objects
 
 
 def shard_split(index: ShardIndex, split: Optional[str], role: str) -> ShardSplit:
@@ -63,7 +88,7 @@ def stream_split(dataset: str, split: Optional[str], num_samples: Optional[int] 
     found = shard_split(index, split, "train")
     return ShardSet(found.num_samples or num_samples, len(index.classes), list(index.classes), index.location, found.name,
                     urls=[s.url for s in found.shards], multilabel=index.multilabel, class_counts=found.class_counts,
-                    task=index.task, reduce_zero_label=index.reduce_zero_label)
+                    task=index.task, reduce_zero_label=index.reduce_zero_label, instance_masks=index.instance_masks)
 
 
 def check_shards(dataset: str, split: Optional[str]) -> None:
@@ -129,12 +154,7 @@ def _object_rows(keys: list[list], masks: bool):
         for s in read_samples(url):
             if s.problem or s.objects is None:
                 raise VitError(f"Sample {s.key} of shard {url} cannot be used: {s.problem or 'it has no boxes (KEY.json with objects)'}.")
-            o = s.objects
-            area = o.get("area") or [w * h for _, _, w, h in o["bbox"]]
-            objects = {"bbox": o["bbox"], "category": o["category"], "area": area, "iscrowd": o.get("iscrowd") or [0] * len(area)}
-            if masks:
-                objects["segmentation"] = o.get("segmentation") or [""] * len(area)
-            yield {"image": {"bytes": s.image, "path": f"{url}:{s.key}"}, "objects": objects}
+            yield {"image": {"bytes": s.image, "path": f"{url}:{s.key}"}, "objects": _objects_cell(s, url, masks)}
 
 
 def shard_task(dataset: str) -> tuple[str, bool]:

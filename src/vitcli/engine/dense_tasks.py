@@ -51,21 +51,28 @@ def _encoder_of(model: torch.nn.Module) -> torch.nn.Module:
     return model.encoder if isinstance(model, (Segmenter, Detector)) else model
 
 
+def _streamed_train(recipe: Recipe, needs: str, written_as: str) -> vdata.ShardSet:
+    """The training split of a dense task's tar shards, to stream (evaluation splits are read whole)."""
+    d = recipe.data
+    if d.train_subset:
+        raise VitError("data.train_subset picks images of a map-style set; tar shards stream whole. Drop it.")
+    train = vdata.stream_split(d.dataset, d.train_split, d.num_samples)
+    if train.task != recipe.task:
+        raise VitError(f"The shards at {d.dataset} hold {train.task} samples; task: {recipe.task} needs {needs}. Write the "
+                       f"{recipe.task} set with `vit shards` ({written_as}).")
+    if not train.num_samples and recipe.train.steps is None:
+        raise VitError(f"The streamed set {train.name} comes without a sample count, so an epoch has no length. "
+                       "Set data.num_samples=N or train.steps=N.")
+    return train
+
+
 def segmentation_data(recipe: Recipe, img_size: tuple[int, int], say=None) -> RunData:
     """A segmentation set's splits (data/seg_sources.py) with joint transforms, cropped to the training crop."""
     d, seed = recipe.data, recipe.train.seed
     _refuse_classification_settings(recipe)
     crop = _crop(recipe, img_size)
     if is_shard_source(d.dataset):  # images with KEY.seg.png masks: the training split streams
-        if d.train_subset:
-            raise VitError("data.train_subset picks images of a map-style set; tar shards stream whole. Drop it.")
-        train = vdata.stream_split(d.dataset, d.train_split, d.num_samples)
-        if train.task != "segmentation":
-            raise VitError(f"The shards at {d.dataset} hold classification samples; task: segmentation needs masks. Write the "
-                           "segmentation set with `vit shards` (each mask as KEY.seg.png).")
-        if not train.num_samples and recipe.train.steps is None:
-            raise VitError(f"The streamed set {train.name} comes without a sample count, so an epoch has no length. "
-                           "Set data.num_samples=N or train.steps=N.")
+        train = _streamed_train(recipe, "masks", "each mask as KEY.seg.png")
     else:
         train = load_mask_split(d.dataset, d.train_split, role="train", data_dir=d.data_dir, subset=d.train_subset, seed=seed, say=say)
     evals = load_mask_split(d.dataset, d.eval_split, role="eval", data_dir=d.data_dir, subset=d.eval_subset, seed=0)
@@ -78,7 +85,7 @@ def segmentation_data(recipe: Recipe, img_size: tuple[int, int], say=None) -> Ru
 
 
 def detection_data(recipe: Recipe, img_size: tuple[int, int], say=None) -> RunData:
-    """A detection set's splits (data/det_sources.py; tar shards read whole, both splits) with joint box
+    """A detection set's splits (data/det_sources.py; tar shards: the training split streams) with joint box
     transforms: large-scale jitter into square training crops; evaluation images as they are (the detector
     resizes them)."""
     d, seed = recipe.data, recipe.train.seed
@@ -86,9 +93,13 @@ def detection_data(recipe: Recipe, img_size: tuple[int, int], say=None) -> RunDa
     crop = _crop(recipe, img_size)
     if crop[0] != crop[1]:
         raise VitError(f"task: detection trains on square crops (large-scale jitter); data.crop_size {list(crop)} is not square.")
-    train = load_box_split(d.dataset, d.train_split, role="train", data_dir=d.data_dir, subset=d.train_subset, seed=seed, say=say)
+    if is_shard_source(d.dataset):  # images with KEY.json objects: the training split streams
+        train = _streamed_train(recipe, "boxes", "each image's objects as KEY.json")
+    else:
+        train = load_box_split(d.dataset, d.train_split, role="train", data_dir=d.data_dir, subset=d.train_subset, seed=seed, say=say)
     evals = load_box_split(d.dataset, d.eval_split, role="eval", data_dir=d.data_dir, subset=d.eval_subset, seed=0)
-    if recipe.model.detector == "mask_rcnn" and not (has_masks(train.dataset) and has_masks(evals.dataset)):
+    train_masks = train.instance_masks if isinstance(train, vdata.ShardSet) else has_masks(train.dataset)
+    if recipe.model.detector == "mask_rcnn" and not (train_masks and has_masks(evals.dataset)):
         raise VitError(f"model.detector mask_rcnn learns instance masks, and {train.name} has boxes only. Give a set whose "
                        "objects have masks (a COCO file with segmentation, or objects with segmentation), or pick a box "
                        "detector: --detector faster_rcnn.")

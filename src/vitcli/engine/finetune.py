@@ -19,11 +19,12 @@ from vitcli import data as vdata
 from vitcli.data import lookup
 from vitcli.data.det_sources import load_box_split
 from vitcli.data.seg_sources import load_mask_split
+from vitcli.data.shard_index import is_shard_source
 from vitcli.engine.trainer import train
 from vitcli.errors import VitError
 from vitcli.io.meta import CheckpointMeta
 from vitcli.models.load import LoadedCheckpoint, load_checkpoint
-from vitcli.recipe import Recipe, load_recipe, parse_yaml, recipe_from_dict
+from vitcli.recipe import DataCfg, Recipe, load_recipe, parse_yaml, recipe_from_dict
 from vitcli.recipe_files import RecipeFile, shipped_dir
 
 # Paper Table 4: fine-tuning steps at batch 512 per data set (VTAB-style sets: 2500).
@@ -160,10 +161,10 @@ def build_finetune_recipe(
     data_only = recipe_from_dict({"name": name, "train": {"steps": 1}}, fixed + [o for o in overrides if o.startswith("data.")])
     d = data_only.data
     if task == "segmentation":
-        num_train = len(load_mask_split(d.dataset, d.train_split, data_dir=d.data_dir, subset=d.train_subset))
+        num_train = _dense_train_count(d, load_mask_split)
         defaults = segmenter_finetune_recipe(num_train, dataset)
     elif task == "detection":
-        num_train = len(load_box_split(d.dataset, d.train_split, data_dir=d.data_dir, subset=d.train_subset))
+        num_train = _dense_train_count(d, load_box_split)
         defaults = vitdet_finetune_recipe(num_train, dataset)
     else:
         num_train = len(vdata.build(vdata.SourceSpec.of(data_only.data), "train"))
@@ -186,6 +187,14 @@ def build_finetune_recipe(
 def mae_layer_decay(depth: int) -> float:
     """MAE's fine-tuning layer decay: 0.65 for ViT-B and smaller, 0.75 for ViT-L/H (24+ blocks)."""
     return MAE_LAYER_DECAY_DEEP if depth >= 24 else MAE_LAYER_DECAY
+
+
+def _dense_train_count(d: DataCfg, load_split) -> int:
+    """Training images of a segmentation or detection set, which the fitted settings scale with: tar shards'
+    from their index (the training split streams; it is not read to count it)."""
+    if is_shard_source(d.dataset):
+        return len(vdata.stream_split(d.dataset, d.train_split, d.num_samples))
+    return len(load_split(d.dataset, d.train_split, data_dir=d.data_dir, subset=d.train_subset))
 
 
 def _mae_defaults(meta: CheckpointMeta, recipe_path: Path | None, overrides: list[str], task: str = "classification") -> list[str]:
