@@ -67,6 +67,26 @@ def test_multi_crop_views_have_the_stated_sizes_and_scales(monkeypatch):
     assert per_image[:, 2:].mean() < per_image[:, :2].mean()
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_view_without_photometric_changes_is_torchvisions_crop_to_tensor_and_normalize(mode):
+    """Changes of probability 0 are left out and the view is normalised in one pass: the same pixels as
+    torchvision's RandomResizedCrop -> ToTensor -> Normalize from the same torch seed."""
+    mean, std = ((0.5,), (0.25,)) if mode == "L" else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    views = ViewSpec.dino((12, 12), (0.3, 1.0), local_number=0, local_size=4, local_scale=(0.1, 0.3), jitter=0.0, grayscale=0.0,
+                          solarize=0.0, blur=False)
+    ours = MultiView(vdata.TransformSpec(mean=mean, std=std, hflip=0.0, interpolation="bilinear"), views)
+    reference = transforms.Compose([transforms.RandomResizedCrop((12, 12), scale=(0.3, 1.0)), transforms.ToTensor(),
+                                    transforms.Normalize(mean, std)])
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (30, 40, 3), dtype=np.uint8)).convert(mode)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        got = ours(image)
+        torch.manual_seed(seed)
+        want = (reference(image), reference(image))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 def test_the_loader_hands_one_batch_per_view():
     from vitcli.engine.setup import build_data
 
