@@ -6,7 +6,8 @@ supervised quickstart, each judged by weighted 20-NN, a linear probe and closed-
 
 For each objective and seed: `vit pretrain recipes/<objective>_digits.yaml --set train.seed=S` (its wall time;
 a run already finished under --out is reused),
-then `vit eval --ckpt RUN --knn 20 --linear-probe --fewshot 10 --json` on the 360 held-out digits (the 1,437
+then `vit eval --ckpt RUN/checkpoints/last --knn 20 --linear-probe --fewshot 10 --json` (the final weights: a
+run's best is chosen on these same digits) on the 360 held-out digits (the 1,437
 training digits are the neighbours and the probe's training set). The random init is the DINO run's model
 shape, randomly initialised (seeded), saved with the same metadata. Reference rows: k-NN on the raw pixels
 (objectives.knn on the flattened, normalised 8x8 images) and the supervised quickstart's features
@@ -35,6 +36,11 @@ def frozen(ckpt: Path) -> dict:
             "fewshot_10": out["fewshot"]["10"]}
 
 
+def last_checkpoint(run: Path) -> Path:
+    """The run's final weights: its "best" is chosen by 20-NN on the same held-out digits the table reports."""
+    return run / "checkpoints" / "last" / "model.safetensors"
+
+
 def random_init(run: Path, seed: int, out: Path) -> Path:
     """The run's model shape, randomly initialised (seeded), with the run's checkpoint metadata."""
     from vitcli.io.checkpoint import read_weights
@@ -42,7 +48,7 @@ def random_init(run: Path, seed: int, out: Path) -> Path:
     from vitcli.models import create_model
     from vitcli.models.adapt import save_state_dict
 
-    _, meta = read_weights(run / "checkpoints" / "best" / "model.safetensors")
+    _, meta = read_weights(last_checkpoint(run))
     torch.manual_seed(seed)
     model = create_model(meta["model"], **meta["model_args"])
     return save_state_dict(out, model.state_dict(), CheckpointMeta.from_dict({**meta, "step": 0, "score": None}))
@@ -81,7 +87,7 @@ def main() -> None:
                 vit("pretrain", str(ROOT / "recipes" / f"{objective}_digits.yaml"), "--out", str(run), "--force",
                     "--set", f"train.seed={seed}")
             wall = json.loads((run / "summary.json").read_text())["wall_seconds"]
-            rows.append({"features": objective, "seed": seed, "pretrain_seconds": round(wall, 1), **frozen(run)})
+            rows.append({"features": objective, "seed": seed, "pretrain_seconds": round(wall, 1), **frozen(last_checkpoint(run))})
             print(json.dumps(rows[-1]), flush=True)
             if objective == args.objectives[0]:
                 rand = random_init(run, seed, args.out / f"random-s{seed}.safetensors")
