@@ -13,6 +13,7 @@ from helpers import offline_env, recipe_file, run_cli, sigterm_then_resume_match
 from vitcli.data import builtin
 from vitcli.data.boxes import decode_objects
 from vitcli.data.det_transforms import DetTransform, DetTransformSpec
+from vitcli.io.checkpoint import read_state
 from vitcli.models.adapt import model_from_checkpoint
 from vitcli.models.detector import Detector
 from vitcli.models.load import load_checkpoint
@@ -161,7 +162,7 @@ def test_tar_shards_of_boxes_hold_the_set_and_train_and_score_alike(det_run, tra
                        "--detector", "fcos", "--out", str(tmp_path / "run"), *SMALL, "--set", "train.steps=2",
                        "--set", "train.eval_every=2", "--set", "data.eval_subset=8") == 0
     assert load_checkpoint(tmp_path / "run").meta.class_names == builtin.DIGITS_CLASSES
-    state = torch.load(next((tmp_path / "run" / "checkpoints").glob("step-*/state.pt")), weights_only=False)
+    state = read_state(next((tmp_path / "run" / "checkpoints").glob("step-*/state.pt")))
     assert state["data_per_rank"][0]["readers"] == 1  # the training split streamed: its position is saved
 
 
