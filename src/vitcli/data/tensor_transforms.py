@@ -19,7 +19,6 @@ import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Optional, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
@@ -28,6 +27,7 @@ from timm.data import create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation, ResizeKeepRatio
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms.functional import pil_to_tensor
 
 from vitcli.data.decode import REDUCTIONS
 from vitcli.data.specs import TransformSpec
@@ -149,8 +149,7 @@ class TensorTransform:
     def __call__(self, image: Union[Image.Image, torch.Tensor]) -> torch.Tensor:
         """One image (PIL or uint8 tensor) -> normalised float (C, H, W); the PIL transforms' signature."""
         if isinstance(image, Image.Image):
-            array = np.asarray(image if image.mode == self.mode else image.convert(self.mode))
-            image = torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
+            image = pil_to_tensor(image if image.mode == self.mode else image.convert(self.mode))
         out = self.apply(image, self.plan(image.shape[-1], image.shape[-2]))
         return self.normalize(out[None])[0]
 

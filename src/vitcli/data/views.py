@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
+from torchvision.transforms.functional import pil_to_tensor
 
 from vitcli.data.specs import TransformSpec
 from vitcli.data.transforms import RandomBlur, ToMode
@@ -117,9 +117,7 @@ class Normalized:
         self.std = torch.tensor(std, dtype=torch.float32).mul(255).view(-1, 1, 1)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        array = np.array(img)  # writable: torch will not wrap a read-only buffer
-        pixels = torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1)).permute(2, 0, 1)
-        return pixels.float().sub_(self.mean).div_(self.std)
+        return pil_to_tensor(img).float().sub_(self.mean).div_(self.std)
 
     def __repr__(self) -> str:
         return "Normalized()"

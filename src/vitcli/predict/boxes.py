@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 
 from vitcli.data.box_pictures import draw_objects
 from vitcli.data.det_transforms import DetTransform, DetTransformSpec
@@ -63,7 +63,7 @@ def detect_images(model: torch.nn.Module, ck, paths: list[Path], *, score_thresh
                 o["mask"] = rle
         drawn = None
         if out_dir is not None:
-            pixels = torch.from_numpy(np.array(image)).reshape(image.height, image.width, -1).permute(2, 0, 1)
+            pixels = pil_to_tensor(image)
             picture = draw_objects(pixels, boxes, labels, [f"{o['label']} {o['score']:.2f}" for o in objects], masks)
             drawn = str(out_dir / f"{unique_stem(path.stem, used)}.png")
             Image.fromarray(picture.permute(1, 2, 0).numpy()).save(drawn)
