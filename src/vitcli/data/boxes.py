@@ -39,6 +39,11 @@ class BoxSet:
         """What turns an objects cell into a torchvision target (picklable: loader workers call it)."""
         return decode_objects
 
+    @property
+    def instance_masks(self) -> bool:
+        """Whether the objects carry masks (as a streamed ShardSet says from its index)."""
+        return has_masks(self.dataset)
+
 
 OBJECT_FIELDS = ("bbox", "category", "iscrowd", "area", "segmentation")  # the HF detection schema's, as vitcli reads them
 

@@ -48,6 +48,10 @@ class StreamedSet:
     def __len__(self) -> int:
         return self.num_samples or 0
 
+    def sample_target(self) -> Optional[SampleTarget]:
+        """What a dense task's samples carry beside their images (None: a label, as here)."""
+        return None
+
 
 @dataclass(frozen=True)
 class SampleTarget:

@@ -103,7 +103,7 @@ def make_stream_loader(train: StreamedSet, transform: Callable, spec: LoaderSpec
                   bad_images=spec.bad_images, decode_on_device=on_device, name=train.name, split=train.split,
                   labels=train.num_classes > 0, multi_hot=train.num_classes if getattr(train, "multilabel", False) else None,
                   balanced=spec.balanced and train.num_classes > 0)
-    target = train.sample_target() if isinstance(train, ShardSet) else None
+    target = train.sample_target()
     if target is not None:  # segmentation, detection: masks or objects instead of labels
         common.update(labels=False, target=target)
     if isinstance(train, HubSet):

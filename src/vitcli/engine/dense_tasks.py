@@ -10,7 +10,6 @@ from typing import Callable, NamedTuple
 import torch
 
 from vitcli import data as vdata
-from vitcli.data.boxes import has_masks
 from vitcli.data.det_sources import load_box_split
 from vitcli.data.det_transforms import DetTransform, DetTransformSpec
 from vitcli.data.masks import IGNORE_INDEX
@@ -98,8 +97,7 @@ def detection_data(recipe: Recipe, img_size: tuple[int, int], say=None) -> RunDa
     else:
         train = load_box_split(d.dataset, d.train_split, role="train", data_dir=d.data_dir, subset=d.train_subset, seed=seed, say=say)
     evals = load_box_split(d.dataset, d.eval_split, role="eval", data_dir=d.data_dir, subset=d.eval_subset, seed=0)
-    train_masks = train.instance_masks if isinstance(train, vdata.ShardSet) else has_masks(train.dataset)
-    if recipe.model.detector == "mask_rcnn" and not (train_masks and has_masks(evals.dataset)):
+    if recipe.model.detector == "mask_rcnn" and not (train.instance_masks and evals.instance_masks):
         raise VitError(f"model.detector mask_rcnn learns instance masks, and {train.name} has boxes only. Give a set whose "
                        "objects have masks (a COCO file with segmentation, or objects with segmentation), or pick a box "
                        "detector: --detector faster_rcnn.")
