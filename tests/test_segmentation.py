@@ -329,6 +329,27 @@ def test_layer_decay_scales_the_encoder_blocks_and_leaves_the_decoder_whole():
     assert scale[id(named["encoder.patch_embed.proj.weight"])] == pytest.approx(0.5 ** (depth + 1))
 
 
+@pytest.mark.parametrize("layer_decay", [None, 0.5])
+def test_head_lr_scale_scales_the_decoder_alone_on_top_of_timms_groups(layer_decay):
+    vit = encoder()
+    model = Segmenter(vit, MaskTransformer(vit.embed_dim, 4, dim=32, heads=2), 4)
+    groups = {}
+    for scale in (1.0, 0.1):
+        cfg = OptimCfg(name="adamw", lr=1.0, weight_decay=0.05, layer_decay=layer_decay, head_lr_scale=scale)
+        optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+        groups[scale] = {id(p): (g["lr_scale"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        (plain, decay), (scaled, scaled_decay) = groups[1.0][id(p)], groups[0.1][id(p)]
+        assert scaled == pytest.approx(plain * (0.1 if name.startswith("decoder.") else 1.0)), name
+        assert scaled_decay == decay, name
+    assert len(groups[0.1]) == len(list(model.parameters()))  # every parameter in exactly one group
+
+
+def test_head_lr_scale_without_a_head_is_refused():
+    with pytest.raises(VitError, match="head_lr_scale"):
+        build_optimizer(torch.nn.Linear(2, 2), OptimCfg(head_lr_scale=0.1), torch.device("cpu"))
+
+
 def test_poly_schedule_is_torchs_polynomial_lr():
     model = torch.nn.Linear(1, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -7,6 +7,7 @@ import math
 import torch
 from timm.optim import create_optimizer_v2
 
+from vitcli.errors import VitError
 from vitcli.recipe import OptimCfg, ScheduleCfg
 
 # Our names -> timm's. "sgd" is classical momentum SGD as in the paper (timm's "sgd" is Nesterov).
@@ -41,7 +42,30 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimCfg, device: torch.device)
     for group in optimizer.param_groups:
         group.setdefault("lr_scale", 1.0)
         group["decayed"] = group.get("weight_decay", 0.0) > 0  # the groups a weight-decay schedule applies to
+    if cfg.head_lr_scale != 1.0:
+        _scale_head(optimizer, model, cfg.head_lr_scale)
     return optimizer
+
+
+def _scale_head(optimizer: torch.optim.Optimizer, model: torch.nn.Module, scale: float) -> None:
+    """Multiply the head's rate by `scale` (mmseg's decode-head lr_mult): the head of the outermost module with
+    timm's `get_classifier` (a classifier's head, a segmenter's decoder). Done before the first step, so every
+    group that mixes head and body parameters is split in two."""
+    owner = next((m for m in model.modules() if hasattr(m, "get_classifier")), None)
+    if owner is None:
+        raise VitError(f"optim.head_lr_scale: a {type(model).__name__} has no head to scale. Leave head_lr_scale at 1.")
+    head = {id(p) for p in owner.get_classifier().parameters()}
+    for group in list(optimizer.param_groups):
+        ours = [p for p in group["params"] if id(p) in head]
+        if not ours:
+            continue
+        rest = [p for p in group["params"] if id(p) not in head]
+        if rest:
+            group["params"] = rest
+            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": ours,
+                                       "lr_scale": group["lr_scale"] * scale})
+        else:
+            group["lr_scale"] *= scale
 
 
 POLY_POWER = 0.9

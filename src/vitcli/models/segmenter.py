@@ -55,8 +55,9 @@ class MaskTransformer(nn.Module):
         self.num_classes = num_classes
         self.proj_dec = nn.Linear(encoder_dim, dim)
         rates = torch.linspace(0, drop_path, layers, device="cpu").tolist()
-        # Segmenter's blocks: pre-norm attention + MLP (4x), torch's LayerNorm epsilon
-        self.blocks = nn.ModuleList([Block(dim, heads, 4.0, True, 0.0, rates[i], dropout, norm_eps=1e-5) for i in range(layers)])
+        # Segmenter's blocks: pre-norm attention + MLP (4x), dropout on the attention weights and after every dense
+        # layer but qkv, torch's LayerNorm epsilon
+        self.blocks = nn.ModuleList([Block(dim, heads, 4.0, True, dropout, rates[i], dropout, norm_eps=1e-5) for i in range(layers)])
         self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, dim))
         self.proj_patch = nn.Parameter(torch.randn(dim, dim) * dim**-0.5)
         self.proj_classes = nn.Parameter(torch.randn(dim, dim) * dim**-0.5)
@@ -105,6 +106,10 @@ class Segmenter(nn.Module):
     def blocks(self) -> nn.Module:
         """The encoder's blocks: what activation checkpointing and FSDP wrap one by one."""
         return self.encoder.blocks
+
+    def get_classifier(self) -> nn.Module:
+        """The decoder: timm's name for a model's task head (optim.head_lr_scale scales its rate)."""
+        return self.decoder
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new decoder of the same kind and settings for `num_classes` classes (fine-tuning on other classes)."""
